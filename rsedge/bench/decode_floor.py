@@ -1,0 +1,83 @@
+"""Speed floor: one decode step of the runtime against the PyTorch reference, same prompt, same threads."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+@dataclass
+class StepTiming:
+    engine: str
+    prefill_ms: float
+    decode_step_ms_median: float
+    decode_step_ms_p90: float
+    tokens_per_s: float
+
+
+def _summary(engine: str, prefill_s: float, steps_s: list[float]) -> StepTiming:
+    med = statistics.median(steps_s)
+    p90 = sorted(steps_s)[int(0.9 * (len(steps_s) - 1))]
+    return StepTiming(engine, prefill_s * 1e3, med * 1e3, p90 * 1e3, 1.0 / med)
+
+
+def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:
+    from rsedge.runtime.pipeline import Pipeline
+    from rsedge.runtime.sessions import KVCache
+
+    pipe = Pipeline.load(bundle, threads=threads, verify="size")
+    dec = pipe.decoder(expert)
+    embeds = pipe.embed_tokens[prompt_ids][None].astype(dec.dtype)
+    cache = KVCache(pipe.layers, pipe.kv_heads, pipe.head_dim, embeds.shape[1] + steps + 1, dec.dtype)
+    t0 = time.perf_counter()
+    logits = dec.step(embeds, cache)
+    prefill = time.perf_counter() - t0
+    times = []
+    for _ in range(steps):
+        tok = int(np.argmax(logits))
+        t = time.perf_counter()
+        logits = dec.step(pipe.embed_tokens[[tok]][None].astype(dec.dtype), cache)
+        times.append(time.perf_counter() - t)
+    return _summary("rsedge runtime (onnxruntime)", prefill, times)
+
+
+def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:
+    import torch
+
+    from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+
+    torch.set_num_threads(threads)
+    model = RSUniVLMForCausalLM.from_checkpoint(checkpoint)
+    embed = model.lm.model.embed_tokens
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        out = model.step(embed(torch.from_numpy(prompt_ids)[None]), expert)
+        prefill = time.perf_counter() - t0
+        times = []
+        for _ in range(steps):
+            tok = int(torch.argmax(out.logits[0, -1]))
+            t = time.perf_counter()
+            out = model.step(embed(torch.tensor([[tok]])), expert, out.cache)
+            times.append(time.perf_counter() - t)
+    return _summary("PyTorch reference (eager fp32)", prefill, times)
+
+
+def run(checkpoint: Path, bundle: Path, prompt_tokens: int, steps: int, threads: int, expert: int) -> dict:
+    from rsedge.runtime.bundle import Bundle
+
+    vocab = Bundle.open(bundle, verify="none").model["text"]["vocab_size"]
+    ids = np.random.default_rng(0).integers(0, vocab, size=prompt_tokens)
+    rt = bench_runtime(bundle, expert, ids, steps, threads)
+    ref = bench_reference(checkpoint, expert, ids, steps, threads)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "decode_steps": steps,
+        "threads": threads,
+        "expert": expert,
+        "results": [asdict(rt), asdict(ref)],
+        "runtime_vs_reference_decode_speedup": ref.decode_step_ms_median / rt.decode_step_ms_median,
+    }

@@ -1,0 +1,197 @@
+"""The ``rsedge`` command: a thin layer over the Python API, one subcommand per pipeline stage.
+
+Heavy modules are imported inside each command, so ``rsedge run`` on a Jetson never touches torch.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from rsedge.errors import OptionError, RsedgeError
+
+
+class RsedgeGroup(click.Group):
+    """Turns every RsedgeError into one line on stderr and a non-zero exit."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except RsedgeError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(e.exit_code)
+
+
+@click.group(cls=RsedgeGroup)
+@click.version_option(package_name="rsedge")
+def main() -> None:
+    """Export, quantize and run remote-sensing VLMs at the edge."""
+
+
+@main.command("make-checkpoint")
+@click.argument("out", type=click.Path(path_type=Path))
+@click.option("--size", type=click.Choice(["tiny", "full"]), default="tiny", show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--image-aspect-ratio",
+    "aspect",
+    default="square",
+    show_default=True,
+    help="square (released) or anyres_max_N (tiny only)",
+)
+def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
+    """Write a random-weight RSUniVLM checkpoint in the released on-disk layout."""
+    from rsedge.models.rsunivlm.checkpoint import make_checkpoint
+
+    click.echo(str(make_checkpoint(out, size=size, seed=seed, aspect=aspect)))
+
+
+@main.command("export")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="bundle folder to write")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--router", "router_json", default=None, help='router table as JSON, e.g. \'{"[SEG]": 2, "[VG]": 1, "[REF]": 1}\''
+)
+@click.option("--no-validate", is_flag=True, help="skip the check against the PyTorch reference")
+def export_cmd(model: Path, out: Path, precision: str, router_json: str | None, no_validate: bool) -> None:
+    """Export a checkpoint directory to a validated bundle."""
+    from rsedge.export.bundle import export_bundle
+
+    router = None
+    if router_json is not None:
+        try:
+            router = json.loads(router_json)
+            assert isinstance(router, dict)
+        except (json.JSONDecodeError, AssertionError):
+            raise OptionError("--router must be a JSON object mapping tags to expert indices") from None
+    if not model.is_dir():
+        raise OptionError(f"{model}: no such checkpoint directory")
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    if console.is_terminal:  # a spinner for people; logs and pipes get only the result and errors
+        with console.status("exporting") as status:
+            manifest = export_bundle(
+                model,
+                out,
+                precision=precision,
+                router=router,
+                validate=not no_validate,
+                progress=lambda m: status.update(m),
+            )
+    else:
+        manifest = export_bundle(model, out, precision=precision, router=router, validate=not no_validate)
+    size = sum(f["bytes"] for f in manifest["files"].values())
+    click.echo(f"wrote {out} ({size / 1e6:.1f} MB, {precision}, {manifest['export_seconds']} s)")
+    for c in manifest.get("validation", {}).get("graphs", []):
+        click.echo(f"  {c['graph']:<18} max|diff| {c['max_abs']:.2e} (limit {c['limit']:.1e})  cos {c['cosine']:.7f}")
+
+
+@main.command("run")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeat for pairs)")
+@click.option("--prompt", required=True, help='e.g. "[VG] Where is the storage tank?"')
+@click.option("--max-new-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None)
+@click.option("--expert", type=int, default=None, help="override the router's expert")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="print structured output")
+@click.option("--overlay", type=click.Path(path_type=Path), default=None, help="draw boxes or mask to this PNG")
+@click.option("--stream", is_flag=True, help="print tokens as they are generated")
+@click.option("--verify", type=click.Choice(["sha256", "size", "none"]), default="sha256", show_default=True)
+def run_cmd(
+    bundle: Path,
+    images: tuple[Path, ...],
+    prompt: str,
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int | None,
+    expert: int | None,
+    device: str,
+    threads: int | None,
+    as_json: bool,
+    overlay: Path | None,
+    stream: bool,
+    verify: str,
+) -> None:
+    """Answer a prompt about one image (or a before/after pair) with a bundle."""
+    from rsedge.runtime.overlay import write_overlay
+    from rsedge.runtime.pipeline import Pipeline
+    from rsedge.runtime.sampling import Sampling
+
+    sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    pipe = Pipeline.load(bundle, device=device, threads=threads, verify=verify)
+    on_token = (lambda s: click.echo(s, nl=False)) if stream and not as_json else None
+    ans = pipe.generate(
+        list(images), prompt, max_new_tokens=max_new_tokens, sampling=sampling, expert=expert, on_token=on_token
+    )
+    out = ans.to_json()
+    if overlay is not None:
+        drawn = write_overlay(ans, list(images), overlay)
+        out["overlay"] = str(drawn) if drawn else None
+    if as_json:
+        click.echo(json.dumps(out, indent=2))
+    else:
+        click.echo("" if stream else ans.text)
+        if overlay is not None:
+            click.echo(f"overlay: {out['overlay'] or 'nothing to draw (no box or mask in the answer)'}", err=True)
+
+
+@main.command("bench-decode")
+@click.argument("model", type=click.Path(path_type=Path))
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--prompt-tokens", type=click.IntRange(1, 32000), default=760, show_default=True)
+@click.option("--steps", type=click.IntRange(2, 4096), default=32, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=2, show_default=True)
+@click.option("--expert", type=click.IntRange(0, 15), default=0, show_default=True)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write JSON here")
+def bench_decode_cmd(
+    model: Path, bundle: Path, prompt_tokens: int, steps: int, threads: int, expert: int, json_out: Path | None
+) -> None:
+    """Speed floor: runtime decode step vs the PyTorch reference (prints JSON and a table)."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rsedge.bench.decode_floor import run
+
+    res = run(model, bundle, prompt_tokens, steps, threads, expert)
+    table = Table(title=f"decode floor: {prompt_tokens}-token prefill, {steps} steps, {threads} threads")
+    for col in ("engine", "prefill ms", "decode ms/step (median)", "p90", "tok/s"):
+        table.add_column(col)
+    for r in res["results"]:
+        table.add_row(
+            r["engine"],
+            f"{r['prefill_ms']:.1f}",
+            f"{r['decode_step_ms_median']:.2f}",
+            f"{r['decode_step_ms_p90']:.2f}",
+            f"{r['tokens_per_s']:.1f}",
+        )
+    Console(stderr=True).print(table)
+    text = json.dumps(res, indent=2)
+    click.echo(text)
+    if json_out is not None:
+        json_out.write_text(text + "\n")
+
+
+@main.command("demo")
+@click.option("--out", "workdir", type=click.Path(path_type=Path), default=Path("out/demo"), show_default=True)
+@click.option("--model", type=click.Path(path_type=Path), default=None, help="checkpoint (default: built-in)")
+@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option("--max-new-tokens", type=int, default=48, show_default=True)
+def demo_cmd(workdir: Path, model: Path | None, precision: str, max_new_tokens: int) -> None:
+    """The main job: export the built-in model and run every task on real sample images."""
+    from rsedge.demo import run_demo
+
+    run_demo(workdir, model, precision, max_new_tokens)
+
+
+if __name__ == "__main__":
+    main()

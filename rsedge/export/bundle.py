@@ -1,0 +1,229 @@
+"""``rsedge export``: checkpoint directory -> self-describing, validated bundle folder.
+
+Everything is written into a temporary folder beside the target and moved into place only after
+validation passed, so a failed or interrupted export leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import gc
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime, timezone
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+import torch
+
+import rsedge
+from rsedge.errors import OptionError
+from rsedge.export.decoder_graph import build_decoder_graph, store_embedding_table
+from rsedge.export.onnx_builder import save_graph
+from rsedge.export.validate import checks_to_json, validate_bundle
+from rsedge.export.vision_graph import build_vision_graph
+from rsedge.export.weight_store import WeightStore
+from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
+from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.models.rsunivlm.weights import checkpoint_files, load_checkpoint_tensors
+from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+
+PRECISIONS = {"fp32": np.float32, "fp16": np.float16}
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
+ONNX_TYPES = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.FLOAT16: "float16", onnx.TensorProto.INT64: "int64"}
+
+
+class NumpyView(Mapping[str, np.ndarray]):
+    """Checkpoint tensors seen as float32 numpy, converted on access (the 1B model never sits in RAM twice)."""
+
+    def __init__(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        self._t = tensors
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._t[name].float().numpy()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._t)
+
+    def __len__(self) -> int:
+        return len(self._t)
+
+
+def checkpoint_hash(path: Path) -> str:
+    """sha256 over config.json and the weight files, in name order."""
+    h = hashlib.sha256()
+    for f in [path / "config.json", *checkpoint_files(path)]:
+        h.update(f.name.encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def tool_versions() -> dict[str, str]:
+    out = {"rsedge": rsedge.__version__}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "tokenizers", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[pkg] = version(pkg)
+    return out
+
+
+def graph_io(model: onnx.ModelProto) -> dict[str, list[dict[str, Any]]]:
+    def describe(vi: onnx.ValueInfoProto) -> dict[str, Any]:
+        t = vi.type.tensor_type
+        dims = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        return {"name": vi.name, "shape": dims, "dtype": ONNX_TYPES.get(t.elem_type, str(t.elem_type))}
+
+    return {"inputs": [describe(v) for v in model.graph.input], "outputs": [describe(v) for v in model.graph.output]}
+
+
+def parse_router(table: Mapping[str, int] | None, cfg: RSUniVLMConfig) -> dict[str, int]:
+    table = dict(cfg.router if table is None else table)
+    for tag, expert in table.items():
+        if tag not in TASK_TAGS:
+            raise OptionError(f"router tag {tag!r} is not a task tag ({' '.join(TASK_TAGS)})")
+        if not 0 <= int(expert) < cfg.text.num_experts:
+            raise OptionError(f"router sends {tag} to expert {expert}; the model has {cfg.text.num_experts}")
+    return {k: int(v) for k, v in table.items()}
+
+
+def export_bundle(
+    checkpoint: str | Path,
+    out: str | Path,
+    precision: str = "fp32",
+    router: Mapping[str, int] | None = None,
+    validate: bool = True,
+    progress: Callable[[str], None] = lambda msg: None,
+) -> dict[str, Any]:
+    """Export a checkpoint to a bundle folder; returns the manifest."""
+    if precision not in PRECISIONS:
+        raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
+    checkpoint, out = Path(checkpoint), Path(out)
+    if out.exists():
+        raise OptionError(f"{out} already exists; remove it or choose another output folder")
+    t_start = time.perf_counter()
+    cfg = RSUniVLMConfig.from_checkpoint(checkpoint)
+    table = parse_router(router, cfg)
+    progress("reading checkpoint")
+    tensors = load_checkpoint_tensors(checkpoint, cfg)
+    weights = NumpyView(tensors)
+    dtype = PRECISIONS[precision]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        store = WeightStore(tmp)
+        graphs: dict[str, Any] = {}
+        progress("building vision graph")
+        vision = build_vision_graph(cfg, weights, store, dtype)
+        save_graph(vision, tmp / "vision.onnx")
+        graphs["vision"] = {"file": "vision.onnx", **graph_io(vision)}
+        del vision
+        experts: dict[str, Any] = {}
+        for e in range(cfg.text.num_experts):
+            progress(f"building decoder graph, expert {e}")
+            dec = build_decoder_graph(cfg, weights, e, store, dtype)
+            save_graph(dec, tmp / f"decoder_expert{e}.onnx")
+            experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
+            del dec
+        graphs["decoder"] = {
+            "experts": experts,
+            "kv_layout": "[batch, kv_heads, seq, head_dim]",
+            "logits": "last position only",
+        }
+        store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file="vision.bin")
+        arrays = {
+            "embed_tokens": store_embedding_table(cfg, weights, store, dtype)._asdict(),
+            "image_newline": store.record("model.image_newline", "vision.bin")._asdict(),
+        }
+        (tmp / "tokenizer").mkdir()
+        for name in TOKENIZER_FILES:
+            if (checkpoint / name).is_file():
+                shutil.copy2(checkpoint / name, tmp / "tokenizer" / name)
+        if not (tmp / "tokenizer" / "tokenizer.json").is_file():
+            raise OptionError(f"{checkpoint}: no tokenizer.json; the runtime needs it")
+        stop_ids = [
+            i
+            for i in (cfg.eos_token_id, _token_id(tmp, "<|im_end|>"), _token_id(tmp, "<|endoftext|>"))
+            if i is not None
+        ]
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": "rsunivlm",
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "precision": precision,
+            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint)},
+            "model": cfg.to_manifest(),
+            "router": {
+                "table": table,
+                "default": cfg.default_expert,
+                "tags": list(TASK_TAGS),
+                "rule": "first table tag contained in the prompt, else default",
+            },
+            "preprocess": _preprocess_spec(cfg),
+            "prompt": {
+                "template": CHAT_TEMPLATE,
+                "system": SYSTEM_PROMPT,
+                "image_placeholder": IMAGE_PLACEHOLDER,
+                "image_token_index": -200,
+            },
+            "tokenizer": {"file": "tokenizer/tokenizer.json", "stop_token_ids": sorted(set(stop_ids))},
+            "arrays": arrays,
+            "graphs": graphs,
+            "tools": tool_versions(),
+        }
+        del weights
+        if validate:
+            progress("validating against the PyTorch reference")
+            model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
+            tensors.clear()
+            gc.collect()
+            checks = validate_bundle(tmp, manifest, model, precision)
+            manifest["validation"] = checks_to_json(checks, precision)
+            del model
+        manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
+        manifest["files"] = {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _token_id(bundle_tmp: Path, token: str) -> int | None:
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(bundle_tmp / "tokenizer" / "tokenizer.json")).token_to_id(token)
+
+
+def _preprocess_spec(cfg: RSUniVLMConfig) -> dict[str, Any]:
+    base = {
+        "image_size": cfg.vision.image_size,
+        "resample": "bicubic",
+        "rescale": 1 / 255,
+        "mean": [0.5] * 3,
+        "std": [0.5] * 3,
+        "tokens_per_tile": cfg.vision.num_patches,
+    }
+    if cfg.anyres_max_patches is None:
+        return {"kind": "square", **base}
+    return {"kind": "anyres_max", **base, "pinpoints": cfg.image_grid_pinpoints, "max_patches": cfg.anyres_max_patches}

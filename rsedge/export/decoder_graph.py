@@ -1,0 +1,344 @@
+"""The Qwen2 G-MoE decoder as one dense ONNX graph per expert, built from numpy weights.
+
+``decoder_expert{e}.onnx`` runs on ``inputs_embeds`` with an explicit KV cache. Attention, norms and
+lm_head live in ``decoder_shared.bin``, read by every expert's graph; expert e's MLPs live in
+``decoder_expert{e}.bin``.
+There is no If node, so every quantizer and TensorRT take the graph, and a runtime loads only the experts a
+mission uses.
+
+I/O (B batch, S new tokens, P past tokens, kv key/value heads, hd head_dim, V vocab):
+
+    inputs_embeds                 [B, S, H]       model dtype
+    position_ids                  [B, S]          int64
+    past_key_values.{i}.key|value [B, kv, P, hd]  model dtype (P may be 0: prefill)
+    -> logits                     [B, V]          float32, last position only
+    -> present.{i}.key|value      [B, kv, P+S, hd] model dtype (= Concat(past, new) on axis 2)
+
+RMSNorm, RoPE and the softmax run in float32 in a float16 graph, as Qwen2 does (RMSNorm, softmax) or better.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from rsedge.errors import OptionError
+from rsedge.export.onnx_builder import GraphBuilder, get_weight
+from rsedge.export.weight_store import WeightRecord, WeightStore
+from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
+
+DECODER_SHARED_BIN = "decoder_shared.bin"
+EMBED_TOKENS = "model.embed_tokens.weight"
+INPUTS_EMBEDS = "inputs_embeds"
+POSITION_IDS = "position_ids"
+LOGITS = "logits"
+
+# Symbolic dimension names of the graph I/O.
+BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def expert_bin(expert: int) -> str:
+    return f"decoder_expert{expert}.bin"
+
+
+def expert_onnx(expert: int) -> str:
+    return f"decoder_expert{expert}.onnx"
+
+
+def past_names(layer: int) -> tuple[str, str]:
+    return f"past_key_values.{layer}.key", f"past_key_values.{layer}.value"
+
+
+def present_names(layer: int) -> tuple[str, str]:
+    return f"present.{layer}.key", f"present.{layer}.value"
+
+
+def decoder_input_names(num_layers: int) -> list[str]:
+    return [INPUTS_EMBEDS, POSITION_IDS, *(n for i in range(num_layers) for n in past_names(i))]
+
+
+def decoder_output_names(num_layers: int) -> list[str]:
+    return [LOGITS, *(n for i in range(num_layers) for n in present_names(i))]
+
+
+def _text(cfg: RSUniVLMConfig | TextConfig) -> TextConfig:
+    return cfg.text if isinstance(cfg, RSUniVLMConfig) else cfg
+
+
+def store_embedding_table(
+    cfg: RSUniVLMConfig | TextConfig, weights: Mapping[str, np.ndarray], store: WeightStore, dtype: str
+) -> WeightRecord:
+    """Store ``model.embed_tokens.weight`` [V,H] in ``decoder_shared.bin`` and say where it lies.
+
+    It is the same entry a tied decoder reads as lm_head, so a tied model stores the table once.
+    """
+    text = _text(cfg)
+    b = GraphBuilder("embed", store, dtype, DECODER_SHARED_BIN)
+    emb = get_weight(weights, EMBED_TOKENS, (text.vocab_size, text.hidden_size))
+    b.weight(EMBED_TOKENS, emb)
+    return store.record(EMBED_TOKENS, DECODER_SHARED_BIN)
+
+
+def build_decoder_graph(
+    cfg: RSUniVLMConfig | TextConfig,
+    weights: Mapping[str, np.ndarray],
+    expert: int,
+    store: WeightStore,
+    dtype: str = "float32",
+) -> onnx.ModelProto:
+    """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``."""
+    text = _text(cfg)
+    if not 0 <= expert < text.num_experts:
+        raise OptionError(f"expert {expert} is out of range 0..{text.num_experts - 1}")
+    if text.num_attention_heads % text.num_key_value_heads:
+        raise OptionError("num_attention_heads must be a multiple of num_key_value_heads")
+    b = GraphBuilder(f"rsunivlm_decoder_expert{expert}", store, dtype, DECODER_SHARED_BIN)
+    H, kv, hd, L = text.hidden_size, text.num_key_value_heads, text.head_dim, text.num_hidden_layers
+
+    x = b.input(INPUTS_EMBEDS, b.elem_type, [BATCH, SEQ, H])
+    pos = b.input(POSITION_IDS, TensorProto.INT64, [BATCH, SEQ])
+    pasts = [tuple(b.input(n, b.elem_type, [BATCH, kv, PAST, hd]) for n in past_names(i)) for i in range(L)]
+
+    with b.scope("model"):
+        with b.scope("rotary_emb"):
+            rope = _rotary_tables(b, pos, text)
+        with b.scope("attn_mask"):
+            mask = _causal_mask(b, x, pasts[0][0], text.num_attention_heads // kv)
+        presents = []
+        for i in range(L):
+            with b.scope(f"layers.{i}"):
+                x, present = _decoder_layer(b, x, pasts[i], rope, mask, weights, text, i, expert)
+            presents.append(present)
+        logits = _lm_head(b, x, weights, text)
+
+    b.output(logits, LOGITS, TensorProto.FLOAT, [BATCH, text.vocab_size])
+    for i, (k, v) in enumerate(presents):
+        for value, name in zip((k, v), present_names(i), strict=True):
+            b.output(value, name, b.elem_type, [BATCH, kv, TOTAL, hd])
+
+    doc = (
+        f"RSUniVLM Qwen2 decoder, expert {expert} of {text.num_experts}, {b.dtype.name}, opset 17. "
+        f"inputs: inputs_embeds[B,S,{H}], position_ids[B,S] int64, past_key_values.{{0..{L - 1}}}.key|value"
+        f"[B,{kv},P,{hd}]; outputs: logits[B,{text.vocab_size}] float32 (last position), "
+        f"present.{{i}}.key|value[B,{kv},P+S,{hd}]."
+    )
+    meta = {
+        "rsedge.graph": "decoder",
+        "rsedge.expert": str(expert),
+        "rsedge.dtype": b.dtype.name,
+        "rsedge.text_config": json.dumps(asdict(text), sort_keys=True),
+        "rsedge.weight_files": json.dumps([DECODER_SHARED_BIN, expert_bin(expert)]),
+    }
+    return b.make_model(doc, meta)
+
+
+#   position_ids [B,S] --Cast f32--Unsqueeze(-1)--Mul(inv_freq [hd/2])--> freqs [B,S,hd/2]
+#   Concat(freqs, freqs) --> emb [B,S,hd] --Cos / Sin--Unsqueeze(1)--> cos, sin [B,1,S,hd]
+#   cos_q = cos * hd^-0.5, sin_q = sin * hd^-0.5   (the attention scale, folded into q's rotation)
+def _rotary_tables(b: GraphBuilder, pos: str, text: TextConfig) -> dict[str, str]:
+    hd = text.head_dim
+    inv_freq = 1.0 / (text.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    p = b.op("Cast", [pos], out="position_f", to=TensorProto.FLOAT)
+    p = b.op("Unsqueeze", [p, b.ints([-1], "axes_last")], out="position_f_col")
+    freqs = b.op("Mul", [p, b.const(inv_freq.astype(np.float32), np.float32, "rope_inv_freq")], out="freqs")
+    emb = b.op("Concat", [freqs, freqs], out="emb", axis=-1)
+    axis1 = b.ints([1], "axes_1")
+    cos = b.op("Unsqueeze", [b.op("Cos", [emb], out="cos_bsd"), axis1], out="cos")
+    sin = b.op("Unsqueeze", [b.op("Sin", [emb], out="sin_bsd"), axis1], out="sin")
+    scale = b.scalar(hd**-0.5, "attn_scale", np.float32)
+    cos_q = b.op("Mul", [cos, scale], name="Mul_cos_scale", out="cos_q")
+    sin_q = b.op("Mul", [sin, scale], name="Mul_sin_scale", out="sin_q")
+    return {"cos": cos, "sin": sin, "cos_q": cos_q, "sin_q": sin_q}
+
+
+#   S = shape(inputs_embeds)[1], P = shape(past_key_values.0.key)[2], T = P + S
+#   q_pos = Range(P, T) [S], k_pos = Range(0, T) [T]
+#   Less(q_pos[:,None], k_pos[None,:]) --Where(min_f32, 0)--> [S,T] --Tile(group,1)--> mask [group*S, T] f32
+#   (rows of a query group are head-major: row r is head r // S of the group, query r % S)
+def _causal_mask(b: GraphBuilder, embeds: str, past_key0: str, group: int) -> str:
+    s = b.op("Shape", [embeds], out="seq_len", start=1, end=2)
+    p = b.op("Shape", [past_key0], out="past_len", start=2, end=3)
+    t = b.op("Add", [p, s], out="total_len")
+    zero_d = b.ints([0], "axes_0")
+    p0 = b.op("Squeeze", [p, zero_d], out="past_len_scalar")
+    t0 = b.op("Squeeze", [t, zero_d], out="total_len_scalar")
+    one, zero = b.const(1, np.int64, "one_i64"), b.const(0, np.int64, "zero_i64")
+    q_pos = b.op("Range", [p0, t0, one], name="Range_q", out="q_pos")
+    k_pos = b.op("Range", [zero, t0, one], name="Range_k", out="k_pos")
+    q_col = b.op("Unsqueeze", [q_pos, b.ints([1], "axes_1")], out="q_pos_col")
+    k_row = b.op("Unsqueeze", [k_pos, zero_d], out="k_pos_row")
+    hidden = b.op("Less", [q_col, k_row], out="future")
+    neg = b.scalar(float(np.finfo(np.float32).min), "mask_min", np.float32)
+    mask = b.op("Where", [hidden, neg, b.scalar(0.0, "zero_f32", np.float32)], out="mask")
+    if group == 1:
+        return mask
+    return b.op("Tile", [mask, b.ints([group, 1], "mask_tile")], out="mask_grouped")
+
+
+#   x --RMSNorm--> --Attention--> + x --RMSNorm--> --MLP[expert]--> + --> out
+#                    |  past_k/v in, present_k/v out
+def _decoder_layer(
+    b: GraphBuilder,
+    x: str,
+    past: tuple[str, str],
+    rope: dict[str, str],
+    mask: str,
+    weights: Mapping[str, np.ndarray],
+    text: TextConfig,
+    i: int,
+    expert: int,
+) -> tuple[str, tuple[str, str]]:
+    pre = f"model.layers.{i}"
+    with b.scope("input_layernorm"):
+        h = _rms_norm(b, x, f"{pre}.input_layernorm.weight", weights, text)
+    with b.scope("attn"):
+        h, present = _attention(b, h, past, rope, mask, weights, text, i)
+    x = b.op("Add", [x, h], name="residual_attn/Add", out="residual_attn")
+    with b.scope("post_attention_layernorm"):
+        h = _rms_norm(b, x, f"{pre}.post_attention_layernorm.weight", weights, text)
+    with b.scope("mlp"):
+        h = _mlp(b, h, weights, text, i, expert)
+    x = b.op("Add", [x, h], name="residual_mlp/Add", out="hidden")
+    return x, present
+
+
+#   x --Cast f32--> Pow 2 --ReduceMean(-1)--Add eps--Sqrt--> rms;  x_f32 / rms --Cast model--> * weight
+#   (Qwen2RMSNorm; ORT fuses the chain into SimplifiedLayerNormalization)
+def _rms_norm(b: GraphBuilder, x: str, wname: str, weights: Mapping[str, np.ndarray], text: TextConfig) -> str:
+    w = b.weight(wname, get_weight(weights, wname, (text.hidden_size,)))
+    xf = b.to_float(x)
+    sq = b.op("Pow", [xf, b.scalar(2.0, "two_f32", np.float32)], out="squared")
+    var = b.op("ReduceMean", [sq], out="variance", axes=[-1], keepdims=1)
+    var = b.op("Add", [var, b.scalar(text.rms_norm_eps, "rms_norm_eps", np.float32)], out="variance_eps")
+    rms = b.op("Sqrt", [var], out="rms")
+    normed = b.to_model(b.op("Div", [xf, rms], out="normalized"))
+    return b.op("Mul", [normed, w], name="Mul_weight", out="output")
+
+
+#   x --MatMul W_qkv [H,(nh+2kv)hd] + b--> Split --> q, k, v --Reshape/Transpose--> [B,heads,S,hd]
+#   q, k --RoPE (f32; q also scaled)--> ; present_k/v = Concat(past_k/v, k/v, axis 2)  [B,kv,T,hd]
+#   q --Reshape [B,kv,g*S,hd]--MatMul(present_k^T)--> scores [B,kv,g*S,T] --+mask, Softmax (f32)-->
+#   --MatMul(present_v)--Reshape [B,nh,S,hd]--Transpose--Reshape [B,S,nh*hd]--MatMul W_o--> out
+def _attention(
+    b: GraphBuilder,
+    x: str,
+    past: tuple[str, str],
+    rope: dict[str, str],
+    mask: str,
+    weights: Mapping[str, np.ndarray],
+    text: TextConfig,
+    i: int,
+) -> tuple[str, tuple[str, str]]:
+    H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    pre = f"model.layers.{i}.self_attn"
+
+    def qkv_weight() -> np.ndarray:
+        ws = [get_weight(weights, f"{pre}.{p}_proj.weight", (n * hd, H)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
+        return np.concatenate([w.T for w in ws], axis=1)
+
+    def qkv_bias() -> np.ndarray:
+        bs = [get_weight(weights, f"{pre}.{p}_proj.bias", (n * hd,)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
+        return np.concatenate(bs)
+
+    with b.scope("qkv_proj"):
+        qkv = b.op("MatMul", [x, b.weight(f"{pre}.qkv_proj.weight_t", qkv_weight)], out="qkv_nobias")
+        qkv = b.op("Add", [qkv, b.weight(f"{pre}.qkv_proj.bias", qkv_bias)], out="qkv")
+    splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
+    q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
+    perm = [0, 2, 1, 3]
+    q = b.op("Reshape", [q, b.ints([0, 0, nh, hd], "q_heads_shape")], name="q/Reshape", out="q_bshd")
+    q = b.op("Transpose", [q], name="q/Transpose", out="q", perm=perm)
+    k = b.op("Reshape", [k, b.ints([0, 0, kv, hd], "kv_heads_shape")], name="k/Reshape", out="k_bshd")
+    k = b.op("Transpose", [k], name="k/Transpose", out="k", perm=perm)
+    v = b.op("Reshape", [v, b.ints([0, 0, kv, hd], "kv_heads_shape")], name="v/Reshape", out="v_bshd")
+    v = b.op("Transpose", [v], name="v/Transpose", out="v", perm=perm)
+
+    with b.scope("q_rotary"):
+        q = _apply_rotary(b, q, rope["cos_q"], rope["sin_q"], hd)
+    with b.scope("k_rotary"):
+        k = _apply_rotary(b, k, rope["cos"], rope["sin"], hd)
+
+    present_k = b.op("Concat", [past[0], k], name="present_key/Concat", out="present_key", axis=2)
+    present_v = b.op("Concat", [past[1], v], name="present_value/Concat", out="present_value", axis=2)
+
+    grouped = b.ints([0, kv, -1, hd], "q_grouped_shape")
+    qg = b.op("Reshape", [q, grouped], name="q_grouped/Reshape", out="q_grouped")
+    kt = b.op("Transpose", [present_k], name="key_t/Transpose", out="key_t", perm=[0, 1, 3, 2])
+    scores = b.op("MatMul", [qg, kt], name="scores/MatMul", out="scores")
+    scores = b.op("Add", [b.to_float(scores), mask], name="scores_masked/Add", out="scores_masked")
+    probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
+    ctx = b.op("MatMul", [probs, present_v], name="context/MatMul", out="context_grouped")
+    ctx = b.op("Reshape", [ctx, b.ints([0, nh, -1, hd], "heads_shape")], name="context/Reshape", out="context_heads")
+    ctx = b.op("Transpose", [ctx], name="context/Transpose", out="context_bshd", perm=perm)
+    ctx = b.op(
+        "Reshape",
+        [ctx, b.ints([0, 0, nh * hd], "merge_heads_shape")],
+        name="context/Reshape_1",
+        out="context",
+    )
+
+    with b.scope("o_proj"):
+        wo = lambda: get_weight(weights, f"{pre}.o_proj.weight", (H, nh * hd)).T  # noqa: E731
+        out = b.op("MatMul", [ctx, b.weight(f"{pre}.o_proj.weight_t", wo)], out="output")
+    return out, (present_k, present_v)
+
+
+#   x [B,h,S,hd] --Cast f32--> x*cos + rotate_half(x)*sin --Cast model-->
+#   rotate_half(x) = Concat(-x[..., hd/2:], x[..., :hd/2])
+def _apply_rotary(b: GraphBuilder, x: str, cos: str, sin: str, hd: int) -> str:
+    xf = b.to_float(x)
+    half = b.ints([hd // 2, hd // 2], "rope_halves")
+    x1, x2 = b.op("Split", [xf, half], out=["x1", "x2"], n_out=2, axis=-1)
+    rot = b.op("Concat", [b.op("Neg", [x2], out="x2_neg"), x1], out="rotated", axis=-1)
+    a = b.op("Mul", [xf, cos], name="Mul_cos", out="x_cos")
+    c = b.op("Mul", [rot, sin], name="Mul_sin", out="rotated_sin")
+    return b.to_model(b.op("Add", [a, c], out="embedded"))
+
+
+#   x --MatMul W_gate_up [H,2I]--Split--> gate, up;  gate * Sigmoid(gate) * up --MatMul W_down [I,H]--> out
+#   (expert e's weights, in decoder_expert{e}.bin)
+def _mlp(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, i: int, e: int) -> str:
+    H, inter = text.hidden_size, text.intermediate_size
+    pre = f"model.layers.{i}.mlp.{e}"
+    file = expert_bin(e)
+
+    def gate_up() -> np.ndarray:
+        g = get_weight(weights, f"{pre}.gate_proj.weight", (inter, H))
+        u = get_weight(weights, f"{pre}.up_proj.weight", (inter, H))
+        return np.concatenate([g.T, u.T], axis=1)
+
+    with b.scope("gate_up_proj"):
+        gu = b.op("MatMul", [x, b.weight(f"{pre}.gate_up_proj.weight_t", gate_up, file=file)], out="gate_up")
+    gate, up = b.op("Split", [gu, b.ints([inter, inter], "gate_up_split")], out=["gate", "up"], n_out=2, axis=-1)
+    sig = b.op("Sigmoid", [gate], name="act/Sigmoid", out="gate_sigmoid")
+    act = b.op("Mul", [gate, sig], name="act/Mul", out="gate_act")
+    h = b.op("Mul", [act, up], name="Mul_up", out="gated")
+    with b.scope("down_proj"):
+        wd = lambda: get_weight(weights, f"{pre}.down_proj.weight", (H, inter)).T  # noqa: E731
+        return b.op("MatMul", [h, b.weight(f"{pre}.down_proj.weight_t", wd, file=file)], out="output")
+
+
+#   hidden [B,S,H] --Slice last position--Squeeze--> [B,H] --RMSNorm--Gemm(W [V,H], transB=1)-->
+#   --Cast f32--> logits [B,V]
+def _lm_head(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig) -> str:
+    V, H = text.vocab_size, text.hidden_size
+    axis1 = b.ints([1], "axes_1")
+    last = b.op(
+        "Slice",
+        [x, b.ints([-1], "slice_last_start"), b.ints([np.iinfo(np.int64).max], "slice_end"), axis1],
+        name="last_token/Slice",
+        out="last_token_b1h",
+    )
+    last = b.op("Squeeze", [last, axis1], name="last_token/Squeeze", out="last_token")
+    with b.scope("norm"):
+        h = _rms_norm(b, last, "model.norm.weight", weights, text)
+    wname = EMBED_TOKENS if text.tie_word_embeddings else "lm_head.weight"
+    w = b.weight(wname, get_weight(weights, wname, (V, H)))
+    with b.scope("lm_head"):
+        logits = b.op("Gemm", [h, w], out="logits_model", transB=1)
+    return b.to_float(logits, name="lm_head/Cast_logits")

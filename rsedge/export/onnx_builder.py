@@ -1,0 +1,217 @@
+"""A thin layer over ``onnx.helper`` for the hand-built graphs: names, weights, small constants, saving.
+
+Node names are hierarchical (``/model/layers.3/attn/qkv_proj/MatMul``) and values take the name of what
+they hold (``/model/layers.3/attn/q``), so a graph viewer or a quantizer's exclusion list reads like the
+model. Weights go through a :class:`WeightStore` (external data, stored once); small constants (shapes,
+axes, scalars) are embedded in the ``.onnx`` itself.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from rsedge.errors import CheckpointError, OptionError
+from rsedge.export.weight_store import ArrayOrFactory, WeightStore
+
+OPSET = 17
+IR_VERSION = 8  # the IR of opset 17 (onnx 1.12); TensorRT 8.5's parser reads no newer
+PRODUCER = "rsedge"
+DTYPES = ("float32", "float16")
+
+Dim = int | str
+
+
+def model_dtype(dtype: str | np.dtype | type) -> np.dtype:
+    """The numpy dtype of a graph precision, ``float32`` or ``float16``."""
+    try:
+        dt = np.dtype(dtype)
+    except TypeError:
+        dt = None
+    if dt is None or dt.name not in DTYPES:
+        raise OptionError(f"graph dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    return dt
+
+
+def get_weight(weights: Mapping[str, np.ndarray], name: str, shape: Sequence[int]) -> np.ndarray:
+    """``weights[name]`` as a numpy array of ``shape``; a missing or misshapen tensor names itself."""
+    if name not in weights:
+        raise CheckpointError(f"checkpoint lacks the tensor {name!r}")
+    arr = np.asarray(weights[name])
+    if tuple(arr.shape) != tuple(shape):
+        raise CheckpointError(f"tensor {name!r} has shape {list(arr.shape)}, expected {list(shape)}")
+    return arr
+
+
+class GraphBuilder:
+    """Collects nodes, I/O and initializers of one graph.
+
+    ``dtype`` is the model precision: :meth:`weight` casts to it, :meth:`to_float`/:meth:`to_model` insert
+    the Casts a float16 graph needs around its float32 islands and are no-ops in a float32 graph.
+    """
+
+    def __init__(self, name: str, store: WeightStore, dtype: str | np.dtype, weight_file: str) -> None:
+        self.name = name
+        self.store = store
+        self.dtype = model_dtype(dtype)
+        self.elem_type = helper.np_dtype_to_tensor_dtype(self.dtype)
+        self.weight_file = weight_file
+        self.nodes: list[onnx.NodeProto] = []
+        self.inputs: list[onnx.ValueInfoProto] = []
+        self.outputs: list[onnx.ValueInfoProto] = []
+        self._weights: dict[str, TensorProto] = {}
+        self._consts: dict[tuple[str, str, bytes], str] = {}
+        self._inline: list[TensorProto] = []
+        self._scope: list[str] = []
+        self._node_names: set[str] = set()
+        self._value_names: set[str] = set()
+
+    # -- naming ---------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def scope(self, name: str) -> Iterator[None]:
+        """Nodes and values made inside are named ``/<outer>/<name>/...``."""
+        self._scope.append(name)
+        try:
+            yield
+        finally:
+            self._scope.pop()
+
+    def path(self, local: str) -> str:
+        return "/" + "/".join([*self._scope, local])
+
+    @staticmethod
+    def _unique(name: str, taken: set[str]) -> str:
+        candidate, i = name, 1
+        while candidate in taken:
+            candidate = f"{name}_{i}"
+            i += 1
+        taken.add(candidate)
+        return candidate
+
+    # -- nodes ----------------------------------------------------------------------------------------------
+
+    def op(
+        self,
+        op_type: str,
+        inputs: Sequence[str],
+        *,
+        name: str | None = None,
+        out: str | Sequence[str] | None = None,
+        n_out: int = 1,
+        **attrs: object,
+    ) -> str | tuple[str, ...]:
+        """Add one node; returns its output name (a tuple when it has several).
+
+        ``name`` is the node's local name (default ``op_type``), ``out`` the local name(s) of its outputs
+        (default ``<node>_output_<i>``); both are prefixed with the current scope.
+        """
+        node_name = self._unique(self.path(name or op_type), self._node_names)
+        if out is None:
+            outs = [f"{node_name}_output_{i}" for i in range(n_out)]
+        else:
+            outs = [out] if isinstance(out, str) else list(out)
+            outs = [self.path(o) for o in outs]
+        outs = [self._unique(o, self._value_names) for o in outs]
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
+        return outs[0] if len(outs) == 1 else tuple(outs)
+
+    def cast(self, x: str, to: np.dtype | type, *, name: str = "Cast", out: str | None = None) -> str:
+        elem = helper.np_dtype_to_tensor_dtype(np.dtype(to))
+        return self.op("Cast", [x], name=name, out=out, to=elem)
+
+    def to_float(self, x: str, *, name: str = "Cast_to_float") -> str:
+        """``x`` in float32: a Cast in a float16 graph, ``x`` itself in a float32 graph."""
+        return x if self.dtype == np.float32 else self.cast(x, np.float32, name=name)
+
+    def to_model(self, x: str, *, name: str = "Cast_to_model") -> str:
+        """A float32 ``x`` back in the model dtype (no-op in a float32 graph)."""
+        return x if self.dtype == np.float32 else self.cast(x, self.dtype, name=name)
+
+    # -- tensors --------------------------------------------------------------------------------------------
+
+    def weight(self, name: str, array: ArrayOrFactory, *, file: str | None = None, cast: bool = True) -> str:
+        """An external-data initializer ``name`` (stored once per (file, name)), cast to the model dtype."""
+        if name not in self._weights:
+            if cast:
+                src = array
+                array = lambda: np.asarray(src() if callable(src) else src).astype(self.dtype)  # noqa: E731
+            proto = self.store.tensor(name, array, file or self.weight_file)
+            if cast and proto.data_type != self.elem_type:  # stored earlier by a graph of another precision
+                raise ValueError(f"{name!r} is already stored as another dtype than {self.dtype.name}")
+            self._weights[name] = proto
+        return name
+
+    def const(self, value: object, dtype: np.dtype | type, hint: str) -> str:
+        """A small constant embedded in the graph, shared by every use of the same (hint, value)."""
+        arr = np.asarray(value, dtype=dtype)
+        key = (hint, arr.dtype.name + str(arr.shape), arr.tobytes())
+        if key not in self._consts:
+            name = self._unique(f"/const/{hint}", self._value_names)
+            self._inline.append(
+                helper.make_tensor(name, helper.np_dtype_to_tensor_dtype(arr.dtype), arr.shape, arr.flatten().tolist())
+            )
+            self._consts[key] = name
+        return self._consts[key]
+
+    def ints(self, values: Sequence[int] | int, hint: str) -> str:
+        return self.const(values, np.int64, hint)
+
+    def scalar(self, value: float, hint: str, dtype: np.dtype | type | None = None) -> str:
+        """A 0-d constant, by default in the model dtype."""
+        return self.const(value, dtype or self.dtype, hint)
+
+    # -- graph I/O ------------------------------------------------------------------------------------------
+
+    def input(self, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
+        self._value_names.add(name)
+        self.inputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    def output(self, value: str, name: str, elem_type: int, shape: Sequence[Dim]) -> str:
+        """Declare ``value`` a graph output called ``name`` (renaming it where it is produced and used)."""
+        if value != name:
+            if name in self._value_names:
+                raise ValueError(f"value name {name!r} is already taken")
+            for node in self.nodes:
+                for seq in (node.input, node.output):
+                    for i, v in enumerate(seq):
+                        if v == value:
+                            seq[i] = name
+            self._value_names.add(name)
+        self.outputs.append(helper.make_tensor_value_info(name, elem_type, list(shape)))
+        return name
+
+    # -- model ----------------------------------------------------------------------------------------------
+
+    def make_model(self, doc_string: str, metadata: Mapping[str, str]) -> onnx.ModelProto:
+        graph = helper.make_graph(
+            self.nodes,
+            self.name,
+            self.inputs,
+            self.outputs,
+            initializer=[*self._weights.values(), *self._inline],
+            doc_string=doc_string,
+        )
+        model = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name=PRODUCER,
+            doc_string=doc_string,
+        )
+        model.ir_version = IR_VERSION
+        helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
+        return model
+
+
+def save_graph(model: onnx.ModelProto, path: str | Path) -> Path:
+    """Write ``model`` (weights already external, in files beside ``path``) and run the ONNX checker on it."""
+    path = Path(path)
+    path.write_bytes(model.SerializeToString())
+    onnx.checker.check_model(str(path), full_check=True)  # full: strict shape inference too
+    return path

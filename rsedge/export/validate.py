@@ -1,0 +1,128 @@
+"""Post-export validation: every graph of a fresh bundle against the PyTorch reference.
+
+Runs by default; a violation raises ExportValidationError and the caller discards the bundle.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+import torch
+
+from rsedge.errors import ExportValidationError
+from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+
+# max|graph - reference| <= atol + rtol * max|reference|, and cosine >= min_cosine
+TOLERANCES: dict[str, dict[str, float]] = {
+    "fp32": {"atol": 1e-4, "rtol": 1e-4, "min_cosine": 0.99999},
+    "fp16": {"atol": 2e-2, "rtol": 2e-2, "min_cosine": 0.999},
+}
+ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass
+class GraphCheck:
+    graph: str
+    max_abs: float
+    ref_scale: float
+    cosine: float
+    limit: float
+    passed: bool
+
+
+def compare(graph: str, got: np.ndarray, ref: np.ndarray, precision: str) -> GraphCheck:
+    tol = TOLERANCES[precision]
+    got64, ref64 = got.astype(np.float64).ravel(), ref.astype(np.float64).ravel()
+    max_abs = float(np.max(np.abs(got64 - ref64)))
+    scale = float(np.max(np.abs(ref64)))
+    cos = float(got64 @ ref64 / (np.linalg.norm(got64) * np.linalg.norm(ref64) + 1e-30))
+    limit = tol["atol"] + tol["rtol"] * scale
+    return GraphCheck(graph, max_abs, scale, cos, limit, max_abs <= limit and cos >= tol["min_cosine"])
+
+
+def _session(path: Path) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
+
+
+def validation_image(size: int, seed: int = 0) -> np.ndarray:
+    """A smooth deterministic [1,3,S,S] input in [-1, 1] (random noise would be an unfair test)."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size] / max(size - 1, 1)
+    chans = [np.sin(6.3 * (a * xx + b * yy) + c) for a, b, c in rng.uniform(0.2, 2.0, (3, 3))]
+    return np.stack(chans)[None].astype(np.float32)
+
+
+@torch.no_grad()
+def validate_bundle(
+    root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, precision: str
+) -> list[GraphCheck]:
+    """Check vision and every expert's decoder (prefill + 2 decode steps) against the reference."""
+    cfg = model.cfg
+    checks: list[GraphCheck] = []
+    vis = _session(root / manifest["graphs"]["vision"]["file"])
+    vin = vis.get_inputs()[0]
+    pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
+    got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
+    ref_feats = model.encode_images(torch.from_numpy(pixels))
+    checks.append(compare("vision", got, ref_feats.numpy(), precision))
+    del vis
+
+    # A prompt-shaped prefill: text embeddings around one image's visual tokens.
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, cfg.text.vocab_size, size=12).tolist()
+    with torch.no_grad():
+        visual = torch.cat([ref_feats[0], model.image_newline[None]])
+        embeds = model.embed_prompt([*ids[:6], -200, *ids[6:]], [visual])
+    next_ids = rng.integers(0, cfg.text.vocab_size, size=2).tolist()
+    head_dim = cfg.text.head_dim
+    for expert, entry in sorted(manifest["graphs"]["decoder"]["experts"].items(), key=lambda kv: int(kv[0])):
+        e = int(expert)
+        sess = _session(root / entry["file"])
+        dtype = ORT_NP[sess.get_inputs()[0].type]
+        past = {
+            f"past_key_values.{i}.{k}": np.zeros((1, cfg.text.num_key_value_heads, 0, head_dim), dtype)
+            for i in range(cfg.text.num_hidden_layers)
+            for k in ("key", "value")
+        }
+        out = model.step(embeds, e)
+        step_embeds = [embeds] + [model.lm.model.embed_tokens(torch.tensor([[t]])) for t in next_ids]
+        position = 0
+        got_logits, ref_logits = [], []
+        for k, emb in enumerate(step_embeds):
+            if k:
+                out = model.step(emb, e, out.cache)
+            n = emb.shape[1]
+            feeds = {
+                "inputs_embeds": emb.numpy().astype(dtype),
+                "position_ids": np.arange(position, position + n)[None],
+            }
+            res = sess.run(None, {**feeds, **past})
+            names = [o.name for o in sess.get_outputs()]
+            got_logits.append(res[names.index("logits")][0])
+            ref_logits.append(out.logits[0, -1].numpy())
+            past = {
+                n.replace("present", "past_key_values"): v
+                for n, v in zip(names, res, strict=False)
+                if n.startswith("present")
+            }
+            position += n
+        checks.append(compare(f"decoder_expert{e}", np.stack(got_logits), np.stack(ref_logits), precision))
+        del sess
+    failed = [c for c in checks if not c.passed]
+    if failed:
+        c = failed[0]
+        raise ExportValidationError(
+            f"{c.graph} disagrees with the PyTorch reference: max|diff| {c.max_abs:.3g} > {c.limit:.3g} "
+            f"or cosine {c.cosine:.6f} < {TOLERANCES[precision]['min_cosine']} ({precision})"
+        )
+    return checks
+
+
+def checks_to_json(checks: list[GraphCheck], precision: str) -> dict[str, Any]:
+    return {"tolerance": TOLERANCES[precision], "graphs": [asdict(c) for c in checks]}

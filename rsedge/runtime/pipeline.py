@@ -1,0 +1,235 @@
+"""The Python API: load a bundle, answer a prompt about one or more images.
+
+numpy + onnxruntime + tokenizers + Pillow only; the CLI and the ground-station service are thin layers
+over :class:`Pipeline`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from tokenizers import Tokenizer
+from tokenizers.decoders import DecodeStream
+
+from rsedge.errors import OptionError, PromptError
+from rsedge.runtime.bundle import Bundle
+from rsedge.runtime.features import merge_anyres, merge_square
+from rsedge.runtime.images import load_image, validate_image
+from rsedge.runtime.outputs import Box, RleMask, parse_boxes, parse_rle_mask
+from rsedge.runtime.preprocess import preprocess_anyres, preprocess_square
+from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
+from rsedge.runtime.router import route, task_tag
+from rsedge.runtime.sampling import Sampler, Sampling
+from rsedge.runtime.sessions import ORT_DTYPES, DecoderSession, KVCache, SessionConfig, make_session
+
+ImageInput = str | Path | Image.Image
+MAX_NEW_TOKENS_LIMIT = 32000  # upstream demo's budget
+
+
+@dataclass
+class Answer:
+    text: str
+    tokens: list[int]
+    tag: str | None
+    expert: int
+    boxes: list[Box] = field(default_factory=list)
+    mask: RleMask | None = None
+    image_sizes: list[tuple[int, int]] = field(default_factory=list)
+    prompt_tokens: int = 0
+    stopped_by: str = "eos"
+    timings: dict[str, float] = field(default_factory=dict)
+    step_logits: list[np.ndarray] | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "text": self.text,
+            "tag": self.tag,
+            "expert": self.expert,
+            "tokens": len(self.tokens),
+            "prompt_tokens": self.prompt_tokens,
+            "stopped_by": self.stopped_by,
+            "image_sizes": [list(s) for s in self.image_sizes],
+            "timings_ms": {k: round(v, 3) for k, v in self.timings.items()},
+        }
+        if self.boxes:
+            out["boxes"] = [b.to_list() for b in self.boxes]
+        if self.mask is not None:
+            out["mask"] = {"labels": self.mask.labels, "grid": list(self.mask.grid.shape)}
+        return out
+
+
+class Pipeline:
+    def __init__(self, bundle: Bundle, session: SessionConfig | None = None) -> None:
+        self.bundle = bundle
+        self.session_cfg = session or SessionConfig()
+        root = bundle.root
+        self.tokenizer = Tokenizer.from_file(str(root / bundle.manifest["tokenizer"]["file"]))
+        self.stop_ids = set(bundle.manifest["tokenizer"]["stop_token_ids"])
+        self.embed_tokens = bundle.array("embed_tokens")
+        self.image_newline = np.asarray(bundle.array("image_newline"))
+        text = bundle.model["text"]
+        self.layers, self.kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
+        self.head_dim = text["hidden_size"] // text["num_attention_heads"]
+        self._vision = None
+        self._decoders: dict[int, DecoderSession] = {}
+
+    @classmethod
+    def load(
+        cls, path: str | Path, device: str = "cpu", threads: int | None = None, verify: str = "sha256"
+    ) -> Pipeline:
+        return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads))
+
+    # -- pieces ------------------------------------------------------------------------------------
+
+    @property
+    def num_experts(self) -> int:
+        return len(self.bundle.graph("decoder")["experts"])
+
+    def decoder(self, expert: int) -> DecoderSession:
+        """The expert's decoder session, loaded on first use (a mission may need only one)."""
+        if expert not in self._decoders:
+            rel = self.bundle.graph("decoder")["experts"][str(expert)]["file"]
+            self._decoders[expert] = DecoderSession(self.bundle.path(rel), self.session_cfg, self.layers)
+        return self._decoders[expert]
+
+    def vision(self):
+        if self._vision is None:
+            self._vision = make_session(self.bundle.path(self.bundle.graph("vision")["file"]), self.session_cfg)
+        return self._vision
+
+    def choose_expert(self, prompt: str, expert: int | None = None) -> int:
+        if expert is not None:
+            if not 0 <= expert < self.num_experts:
+                raise OptionError(f"expert must be between 0 and {self.num_experts - 1}, got {expert}")
+            task_tag(prompt)
+            return expert
+        r = self.bundle.router
+        return route(prompt, r["table"], r["default"])
+
+    def pixel_values(self, image: Image.Image) -> np.ndarray:
+        pre = self.bundle.preprocess
+        if pre["kind"] == "square":
+            return preprocess_square(image, pre["image_size"])
+        return preprocess_anyres(image, pre["image_size"], pre["pinpoints"])
+
+    def image_tokens(self, image: Image.Image) -> np.ndarray:
+        """Visual tokens of one image, [N, H], exactly as the reference splices them."""
+        pre = self.bundle.preprocess
+        sess = self.vision()
+        inp = sess.get_inputs()[0]
+        feats = sess.run(None, {inp.name: self.pixel_values(image).astype(ORT_DTYPES[inp.type])})[0]
+        newline = self.image_newline.astype(feats.dtype)
+        if pre["kind"] == "square":
+            return merge_square(feats, newline)
+        return merge_anyres(feats, newline, image.size, pre["pinpoints"], pre["image_size"], pre["max_patches"])
+
+    def embed(self, ids: list[int], images: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
+        pieces: list[np.ndarray] = []
+        chunk: list[int] = []
+        it = iter(images)
+        for tok in ids:
+            if tok == IMAGE_TOKEN_INDEX:
+                if chunk:
+                    pieces.append(self.embed_tokens[chunk])
+                    chunk = []
+                pieces.append(next(it))
+            else:
+                chunk.append(tok)
+        if chunk:
+            pieces.append(self.embed_tokens[chunk])
+        return np.concatenate([p.astype(dtype, copy=False) for p in pieces])[None]
+
+    # -- the whole request ---------------------------------------------------------------------------
+
+    def generate(
+        self,
+        images: Sequence[ImageInput],
+        prompt: str,
+        max_new_tokens: int = 256,
+        sampling: Sampling | None = None,
+        expert: int | None = None,
+        on_token: Callable[[str], None] | None = None,
+        keep_logits: bool = False,
+        ignore_eos: bool = False,
+    ) -> Answer:
+        """Answer ``prompt`` about ``images`` (0, 1, or a before/after pair).
+
+        ``ignore_eos`` decodes the whole budget (benchmarks, parity runs); ``keep_logits`` keeps each
+        step's last-position logits on the answer.
+        """
+        if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
+            raise OptionError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
+        if not prompt.strip():
+            raise PromptError("the prompt is empty")
+        timings: dict[str, float] = {}
+        t0 = time.perf_counter()
+        tag = task_tag(prompt)
+        chosen = self.choose_expert(prompt, expert)
+        pil = [validate_image(im) if isinstance(im, Image.Image) else load_image(im) for im in images]
+        text = build_prompt(prompt, len(pil))
+        ids = tokenize(self.tokenizer, text)
+        t1 = time.perf_counter()
+        visual = [self.image_tokens(im) for im in pil]
+        t2 = time.perf_counter()
+        dec = self.decoder(chosen)
+        embeds = self.embed(ids, visual, dec.dtype)
+        cache = KVCache(self.layers, self.kv_heads, self.head_dim, embeds.shape[1] + max_new_tokens, dec.dtype)
+        sampler = Sampler(sampling or Sampling())
+        stream = DecodeStream(skip_special_tokens=True)
+        tokens: list[int] = []
+        seen: list[np.ndarray] = []
+        logits = dec.step(embeds, cache)
+        t3 = time.perf_counter()
+        stopped_by = "max_new_tokens"
+        while True:
+            if keep_logits:
+                seen.append(logits.copy())
+            tok = sampler(logits)
+            tokens.append(tok)
+            if tok in self.stop_ids and not ignore_eos:
+                stopped_by = "eos"
+                break
+            if on_token is not None:
+                piece = stream.step(self.tokenizer, tok)
+                if piece:
+                    on_token(piece)
+            if len(tokens) >= max_new_tokens:
+                break
+            logits = dec.step(self.embed_tokens[[tok]][None].astype(dec.dtype, copy=False), cache)
+        t4 = time.perf_counter()
+        answer_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        timings.update(
+            preprocess=(t1 - t0) * 1e3,
+            vision=(t2 - t1) * 1e3,
+            prefill=(t3 - t2) * 1e3,
+            decode=(t4 - t3) * 1e3,
+            total=(t4 - t0) * 1e3,
+        )
+        decode_steps = max(len(tokens) - 1, 0)
+        if decode_steps:
+            timings["decode_per_token"] = (t4 - t3) * 1e3 / decode_steps
+        ans = Answer(
+            text=answer_text,
+            tokens=tokens,
+            tag=tag,
+            expert=chosen,
+            image_sizes=[im.size for im in pil],
+            prompt_tokens=int(embeds.shape[1]),
+            stopped_by=stopped_by,
+            timings=timings,
+            step_logits=seen if keep_logits else None,
+        )
+        self._parse(ans, pil)
+        return ans
+
+    def _parse(self, ans: Answer, images: list[Image.Image]) -> None:
+        if ans.tag == "[VG]" and images:
+            ans.boxes = parse_boxes(ans.text, *images[0].size)
+        elif ans.tag == "[SEG]":
+            ans.mask = parse_rle_mask(ans.text)
