@@ -10,9 +10,7 @@ import contextlib
 import gc
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 import time
 from collections.abc import Callable, Iterator, Mapping
 from datetime import datetime, timezone
@@ -23,6 +21,7 @@ from typing import Any
 import numpy as np
 import onnx
 import torch
+from tokenizers import Tokenizer
 
 import rsedge
 from rsedge.errors import OptionError
@@ -31,6 +30,7 @@ from rsedge.export.onnx_builder import save_graph
 from rsedge.export.validate import checks_to_json, validate_bundle
 from rsedge.export.vision_graph import build_vision_graph
 from rsedge.export.weight_store import WeightStore
+from rsedge.fsutil import atomic_folder
 from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.weights import checkpoint_files, load_checkpoint_tensors
@@ -101,6 +101,47 @@ def parse_router(table: Mapping[str, int] | None, cfg: RSUniVLMConfig) -> dict[s
     return {k: int(v) for k, v in table.items()}
 
 
+def write_graphs(
+    tmp: Path, cfg: RSUniVLMConfig, weights: Mapping[str, np.ndarray], dtype: type, progress: Callable[[str], None]
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Vision graph, one decoder graph per expert, and the raw arrays the runtime reads (embedding, newline)."""
+    store = WeightStore(tmp)
+    progress("building vision graph")
+    vision = build_vision_graph(cfg, weights, store, dtype)
+    save_graph(vision, tmp / "vision.onnx")
+    graphs: dict[str, Any] = {"vision": {"file": "vision.onnx", **graph_io(vision)}}
+    experts: dict[str, Any] = {}
+    for e in range(cfg.text.num_experts):
+        progress(f"building decoder graph, expert {e}")
+        dec = build_decoder_graph(cfg, weights, e, store, dtype)
+        save_graph(dec, tmp / f"decoder_expert{e}.onnx")
+        experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
+    graphs["decoder"] = {
+        "experts": experts,
+        "kv_layout": "[batch, kv_heads, seq, head_dim]",
+        "logits": "last position only",
+    }
+    store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file="vision.bin")
+    arrays = {
+        "embed_tokens": store_embedding_table(cfg, weights, store, dtype)._asdict(),
+        "image_newline": store.record("model.image_newline", "vision.bin")._asdict(),
+    }
+    return graphs, arrays
+
+
+def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: RSUniVLMConfig) -> dict[str, Any]:
+    (tmp / "tokenizer").mkdir()
+    for name in TOKENIZER_FILES:
+        if (checkpoint / name).is_file():
+            shutil.copy2(checkpoint / name, tmp / "tokenizer" / name)
+    path = tmp / "tokenizer" / "tokenizer.json"
+    if not path.is_file():
+        raise OptionError(f"{checkpoint}: no tokenizer.json; the runtime needs it")
+    tok = Tokenizer.from_file(str(path))
+    stop = {cfg.eos_token_id, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} - {None}
+    return {"file": "tokenizer/tokenizer.json", "stop_token_ids": sorted(stop)}
+
+
 def export_bundle(
     checkpoint: str | Path,
     out: str | Path,
@@ -120,46 +161,8 @@ def export_bundle(
     table = parse_router(router, cfg)
     progress("reading checkpoint")
     tensors = load_checkpoint_tensors(checkpoint, cfg)
-    weights = NumpyView(tensors)
-    dtype = PRECISIONS[precision]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        store = WeightStore(tmp)
-        graphs: dict[str, Any] = {}
-        progress("building vision graph")
-        vision = build_vision_graph(cfg, weights, store, dtype)
-        save_graph(vision, tmp / "vision.onnx")
-        graphs["vision"] = {"file": "vision.onnx", **graph_io(vision)}
-        del vision
-        experts: dict[str, Any] = {}
-        for e in range(cfg.text.num_experts):
-            progress(f"building decoder graph, expert {e}")
-            dec = build_decoder_graph(cfg, weights, e, store, dtype)
-            save_graph(dec, tmp / f"decoder_expert{e}.onnx")
-            experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
-            del dec
-        graphs["decoder"] = {
-            "experts": experts,
-            "kv_layout": "[batch, kv_heads, seq, head_dim]",
-            "logits": "last position only",
-        }
-        store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file="vision.bin")
-        arrays = {
-            "embed_tokens": store_embedding_table(cfg, weights, store, dtype)._asdict(),
-            "image_newline": store.record("model.image_newline", "vision.bin")._asdict(),
-        }
-        (tmp / "tokenizer").mkdir()
-        for name in TOKENIZER_FILES:
-            if (checkpoint / name).is_file():
-                shutil.copy2(checkpoint / name, tmp / "tokenizer" / name)
-        if not (tmp / "tokenizer" / "tokenizer.json").is_file():
-            raise OptionError(f"{checkpoint}: no tokenizer.json; the runtime needs it")
-        stop_ids = [
-            i
-            for i in (cfg.eos_token_id, _token_id(tmp, "<|im_end|>"), _token_id(tmp, "<|endoftext|>"))
-            if i is not None
-        ]
+    with atomic_folder(out) as tmp:
+        graphs, arrays = write_graphs(tmp, cfg, NumpyView(tensors), PRECISIONS[precision], progress)
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -181,19 +184,17 @@ def export_bundle(
                 "image_placeholder": IMAGE_PLACEHOLDER,
                 "image_token_index": -200,
             },
-            "tokenizer": {"file": "tokenizer/tokenizer.json", "stop_token_ids": sorted(set(stop_ids))},
+            "tokenizer": copy_tokenizer(checkpoint, tmp, cfg),
             "arrays": arrays,
             "graphs": graphs,
             "tools": tool_versions(),
         }
-        del weights
         if validate:
             progress("validating against the PyTorch reference")
             model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
-            tensors.clear()
+            tensors.clear()  # the reference now holds the weights; do not keep a second copy
             gc.collect()
-            checks = validate_bundle(tmp, manifest, model, precision)
-            manifest["validation"] = checks_to_json(checks, precision)
+            manifest["validation"] = checks_to_json(validate_bundle(tmp, manifest, model, precision), precision)
             del model
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
         manifest["files"] = {
@@ -202,17 +203,7 @@ def export_bundle(
             if p.is_file()
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
-
-
-def _token_id(bundle_tmp: Path, token: str) -> int | None:
-    from tokenizers import Tokenizer
-
-    return Tokenizer.from_file(str(bundle_tmp / "tokenizer" / "tokenizer.json")).token_to_id(token)
 
 
 def _preprocess_spec(cfg: RSUniVLMConfig) -> dict[str, Any]:

@@ -36,8 +36,9 @@ def build_vision_graph(
     vc, H = cfg.vision, cfg.text.hidden_size
     if vc.hidden_act != "gelu_pytorch_tanh":
         raise OptionError(f"vision hidden_act {vc.hidden_act!r} is not supported (gelu_pytorch_tanh)")
-    if vc.image_size % vc.patch_size or vc.hidden_size % vc.num_attention_heads:
-        raise OptionError("image_size must be a multiple of patch_size, hidden_size of num_attention_heads")
+    # 384 px / 14 px patches leaves 6 px the stride-14 Conv never reads, as in SigLIP: 27 x 27 = 729 patches.
+    if vc.hidden_size % vc.num_attention_heads:
+        raise OptionError("vision hidden_size must be a multiple of num_attention_heads")
     b = GraphBuilder("rsunivlm_vision", store, dtype, VISION_BIN)
     S, T, D = vc.image_size, vc.num_patches, vc.hidden_size
     x = b.input(PIXEL_VALUES, b.elem_type, [NUM_IMAGES, vc.num_channels, S, S])

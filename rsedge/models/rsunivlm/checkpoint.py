@@ -7,9 +7,6 @@ Qwen2-0.5B with 24 layers x 3 experts, vocab 151,936), sharded like a hub checkp
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from rsedge.errors import OptionError
+from rsedge.fsutil import atomic_folder
 from rsedge.models.rsunivlm.config import KNOWN_VISION_TOWERS, MODEL_TYPE, RSUniVLMConfig
 from rsedge.models.rsunivlm.tokenizer_files import train_tokenizer, write_tokenizer_files
 from rsedge.models.rsunivlm.weights import expected_tensors
@@ -66,41 +64,62 @@ SIZES: dict[str, dict[str, Any]] = {
 TINY_ANYRES_PINPOINTS = [[64 * i, 64 * j] for i in range(1, 4) for j in range(1, 4)]
 
 
-def checkpoint_config(size: str, vocab_size: int, special: dict[str, int], aspect: str) -> dict[str, Any]:
-    spec = SIZES[size]
+def checkpoint_config_dict(
+    text: dict[str, int],
+    vision: dict[str, Any] | None,
+    tower: str,
+    vocab_size: int,
+    special: dict[str, int],
+    dtype: str = "float32",
+    aspect: str = "square",
+    pinpoints: list[list[int]] | None = None,
+) -> dict[str, Any]:
+    """config.json with the released fields; ``vision`` None means the tower is known by its hub id."""
     cfg: dict[str, Any] = {
         "architectures": ["LlavaQwenGMoeForCausalLM"],
         "model_type": MODEL_TYPE,
         "vocab_size": vocab_size,
-        **spec["text"],
+        **text,
         "max_position_embeddings": 32768,
-        "max_window_layers": spec["text"]["num_hidden_layers"],
+        "max_window_layers": text["num_hidden_layers"],
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
         "tie_word_embeddings": False,
         "use_sliding_window": False,
-        "torch_dtype": "bfloat16" if spec["dtype"] == torch.bfloat16 else "float32",
+        "torch_dtype": dtype,
         "bos_token_id": special["<|endoftext|>"],
         "eos_token_id": special["<|im_end|>"],
-        "mm_vision_tower": spec["tower"],
+        "mm_vision_tower": tower,
         "mm_projector_type": "mlp2x_gelu",
-        "mm_hidden_size": (spec["vision"] or KNOWN_VISION_TOWERS[spec["tower"]])["hidden_size"],
+        "mm_hidden_size": (vision or KNOWN_VISION_TOWERS[tower])["hidden_size"],
         "mm_patch_merge_type": "spatial_unpad",
         "mm_newline_position": "grid",
         "mm_vision_select_layer": -2,
         "mm_vision_select_feature": "patch",
         "mm_spatial_pool_mode": "bilinear",
         "image_aspect_ratio": aspect,
-        "image_grid_pinpoints": None,
+        "image_grid_pinpoints": pinpoints,
         "num_experts": 3,
     }
-    if spec["vision"] is not None:
-        cfg["vision_config"] = dict(spec["vision"])
-    if aspect != "square":
-        if size != "tiny":
-            raise OptionError("anyres checkpoints are made at size tiny only")
-        cfg["image_grid_pinpoints"] = TINY_ANYRES_PINPOINTS
+    if vision is not None:
+        cfg["vision_config"] = dict(vision)
     return cfg
+
+
+def checkpoint_config(size: str, vocab_size: int, special: dict[str, int], aspect: str) -> dict[str, Any]:
+    spec = SIZES[size]
+    if aspect != "square" and size != "tiny":
+        raise OptionError("anyres checkpoints are made at size tiny only")
+    return checkpoint_config_dict(
+        spec["text"],
+        spec["vision"],
+        spec["tower"],
+        vocab_size,
+        special,
+        dtype="bfloat16" if spec["dtype"] == torch.bfloat16 else "float32",
+        aspect=aspect,
+        pinpoints=TINY_ANYRES_PINPOINTS if aspect != "square" else None,
+    )
 
 
 def random_tensors(cfg: RSUniVLMConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -157,13 +176,9 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, aspect: 
     """Write a random-weight checkpoint to ``out`` (atomically: a temp folder moved into place)."""
     if size not in SIZES:
         raise OptionError(f"unknown checkpoint size {size!r}; choose from {', '.join(SIZES)}")
-    out = Path(out)
-    if out.exists():
-        raise OptionError(f"{out} already exists; choose a new folder")
     spec = SIZES[size]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    out = Path(out)
+    with atomic_folder(out) as tmp:
         tok = train_tokenizer(spec["tokenizer_vocab"])
         special = write_tokenizer_files(tok, tmp)
         vocab = spec.get("vocab_size", tok.get_vocab_size())
@@ -178,8 +193,4 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, aspect: 
         )
         cfg = RSUniVLMConfig.from_dict(cfg_dict)
         _save_sharded(random_tensors(cfg, seed, spec["dtype"]), tmp, spec["shard_bytes"])
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
