@@ -1,0 +1,214 @@
+"""Train the small RSUniVLM-architecture demo model on procedural scenes and the real samples.
+
+Each task is routed to its expert exactly as the static router does at inference, so every batch is
+built from one expert's tasks and runs with that expert active. Seeded end to end; the run records its
+data, steps, machine and metrics next to the checkpoint it writes (in the released layout).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import save_file
+
+from rsedge.fsutil import atomic_folder
+from rsedge.models.rsunivlm.checkpoint import checkpoint_config_dict
+from rsedge.models.rsunivlm.config import RSUniVLMConfig
+from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.models.rsunivlm.tokenizer_files import train_tokenizer, write_tokenizer_files
+from rsedge.models.rsunivlm.weights import expected_tensors
+from rsedge.synth.real import real_samples
+from rsedge.synth.tasks import TASKS, build_split, iter_samples, task_expert
+from rsedge.training.batches import embed_batch, make_batch
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    steps: int = 2000
+    batch_size: int = 24
+    lr: float = 1.5e-3
+    warmup: int = 100
+    weight_decay: float = 0.01
+    image_size: int = 128
+    patch_size: int = 16
+    vision: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": 192,
+            "intermediate_size": 384,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+        }
+    )
+    text: dict[str, int] = field(
+        default_factory=lambda: {
+            "hidden_size": 256,
+            "intermediate_size": 512,
+            "num_hidden_layers": 4,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+        }
+    )
+    tokenizer_vocab: int = 1024
+    real_fraction: float = 0.05  # share of batches drawn from the real training samples
+    eval_per_task: int = 100
+    threads: int = 2
+    time_limit_s: float | None = None  # stop early (recorded) if a machine is slower than planned
+
+
+def tokenizer_text(seed: int, n: int = 4000) -> list[str]:
+    """Prompt and answer text of the training split: what the tokenizer must cover compactly."""
+    lines = []
+    for s in build_split("train", n, seed=seed):
+        lines.extend([s.prompt, s.answer, *s.references])
+    lines.extend(x for s in real_samples("train") for x in [s.prompt, s.answer, *s.references])
+    return lines
+
+
+def model_config(cfg: TrainConfig, vocab: int, special: dict[str, int]) -> dict[str, Any]:
+    vision = {
+        **cfg.vision,
+        "patch_size": cfg.patch_size,
+        "image_size": cfg.image_size,
+        "layer_norm_eps": 1e-6,
+        "hidden_act": "gelu_pytorch_tanh",
+    }
+    return checkpoint_config_dict(
+        text=cfg.text,
+        vision=vision,
+        tower=f"rsedge/siglip-demo-patch{cfg.patch_size}-{cfg.image_size}",
+        vocab_size=vocab,
+        special=special,
+        dtype="bfloat16",
+    )
+
+
+def expert_batches(cfg: TrainConfig, tok, end_id: int) -> Iterator:
+    """Endless batches, each from the tasks of one expert; the expert mix follows the task mix."""
+    rng = random.Random(cfg.seed)
+    pools: dict[int, list] = {e: [] for e in range(3)}
+    real = real_samples("train")
+    stream = iter_samples("train", cfg.seed)
+    while True:
+        if real and rng.random() < cfg.real_fraction:
+            picks = [rng.choice(real) for _ in range(cfg.batch_size)]
+            expert = task_expert(picks[0].task)
+            picks = [p for p in picks if task_expert(p.task) == expert]
+            yield make_batch(picks, tok, cfg.image_size, expert, end_id)
+            continue
+        while True:
+            s = next(stream)
+            e = task_expert(s.task)
+            pools[e].append(s)
+            if len(pools[e]) == cfg.batch_size:
+                batch, pools[e] = pools[e], []
+                yield make_batch(batch, tok, cfg.image_size, e, end_id)
+                break
+
+
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    return cfg.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def save_checkpoint(model: RSUniVLMForCausalLM, config: dict[str, Any], tok, out: Path, record: dict) -> None:
+    """The released layout: config.json, model.safetensors (bf16, as released), tokenizer files."""
+    names = {spec.module: name for name, spec in expected_tensors(model.cfg).items()}
+    state = {names[k]: v.detach().to(torch.bfloat16).contiguous() for k, v in model.named_parameters()}
+    with atomic_folder(out) as tmp:
+        special = write_tokenizer_files(tok, tmp)
+        assert special["<|im_end|>"] == config["eos_token_id"]
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        (tmp / "generation_config.json").write_text(
+            json.dumps(
+                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False},
+                indent=2,
+            )
+            + "\n"
+        )
+        save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+
+
+def train(
+    cfg: TrainConfig,
+    out: Path,
+    log: Callable[[str], None] = print,
+    evaluate: Callable[[Path, TrainConfig], dict] | None = None,
+) -> dict:
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    torch.set_num_threads(cfg.threads)
+    t0 = time.time()
+    tok = train_tokenizer(cfg.tokenizer_vocab, tokenizer_text(cfg.seed))
+    special = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+    config = model_config(cfg, tok.get_vocab_size(), special)
+    model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(config))
+    model.lm.config._attn_implementation = "sdpa"  # training speed; eager is the reference at inference
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    batches = expert_batches(cfg, tok, special["<|im_end|>"])
+    history: list[dict[str, float]] = []
+    window: list[float] = []
+    steps_done = 0
+    for step in range(cfg.steps):
+        if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
+            log(f"time limit reached at step {step}")
+            break
+        batch = next(batches)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step, cfg)
+        for layer in model.lm.model.layers:
+            layer.mlp.active = batch.expert
+        embeds, mask, labels = embed_batch(model, batch)
+        out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        opt.zero_grad(set_to_none=True)
+        out_.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        window.append(float(out_.loss.detach()))
+        steps_done = step + 1
+        if steps_done % 50 == 0:
+            history.append({"step": steps_done, "loss": float(np.mean(window)), "elapsed_s": time.time() - t0})
+            log(f"step {steps_done:5d}  loss {np.mean(window):.4f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
+            window = []
+    model.eval()
+    model.lm.config._attn_implementation = "eager"
+    record = {
+        "train_config": asdict(cfg),
+        "steps_done": steps_done,
+        "samples_seen": steps_done * cfg.batch_size,
+        "train_seconds": round(time.time() - t0, 1),
+        "loss_history": history,
+        "data": {
+            "synthetic": "rsedge.synth.tasks.iter_samples('train', seed)",
+            "tasks": list(TASKS),
+            "real": "rsedge.synth.real.real_samples('train')",
+            "real_fraction": cfg.real_fraction,
+        },
+        "machine": {
+            "platform": platform.platform(),
+            "processor": platform.processor(),
+            "cpus": os.cpu_count(),
+            "torch": torch.__version__,
+            "threads": cfg.threads,
+        },
+    }
+    save_checkpoint(model, config, tok, out, record)
+    if evaluate is not None:
+        record["metrics"] = evaluate(out, cfg)
+        (out / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
+    return record

@@ -1,0 +1,42 @@
+#!/usr/bin/env python
+"""Train the built-in demo model (RSUniVLM architecture, small dimensions) and write it in the released layout.
+
+Long job for a person to run, not a test:
+    .venv/bin/python scripts/train_demo_model.py --out rsedge/data/models/rsunivlm-demo --steps 2000
+Seeded and reproducible: the same seed and steps give the same weights on the same machine and torch.
+It records data, steps, machine and the final metrics in training_record.json next to the weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from rsedge.training.evaluate import evaluate_checkpoint
+from rsedge.training.train import TrainConfig, train
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--steps", type=int, default=TrainConfig.steps)
+    ap.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    ap.add_argument("--lr", type=float, default=TrainConfig.lr)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--eval-per-task", type=int, default=TrainConfig.eval_per_task)
+    ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop training early, recorded")
+    args = ap.parse_args()
+    cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
+                      threads=args.threads, eval_per_task=args.eval_per_task, time_limit_s=args.time_limit)
+
+    def evaluate(ckpt: Path, c: TrainConfig) -> dict:
+        return evaluate_checkpoint(ckpt, per_task=c.eval_per_task, seed=c.seed, splits=("train", "test"))
+
+    record = train(cfg, args.out, log=lambda m: print(m, flush=True), evaluate=evaluate)
+    print(json.dumps(record["metrics"], indent=2))
+
+
+if __name__ == "__main__":
+    main()
