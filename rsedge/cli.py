@@ -52,12 +52,47 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
 @main.command("export")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="bundle folder to write")
-@click.option("--precision", type=click.Choice(["fp32", "fp16"]), default="fp32", show_default=True)
+@click.option(
+    "--precision",
+    type=click.Choice(["fp32", "fp16", "int8", "int4"]),
+    default="fp32",
+    show_default=True,
+    help="weight precision",
+)
+@click.option(
+    "--block-size",
+    type=click.Choice(["32", "64", "128"]),
+    default="128",
+    show_default=True,
+    help="INT4/INT8 block size (TensorRT takes 64 and 128)",
+)
+@click.option(
+    "--form",
+    type=click.Choice(["ort", "qdq"]),
+    default="ort",
+    show_default=True,
+    help="quantized graph form: MatMulNBits (onnxruntime) or blocked DequantizeLinear (TensorRT >= 10)",
+)
+@click.option(
+    "--compute",
+    type=click.Choice(["fp32", "fp16"]),
+    default=None,
+    help="activation dtype of quantized graphs (default fp32 for ort, fp16 for qdq)",
+)
 @click.option(
     "--router", "router_json", default=None, help='router table as JSON, e.g. \'{"[SEG]": 2, "[VG]": 1, "[REF]": 1}\''
 )
 @click.option("--no-validate", is_flag=True, help="skip the check against the PyTorch reference")
-def export_cmd(model: Path, out: Path, precision: str, router_json: str | None, no_validate: bool) -> None:
+def export_cmd(
+    model: Path,
+    out: Path,
+    precision: str,
+    block_size: str,
+    form: str,
+    compute: str | None,
+    router_json: str | None,
+    no_validate: bool,
+) -> None:
     """Export a checkpoint directory to a validated bundle."""
     from rsedge.export.bundle import export_bundle
 
@@ -72,19 +107,20 @@ def export_cmd(model: Path, out: Path, precision: str, router_json: str | None, 
         raise OptionError(f"{model}: no such checkpoint directory")
     from rich.console import Console
 
+    options = dict(
+        precision=precision,
+        router=router,
+        validate=not no_validate,
+        block_size=int(block_size),
+        form=form,
+        compute=compute,
+    )
     console = Console(stderr=True)
     if console.is_terminal:  # a spinner for people; logs and pipes get only the result and errors
         with console.status("exporting") as status:
-            manifest = export_bundle(
-                model,
-                out,
-                precision=precision,
-                router=router,
-                validate=not no_validate,
-                progress=lambda m: status.update(m),
-            )
+            manifest = export_bundle(model, out, progress=lambda m: status.update(m), **options)
     else:
-        manifest = export_bundle(model, out, precision=precision, router=router, validate=not no_validate)
+        manifest = export_bundle(model, out, **options)
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB, {precision}, {manifest['export_seconds']} s)")
     for c in manifest.get("validation", {}).get("graphs", []):
@@ -179,6 +215,73 @@ def bench_decode_cmd(
     click.echo(text)
     if json_out is not None:
         json_out.write_text(text + "\n")
+
+
+@main.command("parity")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--reference", type=click.Path(path_type=Path), required=True, help="the checkpoint they came from")
+@click.option(
+    "--data",
+    default="synthetic-test,real-test",
+    show_default=True,
+    help="synthetic-test and/or real-test, comma-separated",
+)
+@click.option("--per-task", type=click.IntRange(1, 10000), default=25, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
+@click.option("--report", "html_out", type=click.Path(path_type=Path), default=None, help="HTML report to write")
+def parity_cmd(
+    bundles: tuple[Path, ...],
+    reference: Path,
+    data: str,
+    per_task: int,
+    seed: int,
+    threads: int | None,
+    json_out: Path | None,
+    html_out: Path | None,
+) -> None:
+    """Bundles against the FP32 reference: fidelity, task metrics, size, latency, memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rsedge.parity.html import headline_metrics, render
+    from rsedge.parity.report import parity_report
+
+    console = Console(stderr=True)
+    res = parity_report(
+        list(bundles),
+        reference,
+        data=data,
+        per_task=per_task,
+        seed=seed,
+        threads=threads,
+        log=lambda m: console.print(m),
+    )
+    names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
+    table = Table(title=f"parity: {res['samples']} samples ({data})")
+    for col in ("bundle", *names, "cos", "agree", "decoder MB", "ms/tok"):
+        table.add_column(col)
+    for r in res["rows"]:
+        hm = headline_metrics(r)
+        tail = (
+            (
+                f"{r['logits_cosine']:.4f}",
+                f"{r['greedy_token_agreement']:.3f}",
+                f"{r['size']['decoder_mb']:.1f}",
+                f"{r['decode_ms_per_token_median'] or 0:.2f}",
+            )
+            if "size" in r
+            else ("", "", "", f"{r['decode_ms_per_token']:.2f}")
+        )
+        table.add_row(r["precision"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)
+    console.print(table)
+    text = json.dumps(res, indent=2, default=float)
+    click.echo(text)
+    if json_out is not None:
+        json_out.write_text(text + "\n")
+    if html_out is not None:
+        html_out.write_text(render(res))
 
 
 @main.command("demo")

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import dataclass
 from importlib.resources import files
 from pathlib import Path
 
 SAMPLES = Path(str(files("rsedge") / "data" / "samples"))
+BUILTIN_MODEL = Path(str(files("rsedge") / "data" / "models" / "rsunivlm-demo"))
 
 
 @dataclass(frozen=True)
@@ -18,12 +20,12 @@ class DemoTask:
 
 
 DEMO_TASKS: tuple[DemoTask, ...] = (
-    DemoTask("grounding", ("dior_05863.png",), "[VG] Where is the windmill?"),
+    DemoTask("grounding", ("dior_05863.png",), "[VG] Where is the building?"),
     DemoTask("referring", ("dior_05863.png",), "[REF] what is [80, 25, 99, 33]?"),
     DemoTask("classification", ("aid_storagetanks_207.jpg",), "[CLS] What is the category of this image?"),
     DemoTask("caption", ("aid_storagetanks_207.jpg",), "[CAP] Describe this image briefly."),
-    DemoTask("vqa", ("dota_P0075.png",), "[VQA] Is there a roundabout in the image?"),
-    DemoTask("segmentation", ("dota_P0075.png",), "[SEG] roundabout."),
+    DemoTask("vqa", ("dota_P0075.png",), "[VQA] Is there water?"),
+    DemoTask("segmentation", ("dota_P0075.png",), "[SEG] vegetation."),
     DemoTask(
         "change caption",
         ("levircc_test_000289_A.png", "levircc_test_000289_B.png"),
@@ -38,7 +40,13 @@ DEMO_TASKS: tuple[DemoTask, ...] = (
 
 
 def default_model(workdir: Path) -> Path:
-    """The built-in model: a random-weight tiny checkpoint until the trained demo model ships."""
+    """The built-in model: the trained demo checkpoint shipped in the package.
+
+    A source tree without it (a fresh training run deleted it) falls back to a random-weight tiny checkpoint,
+    so the pipeline still runs; its answers are then noise.
+    """
+    if (BUILTIN_MODEL / "config.json").is_file():
+        return BUILTIN_MODEL
     from rsedge.models.rsunivlm.checkpoint import make_checkpoint
 
     ckpt = workdir / "checkpoint"
@@ -51,7 +59,8 @@ def run_demo(workdir: Path, model: Path | None, precision: str, max_new_tokens: 
     from rich.console import Console
     from rich.table import Table
 
-    from rsedge.export.bundle import export_bundle
+    from rsedge.export.bundle import checkpoint_hash, export_bundle
+    from rsedge.runtime.bundle import Bundle
     from rsedge.runtime.overlay import write_overlay
     from rsedge.runtime.pipeline import Pipeline
 
@@ -59,7 +68,9 @@ def run_demo(workdir: Path, model: Path | None, precision: str, max_new_tokens: 
     workdir.mkdir(parents=True, exist_ok=True)
     ckpt = model if model is not None else default_model(workdir)
     bundle = workdir / f"bundle-{precision}"
-    if not (bundle / "manifest.json").is_file():
+    if bundle.is_dir() and Bundle.open(bundle, verify="size").manifest["source"]["sha256"] != checkpoint_hash(ckpt):
+        shutil.rmtree(bundle)  # exported from another checkpoint: export again
+    if not bundle.is_dir():
         with console.status(f"exporting {ckpt} ({precision})"):
             export_bundle(ckpt, bundle, precision=precision)
     pipe = Pipeline.load(bundle)

@@ -31,7 +31,7 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
 
     pipe = Pipeline.load(bundle, threads=threads, verify="size")
     dec = pipe.decoder(expert)
-    embeds = pipe.embed_tokens[prompt_ids][None].astype(dec.dtype)
+    embeds = pipe.embed_rows(prompt_ids)[None].astype(dec.dtype)
     cache = KVCache(pipe.layers, pipe.kv_heads, pipe.head_dim, embeds.shape[1] + steps + 1, dec.dtype)
     t0 = time.perf_counter()
     logits = dec.step(embeds, cache)
@@ -40,7 +40,7 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
     for _ in range(steps):
         tok = int(np.argmax(logits))
         t = time.perf_counter()
-        logits = dec.step(pipe.embed_tokens[[tok]][None].astype(dec.dtype), cache)
+        logits = dec.step(pipe.embed_rows([tok])[None].astype(dec.dtype), cache)
         times.append(time.perf_counter() - t)
     return _summary("rsedge runtime (onnxruntime)", prefill, times)
 

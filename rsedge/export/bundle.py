@@ -25,19 +25,21 @@ from tokenizers import Tokenizer
 
 import rsedge
 from rsedge.errors import OptionError
-from rsedge.export.decoder_graph import build_decoder_graph, store_embedding_table
-from rsedge.export.onnx_builder import save_graph
-from rsedge.export.validate import checks_to_json, validate_bundle
+from rsedge.export.decoder_graph import DECODER_SHARED_BIN, EMBED_TOKENS, build_decoder_graph, store_embedding_table
+from rsedge.export.onnx_builder import OPSET, save_graph
+from rsedge.export.validate import apply_fake_quant, checks_to_json, validate_bundle
 from rsedge.export.vision_graph import build_vision_graph
 from rsedge.export.weight_store import WeightStore
 from rsedge.fsutil import atomic_folder
 from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.weights import checkpoint_files, load_checkpoint_tensors
+from rsedge.quantize.recipes import Recipe, make_recipe
 from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
 
-PRECISIONS = {"fp32": np.float32, "fp16": np.float16}
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+GRAPH_DTYPES = {"fp32": np.float32, "fp16": np.float16}
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -101,9 +103,22 @@ def parse_router(table: Mapping[str, int] | None, cfg: RSUniVLMConfig) -> dict[s
     return {k: int(v) for k, v in table.items()}
 
 
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric INT8 of an embedding table: the runtime dequantizes only the rows it looks up."""
+    scales = np.abs(table).max(axis=1) / 127.0
+    scales[scales == 0] = 1.0
+    q = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales.astype(np.float32)
+
+
 def write_graphs(
-    tmp: Path, cfg: RSUniVLMConfig, weights: Mapping[str, np.ndarray], dtype: type, progress: Callable[[str], None]
-) -> tuple[dict[str, Any], dict[str, Any]]:
+    tmp: Path,
+    cfg: RSUniVLMConfig,
+    weights: Mapping[str, np.ndarray],
+    dtype: type,
+    recipe: Recipe | None,
+    progress: Callable[[str], None],
+) -> tuple[dict[str, Any], dict[str, Any], WeightStore]:
     """Vision graph, one decoder graph per expert, and the raw arrays the runtime reads (embedding, newline)."""
     store = WeightStore(tmp)
     progress("building vision graph")
@@ -111,9 +126,11 @@ def write_graphs(
     save_graph(vision, tmp / "vision.onnx")
     graphs: dict[str, Any] = {"vision": {"file": "vision.onnx", **graph_io(vision)}}
     experts: dict[str, Any] = {}
+    weight_quant = recipe.weight_quant if recipe is not None else None
     for e in range(cfg.text.num_experts):
         progress(f"building decoder graph, expert {e}")
-        dec = build_decoder_graph(cfg, weights, e, store, dtype)
+        opset = recipe.opset if recipe is not None else OPSET
+        dec = build_decoder_graph(cfg, weights, e, store, dtype, weight_quant=weight_quant, opset=opset)
         save_graph(dec, tmp / f"decoder_expert{e}.onnx")
         experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
     graphs["decoder"] = {
@@ -122,11 +139,17 @@ def write_graphs(
         "logits": "last position only",
     }
     store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file="vision.bin")
-    arrays = {
-        "embed_tokens": store_embedding_table(cfg, weights, store, dtype)._asdict(),
-        "image_newline": store.record("model.image_newline", "vision.bin")._asdict(),
-    }
-    return graphs, arrays
+    arrays = {"image_newline": store.record("model.image_newline", "vision.bin")._asdict()}
+    if recipe is not None and recipe.embeddings == "int8-rows":
+        q, scales = quantize_rows(weights[EMBED_TOKENS])
+        store.cache[("embed_rows",)] = (q, scales)
+        store.tensor(f"{EMBED_TOKENS}.int8", q, file=DECODER_SHARED_BIN)
+        store.tensor(f"{EMBED_TOKENS}.scales", scales, file=DECODER_SHARED_BIN)
+        arrays["embed_tokens"] = store.record(f"{EMBED_TOKENS}.int8", DECODER_SHARED_BIN)._asdict()
+        arrays["embed_scales"] = store.record(f"{EMBED_TOKENS}.scales", DECODER_SHARED_BIN)._asdict()
+    else:
+        arrays["embed_tokens"] = store_embedding_table(cfg, weights, store, dtype)._asdict()
+    return graphs, arrays, store
 
 
 def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: RSUniVLMConfig) -> dict[str, Any]:
@@ -149,10 +172,22 @@ def export_bundle(
     router: Mapping[str, int] | None = None,
     validate: bool = True,
     progress: Callable[[str], None] = lambda msg: None,
+    block_size: int = 128,
+    form: str = "ort",
+    compute: str | None = None,
 ) -> dict[str, Any]:
-    """Export a checkpoint to a bundle folder; returns the manifest."""
+    """Export a checkpoint to a bundle folder; returns the manifest.
+
+    ``precision`` is the weights' (fp32, fp16, int8, int4); ``compute`` the graph's activation dtype (fp32 or
+    fp16; quantized bundles default to fp32 for the onnxruntime form, fp16 for the TensorRT qdq form).
+    ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
+    """
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
+    recipe = make_recipe(precision, block_size=block_size, form=form)
+    compute = compute or (precision if recipe is None else ("fp16" if form == "qdq" else "fp32"))
+    if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):
+        raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise OptionError(f"{out} already exists; remove it or choose another output folder")
@@ -162,13 +197,15 @@ def export_bundle(
     progress("reading checkpoint")
     tensors = load_checkpoint_tensors(checkpoint, cfg)
     with atomic_folder(out) as tmp:
-        graphs, arrays = write_graphs(tmp, cfg, NumpyView(tensors), PRECISIONS[precision], progress)
+        graphs, arrays, store = write_graphs(tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], recipe, progress)
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "architecture": "rsunivlm",
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "precision": precision,
+            "compute_dtype": compute,
+            "quantization": recipe.to_json() if recipe is not None else None,
             "source": {"checkpoint": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint)},
             "model": cfg.to_manifest(),
             "router": {
@@ -194,6 +231,8 @@ def export_bundle(
             model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
             tensors.clear()  # the reference now holds the weights; do not keep a second copy
             gc.collect()
+            if recipe is not None:  # check the graphs compute what their quantized weights define
+                apply_fake_quant(model, store.cache)
             manifest["validation"] = checks_to_json(validate_bundle(tmp, manifest, model, precision), precision)
             del model
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)

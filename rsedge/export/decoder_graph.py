@@ -20,7 +20,7 @@ RMSNorm, RoPE and the softmax run in float32 in a float16 graph, as Qwen2 does (
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import asdict
 
 import numpy as np
@@ -28,9 +28,10 @@ import onnx
 from onnx import TensorProto
 
 from rsedge.errors import OptionError
-from rsedge.export.onnx_builder import GraphBuilder, get_weight
+from rsedge.export.onnx_builder import OPSET, GraphBuilder, get_weight
 from rsedge.export.weight_store import WeightRecord, WeightStore
 from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
+from rsedge.quantize.blockwise import WeightQuantConfig
 
 DECODER_SHARED_BIN = "decoder_shared.bin"
 EMBED_TOKENS = "model.embed_tokens.weight"
@@ -90,14 +91,19 @@ def build_decoder_graph(
     expert: int,
     store: WeightStore,
     dtype: str = "float32",
+    weight_quant: Callable[[str], WeightQuantConfig | None] | None = None,
+    opset: int = OPSET,
 ) -> onnx.ModelProto:
-    """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``."""
+    """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``.
+
+    ``weight_quant`` maps a weight name to its quantization (None: keep it in the model dtype).
+    """
     text = _text(cfg)
     if not 0 <= expert < text.num_experts:
         raise OptionError(f"expert {expert} is out of range 0..{text.num_experts - 1}")
     if text.num_attention_heads % text.num_key_value_heads:
         raise OptionError("num_attention_heads must be a multiple of num_key_value_heads")
-    b = GraphBuilder(f"rsunivlm_decoder_expert{expert}", store, dtype, DECODER_SHARED_BIN)
+    b = GraphBuilder(f"rsunivlm_decoder_expert{expert}", store, dtype, DECODER_SHARED_BIN, weight_quant, opset)
     H, kv, hd, L = text.hidden_size, text.num_key_value_heads, text.head_dim, text.num_hidden_layers
 
     x = b.input(INPUTS_EMBEDS, b.elem_type, [BATCH, SEQ, H])
@@ -213,7 +219,7 @@ def _rms_norm(b: GraphBuilder, x: str, wname: str, weights: Mapping[str, np.ndar
     w = b.weight(wname, get_weight(weights, wname, (text.hidden_size,)))
     xf = b.to_float(x)
     sq = b.op("Pow", [xf, b.scalar(2.0, "two_f32", np.float32)], out="squared")
-    var = b.op("ReduceMean", [sq], out="variance", axes=[-1], keepdims=1)
+    var = b.reduce_mean(sq, [-1], out="variance")
     var = b.op("Add", [var, b.scalar(text.rms_norm_eps, "rms_norm_eps", np.float32)], out="variance_eps")
     rms = b.op("Sqrt", [var], out="rms")
     normed = b.to_model(b.op("Div", [xf, rms], out="normalized"))
@@ -246,7 +252,7 @@ def _attention(
         return np.concatenate(bs)
 
     with b.scope("qkv_proj"):
-        qkv = b.op("MatMul", [x, b.weight(f"{pre}.qkv_proj.weight_t", qkv_weight)], out="qkv_nobias")
+        qkv = b.linear(x, f"{pre}.qkv_proj.weight_t", qkv_weight, out="qkv_nobias")
         qkv = b.op("Add", [qkv, b.weight(f"{pre}.qkv_proj.bias", qkv_bias)], out="qkv")
     splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
     q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
@@ -284,7 +290,7 @@ def _attention(
 
     with b.scope("o_proj"):
         wo = lambda: get_weight(weights, f"{pre}.o_proj.weight", (H, nh * hd)).T  # noqa: E731
-        out = b.op("MatMul", [ctx, b.weight(f"{pre}.o_proj.weight_t", wo)], out="output")
+        out = b.linear(ctx, f"{pre}.o_proj.weight_t", wo, out="output")
     return out, (present_k, present_v)
 
 
@@ -313,14 +319,14 @@ def _mlp(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextC
         return np.concatenate([g.T, u.T], axis=1)
 
     with b.scope("gate_up_proj"):
-        gu = b.op("MatMul", [x, b.weight(f"{pre}.gate_up_proj.weight_t", gate_up, file=file)], out="gate_up")
+        gu = b.linear(x, f"{pre}.gate_up_proj.weight_t", gate_up, file=file, out="gate_up")
     gate, up = b.op("Split", [gu, b.ints([inter, inter], "gate_up_split")], out=["gate", "up"], n_out=2, axis=-1)
     sig = b.op("Sigmoid", [gate], name="act/Sigmoid", out="gate_sigmoid")
     act = b.op("Mul", [gate, sig], name="act/Mul", out="gate_act")
     h = b.op("Mul", [act, up], name="Mul_up", out="gated")
     with b.scope("down_proj"):
         wd = lambda: get_weight(weights, f"{pre}.down_proj.weight", (H, inter)).T  # noqa: E731
-        return b.op("MatMul", [h, b.weight(f"{pre}.down_proj.weight_t", wd, file=file)], out="output")
+        return b.linear(h, f"{pre}.down_proj.weight_t", wd, file=file, out="output")
 
 
 #   hidden [B,S,H] --Slice last position--Squeeze--> [B,H] --RMSNorm--Gemm(W [V,H], transB=1)-->
@@ -338,7 +344,11 @@ def _lm_head(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: T
     with b.scope("norm"):
         h = _rms_norm(b, last, "model.norm.weight", weights, text)
     wname = EMBED_TOKENS if text.tie_word_embeddings else "lm_head.weight"
-    w = b.weight(wname, get_weight(weights, wname, (V, H)))
     with b.scope("lm_head"):
-        logits = b.op("Gemm", [h, w], out="logits_model", transB=1)
+        if b.weight_quant is not None and b.weight_quant(f"{wname}.t") is not None:
+            # Quantized lm_head: its own codes; the embedding table itself stays in the model dtype.
+            logits = b.linear(h, f"{wname}.t", lambda: get_weight(weights, wname, (V, H)).T, out="logits_model")
+        else:
+            w = b.weight(wname, get_weight(weights, wname, (V, H)))
+            logits = b.op("Gemm", [h, w], out="logits_model", transB=1)
     return b.to_float(logits, name="lm_head/Cast_logits")

@@ -8,7 +8,7 @@ axes, scalars) are embedded in the ``.onnx`` itself.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -18,9 +18,18 @@ from onnx import TensorProto, helper
 
 from rsedge.errors import CheckpointError, OptionError
 from rsedge.export.weight_store import ArrayOrFactory, WeightStore
+from rsedge.quantize.blockwise import (
+    BlockQuantized,
+    WeightQuantConfig,
+    matmulnbits_tensors,
+    qdq_tensors,
+    quantize_blockwise,
+)
 
 OPSET = 17
 IR_VERSION = 8  # the IR of opset 17 (onnx 1.12); TensorRT 8.5's parser reads no newer
+QDQ_OPSET = 21  # blocked DequantizeLinear and INT4 (TensorRT >= 10 only)
+QDQ_IR_VERSION = 10
 PRODUCER = "rsedge"
 DTYPES = ("float32", "float16")
 
@@ -55,8 +64,19 @@ class GraphBuilder:
     the Casts a float16 graph needs around its float32 islands and are no-ops in a float32 graph.
     """
 
-    def __init__(self, name: str, store: WeightStore, dtype: str | np.dtype, weight_file: str) -> None:
+    def __init__(
+        self,
+        name: str,
+        store: WeightStore,
+        dtype: str | np.dtype,
+        weight_file: str,
+        weight_quant: Callable[[str], WeightQuantConfig | None] | None = None,
+        opset: int = OPSET,
+    ) -> None:
         self.name = name
+        self.opset = opset
+        self.weight_quant = weight_quant  # per weight name: None keeps it in the model dtype
+        self._qdq = False
         self.store = store
         self.dtype = model_dtype(dtype)
         self.elem_type = helper.np_dtype_to_tensor_dtype(self.dtype)
@@ -121,6 +141,12 @@ class GraphBuilder:
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
+    def reduce_mean(self, x: str, axes: Sequence[int], *, out: str | None = None) -> str:
+        """ReduceMean keeping dims; its axes moved from attribute to input in opset 18."""
+        if self.opset >= 18:
+            return self.op("ReduceMean", [x, self.ints(list(axes), "reduce_axes")], out=out, keepdims=1)
+        return self.op("ReduceMean", [x], out=out, axes=list(axes), keepdims=1)
+
     def cast(self, x: str, to: np.dtype | type, *, name: str = "Cast", out: str | None = None) -> str:
         elem = helper.np_dtype_to_tensor_dtype(np.dtype(to))
         return self.op("Cast", [x], name=name, out=out, to=elem)
@@ -146,6 +172,61 @@ class GraphBuilder:
                 raise ValueError(f"{name!r} is already stored as another dtype than {self.dtype.name}")
             self._weights[name] = proto
         return name
+
+    #   ort:  x --MatMulNBits(codes [N,blocks,blob], scales)--> y
+    #   qdq:  codes [K,N] int4/int8 --DequantizeLinear(scales [blocks,N], axis 0)--> W --MatMul(x, W)--> y
+    def linear(
+        self, x: str, name: str, weight_kn: ArrayOrFactory, *, file: str | None = None, out: str | None = None
+    ) -> str:
+        """``x @ W`` for a [in, out] weight: MatMul, or the quantized form the builder was given."""
+        q = self.weight_quant(name) if self.weight_quant is not None else None
+        if q is None:
+            return self.op("MatMul", [x, self.weight(name, weight_kn, file=file)], out=out)
+        file = file or self.weight_file
+        bq = self._quantized(name, weight_kn, q)
+        if q.form == "ort":
+            tensors = matmulnbits_tensors(bq)
+            ins = [x, self.weight(f"{name}.q{q.bits}", tensors["B"], file=file, cast=False)]
+            ins.append(self.weight(f"{name}.scales", tensors["scales"], file=file))
+            if "zero_points" in tensors:
+                ins.append(self.weight(f"{name}.zero_points", tensors["zero_points"], file=file, cast=False))
+            return self.op(
+                "MatMulNBits",
+                ins,
+                out=out,
+                domain="com.microsoft",
+                K=bq.k,
+                N=bq.n,
+                bits=q.bits,
+                block_size=q.block_size,
+                accuracy_level=q.accuracy_level,
+            )
+        self._qdq = True
+        raw, shape, scales = qdq_tensors(bq)
+        codes = f"{name}.q{q.bits}"
+        if codes not in self._weights:
+            if q.bits == 4:
+                self._weights[codes] = self.store.int4_tensor(codes, lambda: raw, shape, file)
+            else:
+                arr = np.frombuffer(raw, dtype=np.int8).reshape(shape)
+                self._weights[codes] = self.store.tensor(codes, arr, file)
+        w = self.op(
+            "DequantizeLinear",
+            [codes, self.weight(f"{name}.scales", scales, file=file)],
+            name="DequantizeLinear",
+            out=f"{name}_dequantized",
+            axis=0,
+            block_size=q.block_size,
+        )
+        return self.op("MatMul", [x, w], out=out)
+
+    def _quantized(self, name: str, weight_kn: ArrayOrFactory, q: WeightQuantConfig) -> BlockQuantized:
+        """Quantize once per bundle: three expert graphs share their attention and lm_head codes."""
+        key = ("blockwise", name, q.bits, q.block_size, q.symmetric)
+        if key not in self.store.cache:
+            w = np.asarray(weight_kn() if callable(weight_kn) else weight_kn, dtype=np.float32)
+            self.store.cache[key] = quantize_blockwise(w, q.bits, q.block_size, q.symmetric)
+        return self.store.cache[key]
 
     def const(self, value: object, dtype: np.dtype | type, hint: str) -> str:
         """A small constant embedded in the graph, shared by every use of the same (hint, value)."""
@@ -198,13 +279,13 @@ class GraphBuilder:
             initializer=[*self._weights.values(), *self._inline],
             doc_string=doc_string,
         )
-        model = helper.make_model(
-            graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
-            producer_name=PRODUCER,
-            doc_string=doc_string,
-        )
-        model.ir_version = IR_VERSION
+        if self._qdq and self.opset < QDQ_OPSET:
+            raise ValueError(f"blocked DequantizeLinear needs opset {QDQ_OPSET}; the builder was made for {self.opset}")
+        opsets = [helper.make_opsetid("", self.opset)]
+        if any(n.domain == "com.microsoft" for n in self.nodes):
+            opsets.append(helper.make_opsetid("com.microsoft", 1))
+        model = helper.make_model(graph, opset_imports=opsets, producer_name=PRODUCER, doc_string=doc_string)
+        model.ir_version = QDQ_IR_VERSION if self.opset >= QDQ_OPSET else IR_VERSION
         helper.set_model_props(model, {k: str(v) for k, v in metadata.items()})
         return model
 

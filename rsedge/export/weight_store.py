@@ -14,7 +14,7 @@ from typing import NamedTuple
 
 import numpy as np
 import onnx
-from onnx import helper
+from onnx import TensorProto, helper
 
 PAGE_ALIGN = 4096
 SMALL_ALIGN = 64
@@ -29,11 +29,8 @@ class WeightRecord(NamedTuple):
     file: str
     offset: int
     shape: tuple[int, ...]
-    dtype: str
-
-    @property
-    def nbytes(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64)) * np.dtype(self.dtype).itemsize
+    dtype: str  # numpy name, or "int4" for packed nibbles (two per byte)
+    nbytes: int
 
 
 class WeightStore:
@@ -44,6 +41,7 @@ class WeightStore:
         self.folder.mkdir(parents=True, exist_ok=True)
         self._records: dict[tuple[str, str], WeightRecord] = {}
         self._sizes: dict[str, int] = {}
+        self.cache: dict[tuple, object] = {}  # derived tensors (quantized codes) shared by several graphs
 
     def __contains__(self, key: tuple[str, str]) -> bool:
         """``(file, name) in store``."""
@@ -59,7 +57,7 @@ class WeightStore:
         rec = self._records.get(key)
         if rec is None:
             arr = np.ascontiguousarray(array() if callable(array) else array)
-            rec = self._append(file, arr)
+            rec = self._append(file, arr.tobytes(), tuple(int(d) for d in arr.shape), arr.dtype.name)
             self._records[key] = rec
         elif not callable(array) and (tuple(array.shape) != rec.shape or array.dtype.name != rec.dtype):
             raise ValueError(
@@ -67,6 +65,15 @@ class WeightStore:
                 f"not {array.dtype.name}{list(array.shape)}"
             )
         return self._proto(name, rec)
+
+    def int4_tensor(
+        self, name: str, packed: Callable[[], bytes], shape: tuple[int, ...], file: str
+    ) -> onnx.TensorProto:
+        """An INT4 initializer from packed nibbles (numpy has no int4 dtype)."""
+        key = (file, name)
+        if key not in self._records:
+            self._records[key] = self._append(file, packed(), tuple(shape), "int4")
+        return self._proto(name, self._records[key])
 
     def record(self, name: str, file: str | None = None) -> WeightRecord:
         """The (file, offset, shape, dtype) of a stored tensor; name ``file`` when the name is in several."""
@@ -90,7 +97,7 @@ class WeightStore:
         """Bytes written to each file so far."""
         return dict(self._sizes)
 
-    def _append(self, file: str, arr: np.ndarray) -> WeightRecord:
+    def _append(self, file: str, raw: bytes, shape: tuple[int, ...], dtype: str) -> WeightRecord:
         if Path(file).name != file or not file:
             raise ValueError(f"weight file name {file!r} must be a plain file name inside the store folder")
         path = self.folder / file
@@ -99,21 +106,21 @@ class WeightStore:
                 raise FileExistsError(f"{path} already exists; a WeightStore writes into fresh files only")
             self._sizes[file] = 0
         size = self._sizes[file]
-        align = PAGE_ALIGN if arr.nbytes >= PAGE_ALIGN_MIN_BYTES else SMALL_ALIGN
+        align = PAGE_ALIGN if len(raw) >= PAGE_ALIGN_MIN_BYTES else SMALL_ALIGN
         offset = -(-size // align) * align
         with open(path, "ab") as f:
             if offset > size:
                 f.write(b"\0" * (offset - size))
-            f.write(arr.tobytes())
-        self._sizes[file] = offset + arr.nbytes
-        return WeightRecord(file, offset, tuple(int(d) for d in arr.shape), arr.dtype.name)
+            f.write(raw)
+        self._sizes[file] = offset + len(raw)
+        return WeightRecord(file, offset, shape, dtype, len(raw))
 
     @staticmethod
     def _proto(name: str, rec: WeightRecord) -> onnx.TensorProto:
         t = onnx.TensorProto()
         t.name = name
         t.dims.extend(rec.shape)
-        t.data_type = helper.np_dtype_to_tensor_dtype(np.dtype(rec.dtype))
+        t.data_type = TensorProto.INT4 if rec.dtype == "int4" else helper.np_dtype_to_tensor_dtype(np.dtype(rec.dtype))
         t.data_location = onnx.TensorProto.EXTERNAL
         for key, value in (("location", rec.file), ("offset", rec.offset), ("length", rec.nbytes)):
             entry = t.external_data.add()

@@ -72,6 +72,8 @@ class Pipeline:
         self.tokenizer = Tokenizer.from_file(str(root / bundle.manifest["tokenizer"]["file"]))
         self.stop_ids = set(bundle.manifest["tokenizer"]["stop_token_ids"])
         self.embed_tokens = bundle.array("embed_tokens")
+        # Quantized bundles keep the table as per-row INT8; only looked-up rows are dequantized.
+        self.embed_scales = bundle.array("embed_scales") if "embed_scales" in bundle.manifest["arrays"] else None
         self.image_newline = np.asarray(bundle.array("image_newline"))
         text = bundle.model["text"]
         self.layers, self.kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
@@ -129,6 +131,13 @@ class Pipeline:
             return merge_square(feats, newline)
         return merge_anyres(feats, newline, image.size, pre["pinpoints"], pre["image_size"], pre["max_patches"])
 
+    def embed_rows(self, ids: list[int] | np.ndarray) -> np.ndarray:
+        """Embedding rows [len(ids), H] of token ids."""
+        rows = self.embed_tokens[ids]
+        if self.embed_scales is not None:
+            rows = rows.astype(np.float32) * self.embed_scales[ids][:, None]
+        return rows
+
     def embed(self, ids: list[int], images: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
         pieces: list[np.ndarray] = []
         chunk: list[int] = []
@@ -136,13 +145,13 @@ class Pipeline:
         for tok in ids:
             if tok == IMAGE_TOKEN_INDEX:
                 if chunk:
-                    pieces.append(self.embed_tokens[chunk])
+                    pieces.append(self.embed_rows(chunk))
                     chunk = []
                 pieces.append(next(it))
             else:
                 chunk.append(tok)
         if chunk:
-            pieces.append(self.embed_tokens[chunk])
+            pieces.append(self.embed_rows(chunk))
         return np.concatenate([p.astype(dtype, copy=False) for p in pieces])[None]
 
     # -- the whole request ---------------------------------------------------------------------------
@@ -201,7 +210,7 @@ class Pipeline:
                     on_token(piece)
             if len(tokens) >= max_new_tokens:
                 break
-            logits = dec.step(self.embed_tokens[[tok]][None].astype(dec.dtype, copy=False), cache)
+            logits = dec.step(self.embed_rows([tok])[None].astype(dec.dtype, copy=False), cache)
         t4 = time.perf_counter()
         answer_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         timings.update(

@@ -21,6 +21,12 @@ MAX_NEW_TOKENS = {"seg": 200, "cseg": 200}
 DEFAULT_MAX_NEW_TOKENS = 48
 
 
+def stop_ids(model: RSUniVLMForCausalLM, tok: Tokenizer) -> set[int]:
+    """The ids that end an answer, as the runtime's manifest lists them (Qwen2 stops on both)."""
+    ids = {model.cfg.eos_token_id, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")}
+    return {i for i in ids if i is not None}
+
+
 def metric_target(sample) -> dict[str, Any]:
     """The ground truth a TaskReport scores an answer against."""
     m = sample.meta
@@ -33,16 +39,16 @@ def metric_target(sample) -> dict[str, Any]:
     return {"references": list(sample.references)}
 
 
-def answer(model: RSUniVLMForCausalLM, tok: Tokenizer, sample, image_size: int, eos: int) -> str:
+def answer(model: RSUniVLMForCausalLM, tok: Tokenizer, sample, image_size: int, eos: set[int]) -> str:
     ids = tokenize(tok, build_prompt(sample.prompt, len(sample.images)))
     pixels = [preprocess_square(Image.fromarray(im), image_size) for im in sample.images]
     sizes = [(im.shape[1], im.shape[0]) for im in sample.images]
     budget = MAX_NEW_TOKENS.get(sample.task, DEFAULT_MAX_NEW_TOKENS)
     tokens, _ = model.generate(ids, pixels, sizes, task_expert(sample.task), budget, eos)
-    return tok.decode([t for t in tokens if t != eos], skip_special_tokens=True)
+    return tok.decode(tokens, skip_special_tokens=True)
 
 
-def score(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence, image_size: int, eos: int) -> dict:
+def score(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence, image_size: int, eos: set[int]) -> dict:
     report = TaskReport()
     for s in samples:
         report.add(s.task, answer(model, tok, s, image_size, eos), metric_target(s))
@@ -53,7 +59,7 @@ def evaluate_checkpoint(checkpoint: Path, per_task: int = 100, seed: int = 0, sp
     """Metrics per task on the synthetic splits asked for, plus the real test samples."""
     model = RSUniVLMForCausalLM.from_checkpoint(checkpoint)
     tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-    eos = model.cfg.eos_token_id
+    eos = stop_ids(model, tok)
     size = model.cfg.vision.image_size
     out: dict[str, Any] = {}
     for split in splits:

@@ -8,6 +8,7 @@ The building blocks are transformers' own SigLIP and Qwen2 modules, as upstream 
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -182,9 +183,13 @@ class RSUniVLMForCausalLM(nn.Module):
         image_sizes: list[tuple[int, int]],
         expert: int,
         max_new_tokens: int,
-        eos_token_id: int | None,
+        eos_token_id: int | Collection[int] | None,
     ) -> tuple[list[int], list[np.ndarray]]:
-        """Greedy decoding. Returns the new tokens and each step's last-position logits."""
+        """Greedy decoding until a stop id (Qwen2 stops on <|im_end|> and <|endoftext|>) or the budget.
+
+        Returns the new tokens and each step's last-position logits.
+        """
+        stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         dtype = self.lm.model.embed_tokens.weight.dtype
         images = [
             self.image_tokens(torch.from_numpy(p).to(dtype), s) for p, s in zip(pixel_values, image_sizes, strict=False)
@@ -198,7 +203,7 @@ class RSUniVLMForCausalLM(nn.Module):
             logits_seen.append(last.numpy().copy())
             tok = int(torch.argmax(last))
             tokens.append(tok)
-            if tok == eos_token_id:
+            if tok in stops:
                 break
             out = self.step(self.lm.model.embed_tokens(torch.tensor([[tok]])), expert, out.cache)
         return tokens, logits_seen

@@ -1,0 +1,75 @@
+"""The parity report as one self-contained HTML page: a table and an inline SVG bar chart per metric."""
+
+from __future__ import annotations
+
+import html
+from typing import Any
+
+HEADLINE = {
+    "vg": "acc@0.5",
+    "ref": "bleu4",
+    "seg": "miou",
+    "cseg": "miou",
+    "vqa": "accuracy",
+    "cls": "accuracy",
+    "cap": "bleu4",
+    "ccd": "bleu4",
+}
+COLOURS = ("#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
+
+
+def headline_metrics(row: dict[str, Any]) -> dict[str, float]:
+    metrics = row["metrics"]
+    return {f"{t} {m}": float(metrics[t][m]) for t, m in HEADLINE.items() if t in metrics and m in metrics[t]}
+
+
+def bar_chart(rows: list[dict[str, Any]], width: int = 900, bar: int = 10) -> str:
+    names = sorted({k for r in rows for k in headline_metrics(r)})
+    height = 30 + len(names) * (bar * len(rows) + 14)
+    out = [f'<svg width="{width}" height="{height}" xmlns="http://www.w3.org/2000/svg" font-size="11">']
+    y = 20
+    for metric in names:
+        out.append(f'<text x="0" y="{y + bar}">{html.escape(metric)}</text>')
+        for i, r in enumerate(rows):
+            v = headline_metrics(r).get(metric, 0.0)
+            w = max(1, int(v * (width - 260)))
+            out.append(f'<rect x="150" y="{y}" width="{w}" height="{bar - 1}" fill="{COLOURS[i % len(COLOURS)]}"/>')
+            out.append(f'<text x="{155 + w}" y="{y + bar - 2}">{v:.3f}</text>')
+            y += bar
+        y += 14
+    legend = " ".join(
+        f'<tspan fill="{COLOURS[i % len(COLOURS)]}">■ {html.escape(r["precision"])}</tspan>' for i, r in enumerate(rows)
+    )
+    out.append(f'<text x="150" y="12">{legend}</text></svg>')
+    return "\n".join(out)
+
+
+def render(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    metric_names = sorted({k for r in rows for k in headline_metrics(r)})
+    head = "".join(f"<th>{html.escape(m)}</th>" for m in metric_names)
+    body = []
+    for r in rows:
+        hm = headline_metrics(r)
+        cells = "".join(f"<td>{hm.get(m, float('nan')):.3f}</td>" for m in metric_names)
+        extra = ""
+        if "logits_cosine" in r:
+            extra = (
+                f"<td>{r['logits_cosine']:.5f}</td><td>{r['logits_sqnr_db']:.1f}</td>"
+                f"<td>{r['greedy_token_agreement']:.3f}</td><td>{r['size']['decoder_mb']:.1f}</td>"
+                f"<td>{r['prefill_ms_median']:.1f}</td><td>{(r['decode_ms_per_token_median'] or 0):.2f}</td>"
+                f"<td>{r['rss_mb_loaded']:.0f}</td>"
+            )
+        else:
+            extra = "<td colspan=7>reference</td>"
+        body.append(f"<tr><td>{html.escape(r['precision'])}</td>{cells}{extra}</tr>")
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>rsedge parity report</title>
+<style>body{{font-family:sans-serif}} td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}</style>
+</head><body><h1>rsedge parity report</h1>
+<p>{report["samples"]} samples ({html.escape(report["data"])}), seed {report["seed"]}.</p>
+<table><tr><th>bundle</th>{head}<th>logits cos</th><th>logits SQNR dB</th><th>greedy agree</th>
+<th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>RSS MB</th></tr>
+{"".join(body)}</table>
+<h2>Task metrics</h2>{bar_chart(rows)}
+</body></html>
+"""

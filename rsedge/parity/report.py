@@ -1,0 +1,197 @@
+"""``rsedge parity``: bundles against the FP32 PyTorch reference, in numbers and in RS task accuracy.
+
+For each bundle: SQNR and cosine of the vision features and of the first-step logits, greedy-token
+agreement, task metrics on the same samples as the reference, size, latency and peak memory.
+"""
+
+from __future__ import annotations
+
+import gc
+import resource
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from tokenizers import Tokenizer
+
+from rsedge.metrics import TaskReport
+from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.runtime.pipeline import Pipeline
+from rsedge.runtime.preprocess import preprocess_square
+from rsedge.runtime.prompt import build_prompt, tokenize
+from rsedge.synth.real import real_samples
+from rsedge.synth.tasks import TASKS, build_split, task_expert
+from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, metric_target, stop_ids
+
+
+def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
+    """Signal-to-quantization-noise ratio in dB (torchao's definition): 20 log10(|ref| / |ref - got|)."""
+    noise = np.linalg.norm((ref - got).astype(np.float64))
+    return float("inf") if noise == 0 else float(20 * np.log10(np.linalg.norm(ref.astype(np.float64)) / noise))
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.astype(np.float64).ravel(), b.astype(np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+@dataclass
+class Run:
+    """One engine's answers on the evaluation samples."""
+
+    name: str
+    answers: list[str] = field(default_factory=list)
+    tokens: list[list[int]] = field(default_factory=list)
+    first_logits: list[np.ndarray] = field(default_factory=list)
+    prefill_ms: list[float] = field(default_factory=list)
+    decode_ms_per_token: list[float] = field(default_factory=list)
+
+
+def eval_samples(data: str, per_task: int, seed: int = 0) -> list:
+    """``synthetic-test`` (per_task of each task), ``real-test``, or both joined by a comma."""
+    out: list = []
+    for part in data.split(","):
+        if part == "synthetic-test":
+            mix = {t: 1.0 / len(TASKS) for t in TASKS}
+            out.extend(build_split("test", per_task * len(TASKS), seed=seed, mix=mix))
+        elif part == "real-test":
+            out.extend(real_samples("test"))
+        else:
+            raise ValueError(f"unknown evaluation data {part!r} (synthetic-test, real-test)")
+    return out
+
+
+def run_reference(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence, image_size: int) -> Run:
+    run = Run("reference fp32 (PyTorch)")
+    eos = stop_ids(model, tok)
+    for s in samples:
+        ids = tokenize(tok, build_prompt(s.prompt, len(s.images)))
+        pixels = [preprocess_square(Image.fromarray(im), image_size) for im in s.images]
+        sizes = [(im.shape[1], im.shape[0]) for im in s.images]
+        budget = MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS)
+        t0 = time.perf_counter()
+        tokens, logits = model.generate(ids, pixels, sizes, task_expert(s.task), budget, eos)
+        total = (time.perf_counter() - t0) * 1e3
+        run.tokens.append(tokens)
+        run.first_logits.append(logits[0])
+        run.answers.append(tok.decode(tokens, skip_special_tokens=True))
+        run.decode_ms_per_token.append(total / max(len(tokens), 1))
+    return run
+
+
+def run_bundle(pipe: Pipeline, samples: Sequence, name: str) -> Run:
+    run = Run(name)
+    for s in samples:
+        budget = MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS)
+        ans = pipe.generate([Image.fromarray(im) for im in s.images], s.prompt, max_new_tokens=budget, keep_logits=True)
+        run.answers.append(ans.text)
+        run.tokens.append(ans.tokens)
+        run.first_logits.append(ans.step_logits[0])
+        run.prefill_ms.append(ans.timings["prefill"])
+        if "decode_per_token" in ans.timings:
+            run.decode_ms_per_token.append(ans.timings["decode_per_token"])
+    return run
+
+
+def token_agreement(ref: list[list[int]], got: list[list[int]]) -> float:
+    """Mean over samples of the fraction of the reference's greedy tokens reproduced before the first miss."""
+    fractions = []
+    for r, g in zip(ref, got, strict=True):
+        same = next((k for k, (a, b) in enumerate(zip(r, g, strict=False)) if a != b), min(len(r), len(g)))
+        fractions.append(same / max(len(r), 1))
+    return float(np.mean(fractions))
+
+
+def task_metrics(samples: Sequence, answers: list[str]) -> dict[str, Any]:
+    report = TaskReport()
+    for s, a in zip(samples, answers, strict=True):
+        report.add(s.task, a, metric_target(s))
+    return report.compute()
+
+
+def vision_fidelity(model: RSUniVLMForCausalLM, pipe: Pipeline, samples: Sequence, limit: int = 16) -> dict:
+    """SQNR / cosine of the vision graph's features against the reference tower + connector."""
+    size = model.cfg.vision.image_size
+    pixels = np.concatenate([preprocess_square(Image.fromarray(s.images[0]), size) for s in samples[:limit]])
+    with torch.no_grad():
+        ref = model.encode_images(torch.from_numpy(pixels)).numpy()
+    sess = pipe.vision()
+    inp = sess.get_inputs()[0]
+    got = sess.run(None, {inp.name: pixels.astype(np.float16 if "float16" in inp.type else np.float32)})[0]
+    return {"sqnr_db": sqnr_db(ref, got), "cosine": cosine(ref, got)}
+
+
+def rss_mb() -> float:
+    """Resident memory of this process now (Linux and Jetson both have /proc)."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
+
+
+def bundle_size_mb(root: Path) -> dict[str, float]:
+    files = [p for p in root.rglob("*") if p.is_file()]
+    decoder = [p for p in files if p.name.startswith("decoder_") and p.suffix == ".bin"]
+    return {
+        "total_mb": sum(p.stat().st_size for p in files) / 1e6,
+        "decoder_mb": sum(p.stat().st_size for p in decoder) / 1e6,
+    }
+
+
+def parity_report(
+    bundles: Sequence[Path],
+    reference: Path,
+    data: str = "synthetic-test,real-test",
+    per_task: int = 25,
+    seed: int = 0,
+    threads: int | None = None,
+    log: Callable[[str], None] = lambda m: None,
+) -> dict[str, Any]:
+    samples = eval_samples(data, per_task, seed)
+    log(f"{len(samples)} samples from {data}")
+    model = RSUniVLMForCausalLM.from_checkpoint(reference)
+    tok = Tokenizer.from_file(str(Path(reference) / "tokenizer.json"))
+    ref = run_reference(model, tok, samples, model.cfg.vision.image_size)
+    rows: list[dict[str, Any]] = [
+        {
+            "name": ref.name,
+            "precision": "fp32-reference",
+            "metrics": task_metrics(samples, ref.answers),
+            "decode_ms_per_token": statistics.median(ref.decode_ms_per_token),
+        }
+    ]
+    for b in bundles:
+        log(f"running {b}")
+        gc.collect()
+        rss_before = rss_mb()
+        pipe = Pipeline.load(b, threads=threads)
+        run = run_bundle(pipe, samples, str(b))
+        logits_ref, logits_got = np.stack(ref.first_logits), np.stack(run.first_logits)
+        rows.append(
+            {
+                "name": str(b),
+                "precision": pipe.bundle.precision,
+                "quantization": pipe.bundle.manifest.get("quantization"),
+                "metrics": task_metrics(samples, run.answers),
+                "logits_sqnr_db": sqnr_db(logits_ref, logits_got),
+                "logits_cosine": float(
+                    np.mean([cosine(a, c) for a, c in zip(ref.first_logits, run.first_logits, strict=True)])
+                ),
+                "greedy_token_agreement": token_agreement(ref.tokens, run.tokens),
+                "exact_answer_match": float(np.mean([a == c for a, c in zip(ref.answers, run.answers, strict=True)])),
+                "vision": vision_fidelity(model, pipe, samples),
+                "size": bundle_size_mb(Path(b)),
+                "prefill_ms_median": statistics.median(run.prefill_ms),
+                "decode_ms_per_token_median": statistics.median(run.decode_ms_per_token)
+                if run.decode_ms_per_token
+                else None,
+                "rss_mb_loaded": rss_mb() - rss_before,  # sessions + arena after running every sample
+            }
+        )
+        del pipe
+        gc.collect()
+    return {"data": data, "samples": len(samples), "per_task": per_task, "seed": seed, "rows": rows}

@@ -1,0 +1,36 @@
+"""The parity report: an FP32 bundle reproduces the reference exactly; a quantized one is measured, not assumed."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from rsedge.export.bundle import export_bundle
+from rsedge.parity.html import render
+from rsedge.parity.report import cosine, parity_report, sqnr_db, token_agreement
+
+
+def test_sqnr_and_agreement_by_hand():
+    ref = np.array([3.0, 4.0])
+    assert sqnr_db(ref, ref) == math.inf
+    assert sqnr_db(ref, ref + np.array([0.3, 0.4])) == pytest.approx(20.0)  # |ref| / |noise| = 10
+    assert cosine(ref, 2 * ref) == pytest.approx(1.0)
+    assert token_agreement([[1, 2, 3, 4]], [[1, 2, 9, 4]]) == 0.5
+    assert token_agreement([[1, 2], [5]], [[1, 2], [5]]) == 1.0
+
+
+def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tiny_bundle, tmp_path):
+    int4 = tmp_path / "int4"
+    export_bundle(tiny_checkpoint, int4, precision="int4", block_size=32)
+    res = parity_report([tiny_bundle, int4], tiny_checkpoint, data="synthetic-test", per_task=1)
+    ref, fp32, q4 = res["rows"]
+    assert fp32["greedy_token_agreement"] == 1.0
+    assert fp32["logits_cosine"] > 0.999999
+    assert fp32["metrics"] == ref["metrics"]
+    assert fp32["vision"]["sqnr_db"] > 60
+    assert q4["size"]["decoder_mb"] < 0.4 * fp32["size"]["decoder_mb"]
+    assert 0.5 < q4["logits_cosine"] < 1.0
+    page = render(res)
+    assert "<svg" in page and "int4" in page

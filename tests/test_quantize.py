@@ -1,0 +1,110 @@
+"""Block-wise INT4/INT8 weights: the math, both graph forms in onnxruntime, and quantized bundles."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper
+
+from rsedge.errors import OptionError
+from rsedge.export.bundle import export_bundle
+from rsedge.export.onnx_builder import QDQ_OPSET, GraphBuilder
+from rsedge.export.weight_store import WeightStore
+from rsedge.quantize.blockwise import WeightQuantConfig, quantize_blockwise
+from rsedge.runtime.pipeline import Pipeline
+
+
+@pytest.mark.parametrize("bits,symmetric", [(4, True), (4, False), (8, True)])
+def test_blockwise_error_is_bounded_by_half_a_step(bits, symmetric):
+    w = np.random.default_rng(0).standard_normal((200, 24)).astype(np.float32)  # K=200: a padded last block
+    bq = quantize_blockwise(w, bits, 64, symmetric)
+    err = np.abs(bq.dequantize() - w)
+    step = np.repeat(bq.scales.T, 64, axis=0)[:200]  # [K, N] scale of each weight's block
+    assert np.all(err <= step / 2 + 1e-6)
+    assert bq.codes.max() < 2**bits
+
+
+def _linear_graph(tmp: Path, w: np.ndarray, q: WeightQuantConfig | None, dtype=np.float32):
+    store = WeightStore(tmp)
+    b = GraphBuilder("g", store, dtype, "w.bin", (lambda name: q), opset=QDQ_OPSET)
+    x = b.input("x", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [3, w.shape[0]])
+    b.output(b.linear(x, "w", w), "y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [3, w.shape[1]])
+    model = b.make_model("", {})
+    (tmp / "g.onnx").write_bytes(model.SerializeToString())
+    opts = ort.SessionOptions()
+    # onnxruntime fuses DQ+MatMul into MatMulNBits at accuracy level 4 (int8 activations) unless told not to.
+    opts.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return ort.InferenceSession(str(tmp / "g.onnx"), opts, providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("form", ["ort", "qdq"])
+def test_both_forms_compute_the_dequantized_matmul(bits, form, tmp_path):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((256, 40)).astype(np.float32)
+    x = rng.standard_normal((3, 256)).astype(np.float32)
+    q = WeightQuantConfig(bits=bits, block_size=64, form=form, accuracy_level=0)
+    y = _linear_graph(tmp_path, w, q).run(None, {"x": x})[0]
+    expected = x @ quantize_blockwise(w, bits, 64).dequantize()
+    np.testing.assert_allclose(y, expected, atol=2e-4, rtol=1e-5)
+
+
+def test_qdq_graph_declares_int4_and_opset_21(tmp_path):
+    w = np.random.default_rng(2).standard_normal((128, 16)).astype(np.float32)
+    _linear_graph(tmp_path, w, WeightQuantConfig(bits=4, block_size=128, form="qdq"))
+    import onnx
+
+    m = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
+    assert m.opset_import[0].version == 21
+    codes = [t for t in m.graph.initializer if t.name == "w.q4"][0]
+    assert codes.data_type == TensorProto.INT4 and list(codes.dims) == [128, 16]
+    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"][0]
+    assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 0, "block_size": 128}
+
+
+def test_bad_quant_options():
+    with pytest.raises(OptionError):
+        WeightQuantConfig(bits=3)
+    with pytest.raises(OptionError):
+        WeightQuantConfig(block_size=48)
+    with pytest.raises(OptionError, match="symmetric"):
+        WeightQuantConfig(form="qdq", symmetric=False)
+
+
+@pytest.fixture(scope="module")
+def int4_bundles(tiny_checkpoint, tmp_path_factory):
+    root = tmp_path_factory.mktemp("q")
+    out = {}
+    for name, kw in {"int4": {"precision": "int4", "block_size": 32}, "int8": {"precision": "int8", "block_size": 32},
+                     "int4-qdq": {"precision": "int4", "block_size": 32, "form": "qdq", "compute": "fp32"}}.items():
+        export_bundle(tiny_checkpoint, root / name, **kw)
+        out[name] = root / name
+    return out
+
+
+def test_quantized_bundles_record_their_recipe_and_shrink(int4_bundles, tiny_bundle):
+    m = json.loads((int4_bundles["int4"] / "manifest.json").read_text())
+    assert m["quantization"]["decoder"] == {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
+                                            "form": "ort"}
+    assert all(c["passed"] for c in m["validation"]["graphs"])
+
+    def decoder_bytes(b: Path) -> int:
+        return sum(p.stat().st_size for p in b.glob("decoder_*.bin"))
+
+    fp32 = decoder_bytes(tiny_bundle)
+    assert decoder_bytes(int4_bundles["int4"]) < decoder_bytes(int4_bundles["int8"]) < 0.4 * fp32
+
+
+def test_quantized_forms_agree_in_onnxruntime(int4_bundles, samples):
+    """MatMulNBits and blocked-DQ graphs come from the same codes: the same answer to rounding."""
+    img = [samples / "dior_05863.png"]
+    a = Pipeline.load(int4_bundles["int4"]).generate(img, "[VG] windmill?", max_new_tokens=6, keep_logits=True,
+                                                      ignore_eos=True)
+    b = Pipeline.load(int4_bundles["int4-qdq"]).generate(img, "[VG] windmill?", max_new_tokens=6, keep_logits=True,
+                                                          ignore_eos=True)
+    la, lb = a.step_logits[0].astype(np.float64), b.step_logits[0].astype(np.float64)
+    assert la @ lb / (np.linalg.norm(la) * np.linalg.norm(lb)) > 0.999
