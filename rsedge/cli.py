@@ -74,6 +74,19 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
     help="quantized graph form: MatMulNBits (onnxruntime) or blocked DequantizeLinear (TensorRT >= 10)",
 )
 @click.option(
+    "--algorithm",
+    type=click.Choice(["rtn", "awq"]),
+    default="rtn",
+    show_default=True,
+    help="INT4 weight rounding: round-to-nearest, or AWQ scales calibrated per expert",
+)
+@click.option(
+    "--calibration",
+    default="rs-default",
+    show_default=True,
+    help="calibration set folder (rsedge calibrate build) or rs-default (shipped RS images)",
+)
+@click.option(
     "--compute",
     type=click.Choice(["fp32", "fp16"]),
     default=None,
@@ -85,6 +98,8 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
 @click.option("--no-validate", is_flag=True, help="skip the check against the PyTorch reference")
 def export_cmd(
     model: Path,
+    algorithm: str,
+    calibration: str,
     out: Path,
     precision: str,
     block_size: str,
@@ -108,6 +123,8 @@ def export_cmd(
     from rich.console import Console
 
     options = dict(
+        algorithm=algorithm,
+        calibration=calibration,
         precision=precision,
         router=router,
         validate=not no_validate,
@@ -179,6 +196,23 @@ def run_cmd(
         click.echo("" if stream else ans.text)
         if overlay is not None:
             click.echo(f"overlay: {out['overlay'] or 'nothing to draw (no box or mask in the answer)'}", err=True)
+
+
+@main.group("calibrate")
+def calibrate_group() -> None:
+    """Remote-sensing calibration sets for INT8/INT4 export."""
+
+
+@calibrate_group.command("build")
+@click.argument("sources", nargs=-1, required=True)
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
+@click.option("--size", type=click.IntRange(3, 100000), default=96, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+def calibrate_build_cmd(sources: tuple[str, ...], out: Path, size: int, seed: int) -> None:
+    """Build a balanced calibration set from local RS datasets (DIOR-RSVG, RSVQA, LEVIR-CC/CD, AID, ...)."""
+    from rsedge.calibration.calibset import calibrate_build_command
+
+    click.echo(calibrate_build_command(list(sources), out, size, seed))
 
 
 @main.command("bench-decode")

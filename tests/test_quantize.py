@@ -28,9 +28,22 @@ def test_blockwise_error_is_bounded_by_half_a_step(bits, symmetric):
     assert bq.codes.max() < 2**bits
 
 
+class FixedPlan:
+    """Every weight quantized the same way, no AWQ scales."""
+
+    def __init__(self, q: WeightQuantConfig | None) -> None:
+        self.q = q
+
+    def weight_quant(self, name: str) -> WeightQuantConfig | None:
+        return self.q
+
+    def input_scales(self, name: str, weight_kn) -> np.ndarray | None:
+        return None
+
+
 def _linear_graph(tmp: Path, w: np.ndarray, q: WeightQuantConfig | None, dtype=np.float32):
     store = WeightStore(tmp)
-    b = GraphBuilder("g", store, dtype, "w.bin", (lambda name: q), opset=QDQ_OPSET)
+    b = GraphBuilder("g", store, dtype, "w.bin", FixedPlan(q), opset=QDQ_OPSET)
     x = b.input("x", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [3, w.shape[0]])
     b.output(b.linear(x, "w", w), "y", helper.np_dtype_to_tensor_dtype(np.dtype(dtype)), [3, w.shape[1]])
     model = b.make_model("", {})
@@ -60,9 +73,9 @@ def test_qdq_graph_declares_int4_and_opset_21(tmp_path):
 
     m = onnx.load(str(tmp_path / "g.onnx"), load_external_data=False)
     assert m.opset_import[0].version == 21
-    codes = [t for t in m.graph.initializer if t.name == "w.q4"][0]
+    codes = next(t for t in m.graph.initializer if t.name == "w.q4")
     assert codes.data_type == TensorProto.INT4 and list(codes.dims) == [128, 16]
-    dq = [n for n in m.graph.node if n.op_type == "DequantizeLinear"][0]
+    dq = next(n for n in m.graph.node if n.op_type == "DequantizeLinear")
     assert {a.name: helper.get_attribute_value(a) for a in dq.attribute} == {"axis": 0, "block_size": 128}
 
 
@@ -79,8 +92,11 @@ def test_bad_quant_options():
 def int4_bundles(tiny_checkpoint, tmp_path_factory):
     root = tmp_path_factory.mktemp("q")
     out = {}
-    for name, kw in {"int4": {"precision": "int4", "block_size": 32}, "int8": {"precision": "int8", "block_size": 32},
-                     "int4-qdq": {"precision": "int4", "block_size": 32, "form": "qdq", "compute": "fp32"}}.items():
+    for name, kw in {
+        "int4": {"precision": "int4", "block_size": 32},
+        "int8": {"precision": "int8", "block_size": 32},
+        "int4-qdq": {"precision": "int4", "block_size": 32, "form": "qdq", "compute": "fp32"},
+    }.items():
         export_bundle(tiny_checkpoint, root / name, **kw)
         out[name] = root / name
     return out
@@ -88,8 +104,13 @@ def int4_bundles(tiny_checkpoint, tmp_path_factory):
 
 def test_quantized_bundles_record_their_recipe_and_shrink(int4_bundles, tiny_bundle):
     m = json.loads((int4_bundles["int4"] / "manifest.json").read_text())
-    assert m["quantization"]["decoder"] == {"bits": 4, "block_size": 32, "symmetric": True, "accuracy_level": 4,
-                                            "form": "ort"}
+    assert m["quantization"]["decoder"] == {
+        "bits": 4,
+        "block_size": 32,
+        "symmetric": True,
+        "accuracy_level": 4,
+        "form": "ort",
+    }
     assert all(c["passed"] for c in m["validation"]["graphs"])
 
     def decoder_bytes(b: Path) -> int:
@@ -102,9 +123,41 @@ def test_quantized_bundles_record_their_recipe_and_shrink(int4_bundles, tiny_bun
 def test_quantized_forms_agree_in_onnxruntime(int4_bundles, samples):
     """MatMulNBits and blocked-DQ graphs come from the same codes: the same answer to rounding."""
     img = [samples / "dior_05863.png"]
-    a = Pipeline.load(int4_bundles["int4"]).generate(img, "[VG] windmill?", max_new_tokens=6, keep_logits=True,
-                                                      ignore_eos=True)
-    b = Pipeline.load(int4_bundles["int4-qdq"]).generate(img, "[VG] windmill?", max_new_tokens=6, keep_logits=True,
-                                                          ignore_eos=True)
+    a = Pipeline.load(int4_bundles["int4"]).generate(
+        img, "[VG] windmill?", max_new_tokens=6, keep_logits=True, ignore_eos=True
+    )
+    b = Pipeline.load(int4_bundles["int4-qdq"]).generate(
+        img, "[VG] windmill?", max_new_tokens=6, keep_logits=True, ignore_eos=True
+    )
     la, lb = a.step_logits[0].astype(np.float64), b.step_logits[0].astype(np.float64)
     assert la @ lb / (np.linalg.norm(la) * np.linalg.norm(lb)) > 0.999
+
+
+def test_awq_search_helps_when_a_channel_dominates():
+    from rsedge.quantize.activations import LinearStats
+    from rsedge.quantize.awq import search_scales
+
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((256, 128)).astype(np.float32)
+    x[:, 5] *= 40.0  # one salient input channel, as LLM activations have
+    w = rng.standard_normal((128, 64)).astype(np.float32)
+    stats = LinearStats(np.abs(x).sum(axis=0), x.shape[0], [x])
+    res = search_scales(w, stats, WeightQuantConfig(bits=4, block_size=32))
+    assert res.alpha > 0 and res.scales is not None
+    assert res.awq_mse < 0.8 * res.rtn_mse
+
+
+def test_awq_export_calibrates_per_expert_and_caches(tiny_checkpoint, tmp_path, monkeypatch):
+    monkeypatch.setenv("RSEDGE_CACHE", str(tmp_path / "cache"))
+    first = export_bundle(tiny_checkpoint, tmp_path / "a", precision="int4", block_size=32, algorithm="awq")
+    assert first["calibration"]["name"] == "rs-default"
+    assert first["calibration"]["per_expert"] == {"0": 16, "1": 16, "2": 16}
+    assert first["calibration"]["statistics_cached"] is False
+    assert first["quantization"]["algorithm"] == "awq"
+    awq = first["awq"]
+    assert any(name.startswith("model.layers.0.mlp.2.") for name in awq)  # the [SEG] expert got its own scales
+    assert all(r["awq_mse"] <= r["rtn_mse"] + 1e-12 for r in awq.values())
+    assert all(c["passed"] for c in first["validation"]["graphs"])
+    second = export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", block_size=32, algorithm="awq")
+    assert second["calibration"]["statistics_cached"] is True
+    assert second["calibration"]["sha256"] == first["calibration"]["sha256"]

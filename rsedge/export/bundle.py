@@ -24,6 +24,7 @@ import torch
 from tokenizers import Tokenizer
 
 import rsedge
+from rsedge.calibration.calibset import resolve_calibration
 from rsedge.errors import OptionError
 from rsedge.export.decoder_graph import DECODER_SHARED_BIN, EMBED_TOKENS, build_decoder_graph, store_embedding_table
 from rsedge.export.onnx_builder import OPSET, save_graph
@@ -34,7 +35,8 @@ from rsedge.fsutil import atomic_folder
 from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.weights import checkpoint_files, load_checkpoint_tensors
-from rsedge.quantize.recipes import Recipe, make_recipe
+from rsedge.quantize.calibrate import calibration_stats
+from rsedge.quantize.recipes import QuantPlan, make_recipe
 from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
 
@@ -116,7 +118,7 @@ def write_graphs(
     cfg: RSUniVLMConfig,
     weights: Mapping[str, np.ndarray],
     dtype: type,
-    recipe: Recipe | None,
+    plan: QuantPlan | None,
     progress: Callable[[str], None],
 ) -> tuple[dict[str, Any], dict[str, Any], WeightStore]:
     """Vision graph, one decoder graph per expert, and the raw arrays the runtime reads (embedding, newline)."""
@@ -126,11 +128,10 @@ def write_graphs(
     save_graph(vision, tmp / "vision.onnx")
     graphs: dict[str, Any] = {"vision": {"file": "vision.onnx", **graph_io(vision)}}
     experts: dict[str, Any] = {}
-    weight_quant = recipe.weight_quant if recipe is not None else None
     for e in range(cfg.text.num_experts):
         progress(f"building decoder graph, expert {e}")
-        opset = recipe.opset if recipe is not None else OPSET
-        dec = build_decoder_graph(cfg, weights, e, store, dtype, weight_quant=weight_quant, opset=opset)
+        opset = plan.recipe.opset if plan is not None else OPSET
+        dec = build_decoder_graph(cfg, weights, e, store, dtype, quant=plan, opset=opset)
         save_graph(dec, tmp / f"decoder_expert{e}.onnx")
         experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
     graphs["decoder"] = {
@@ -140,7 +141,7 @@ def write_graphs(
     }
     store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file="vision.bin")
     arrays = {"image_newline": store.record("model.image_newline", "vision.bin")._asdict()}
-    if recipe is not None and recipe.embeddings == "int8-rows":
+    if plan is not None and plan.recipe.embeddings == "int8-rows":
         q, scales = quantize_rows(weights[EMBED_TOKENS])
         store.cache[("embed_rows",)] = (q, scales)
         store.tensor(f"{EMBED_TOKENS}.int8", q, file=DECODER_SHARED_BIN)
@@ -175,16 +176,19 @@ def export_bundle(
     block_size: int = 128,
     form: str = "ort",
     compute: str | None = None,
+    algorithm: str = "rtn",
+    calibration: str | Path = "rs-default",
 ) -> dict[str, Any]:
     """Export a checkpoint to a bundle folder; returns the manifest.
 
     ``precision`` is the weights' (fp32, fp16, int8, int4); ``compute`` the graph's activation dtype (fp32 or
     fp16; quantized bundles default to fp32 for the onnxruntime form, fp16 for the TensorRT qdq form).
     ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
+    ``algorithm`` "awq" calibrates INT4 scales on ``calibration`` ("rs-default": the shipped RS images).
     """
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
-    recipe = make_recipe(precision, block_size=block_size, form=form)
+    recipe = make_recipe(precision, block_size=block_size, form=form, algorithm=algorithm)
     compute = compute or (precision if recipe is None else ("fp16" if form == "qdq" else "fp32"))
     if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):
         raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
@@ -197,7 +201,23 @@ def export_bundle(
     progress("reading checkpoint")
     tensors = load_checkpoint_tensors(checkpoint, cfg)
     with atomic_folder(out) as tmp:
-        graphs, arrays, store = write_graphs(tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], recipe, progress)
+        plan = QuantPlan(recipe) if recipe is not None else None
+        model = None
+        calib_record = None
+        if plan is not None and recipe.algorithm == "awq":
+            progress("collecting calibration statistics")
+            model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
+            calib = resolve_calibration(calibration)
+            tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+            plan.stats, cached = calibration_stats(model, tok, calib, checkpoint_hash(checkpoint))
+            calib_record = {
+                "name": calib.name,
+                "sha256": calib.content_hash,
+                "items": len(calib.items),
+                "per_expert": {str(e): len(calib.items_for_expert(e)) for e in range(3)},
+                "statistics_cached": cached,
+            }
+        graphs, arrays, store = write_graphs(tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress)
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
@@ -206,6 +226,7 @@ def export_bundle(
             "precision": precision,
             "compute_dtype": compute,
             "quantization": recipe.to_json() if recipe is not None else None,
+            "calibration": calib_record,
             "source": {"checkpoint": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint)},
             "model": cfg.to_manifest(),
             "router": {
@@ -226,9 +247,11 @@ def export_bundle(
             "graphs": graphs,
             "tools": tool_versions(),
         }
+        if plan is not None and plan.awq:
+            manifest["awq"] = plan.summary()
         if validate:
             progress("validating against the PyTorch reference")
-            model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
+            model = model or RSUniVLMForCausalLM.from_tensors(cfg, tensors)
             tensors.clear()  # the reference now holds the weights; do not keep a second copy
             gc.collect()
             if recipe is not None:  # check the graphs compute what their quantized weights define

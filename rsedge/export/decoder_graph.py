@@ -20,7 +20,7 @@ RMSNorm, RoPE and the softmax run in float32 in a float16 graph, as Qwen2 does (
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import asdict
 
 import numpy as np
@@ -28,10 +28,9 @@ import onnx
 from onnx import TensorProto
 
 from rsedge.errors import OptionError
-from rsedge.export.onnx_builder import OPSET, GraphBuilder, get_weight
+from rsedge.export.onnx_builder import OPSET, GraphBuilder, QuantPlanLike, get_weight
 from rsedge.export.weight_store import WeightRecord, WeightStore
 from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
-from rsedge.quantize.blockwise import WeightQuantConfig
 
 DECODER_SHARED_BIN = "decoder_shared.bin"
 EMBED_TOKENS = "model.embed_tokens.weight"
@@ -91,19 +90,19 @@ def build_decoder_graph(
     expert: int,
     store: WeightStore,
     dtype: str = "float32",
-    weight_quant: Callable[[str], WeightQuantConfig | None] | None = None,
+    quant: QuantPlanLike | None = None,
     opset: int = OPSET,
 ) -> onnx.ModelProto:
     """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``.
 
-    ``weight_quant`` maps a weight name to its quantization (None: keep it in the model dtype).
+    ``quant`` gives each weight's quantization (None: everything stays in the model dtype).
     """
     text = _text(cfg)
     if not 0 <= expert < text.num_experts:
         raise OptionError(f"expert {expert} is out of range 0..{text.num_experts - 1}")
     if text.num_attention_heads % text.num_key_value_heads:
         raise OptionError("num_attention_heads must be a multiple of num_key_value_heads")
-    b = GraphBuilder(f"rsunivlm_decoder_expert{expert}", store, dtype, DECODER_SHARED_BIN, weight_quant, opset)
+    b = GraphBuilder(f"rsunivlm_decoder_expert{expert}", store, dtype, DECODER_SHARED_BIN, quant, opset)
     H, kv, hd, L = text.hidden_size, text.num_key_value_heads, text.head_dim, text.num_hidden_layers
 
     x = b.input(INPUTS_EMBEDS, b.elem_type, [BATCH, SEQ, H])
@@ -345,7 +344,7 @@ def _lm_head(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: T
         h = _rms_norm(b, last, "model.norm.weight", weights, text)
     wname = EMBED_TOKENS if text.tie_word_embeddings else "lm_head.weight"
     with b.scope("lm_head"):
-        if b.weight_quant is not None and b.weight_quant(f"{wname}.t") is not None:
+        if b.quant is not None and b.quant.weight_quant(f"{wname}.t") is not None:
             # Quantized lm_head: its own codes; the embedding table itself stays in the model dtype.
             logits = b.linear(h, f"{wname}.t", lambda: get_weight(weights, wname, (V, H)).T, out="logits_model")
         else:

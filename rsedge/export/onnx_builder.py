@@ -8,9 +8,10 @@ axes, scalars) are embedded in the ``.onnx`` itself.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import onnx
@@ -34,6 +35,14 @@ PRODUCER = "rsedge"
 DTYPES = ("float32", "float16")
 
 Dim = int | str
+
+
+class QuantPlanLike(Protocol):
+    """What the builder asks of a quantization plan, per weight name."""
+
+    def weight_quant(self, name: str) -> WeightQuantConfig | None: ...
+
+    def input_scales(self, name: str, weight_kn: ArrayOrFactory) -> np.ndarray | None: ...
 
 
 def model_dtype(dtype: str | np.dtype | type) -> np.dtype:
@@ -70,12 +79,12 @@ class GraphBuilder:
         store: WeightStore,
         dtype: str | np.dtype,
         weight_file: str,
-        weight_quant: Callable[[str], WeightQuantConfig | None] | None = None,
+        quant: QuantPlanLike | None = None,
         opset: int = OPSET,
     ) -> None:
         self.name = name
         self.opset = opset
-        self.weight_quant = weight_quant  # per weight name: None keeps it in the model dtype
+        self.quant = quant  # per weight name: its quantization and AWQ input scales; None keeps the model dtype
         self._qdq = False
         self.store = store
         self.dtype = model_dtype(dtype)
@@ -179,11 +188,15 @@ class GraphBuilder:
         self, x: str, name: str, weight_kn: ArrayOrFactory, *, file: str | None = None, out: str | None = None
     ) -> str:
         """``x @ W`` for a [in, out] weight: MatMul, or the quantized form the builder was given."""
-        q = self.weight_quant(name) if self.weight_quant is not None else None
+        q = self.quant.weight_quant(name) if self.quant is not None else None
         if q is None:
             return self.op("MatMul", [x, self.weight(name, weight_kn, file=file)], out=out)
         file = file or self.weight_file
-        bq = self._quantized(name, weight_kn, q)
+        scales = self.quant.input_scales(name, weight_kn)
+        if scales is not None:  # AWQ: x / s here, diag(s) W in the quantized weight
+            inv = self.weight(f"{name}.awq_inv_scales", (1.0 / scales).astype(np.float32), file=file)
+            x = self.op("Mul", [x, inv], name="awq/Mul", out=f"{name}_awq_input")
+        bq = self._quantized(name, weight_kn, q, scales)
         if q.form == "ort":
             tensors = matmulnbits_tensors(bq)
             ins = [x, self.weight(f"{name}.q{q.bits}", tensors["B"], file=file, cast=False)]
@@ -220,12 +233,18 @@ class GraphBuilder:
         )
         return self.op("MatMul", [x, w], out=out)
 
-    def _quantized(self, name: str, weight_kn: ArrayOrFactory, q: WeightQuantConfig) -> BlockQuantized:
+    def _quantized(
+        self, name: str, weight_kn: ArrayOrFactory, q: WeightQuantConfig, scales: np.ndarray | None
+    ) -> BlockQuantized:
         """Quantize once per bundle: three expert graphs share their attention and lm_head codes."""
-        key = ("blockwise", name, q.bits, q.block_size, q.symmetric)
+        key = ("blockwise", name, q.bits, q.block_size, q.symmetric, scales is not None)
         if key not in self.store.cache:
             w = np.asarray(weight_kn() if callable(weight_kn) else weight_kn, dtype=np.float32)
+            if scales is not None:
+                w = w * scales[:, None]
             self.store.cache[key] = quantize_blockwise(w, q.bits, q.block_size, q.symmetric)
+            if scales is not None:
+                self.store.cache[("awq_scales", name)] = scales
         return self.store.cache[key]
 
     def const(self, value: object, dtype: np.dtype | type, hint: str) -> str:

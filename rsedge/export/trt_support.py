@@ -282,7 +282,7 @@ GRAPH = "<graph>"
 
 
 def _vtuple(version: str) -> tuple[int, int]:
-    major, minor = (version.split(".") + ["0"])[:2]
+    major, minor = [*version.split("."), "0"][:2]
     return int(major), int(minor)
 
 
@@ -374,15 +374,24 @@ def _check_versions(model: onnx.ModelProto, table: TrtTable) -> list[Issue]:
     ir = int(model.ir_version)
     if table.onnx_ir is None:
         if ir > 9:  # 10.0-10.5 were built against ONNX >= 1.14 (IR 9); the exact release is not sourced
-            out.append(Issue(GRAPH, "ir_version", f"IR version {ir}: the ONNX release {trt}'s parser was built "
-                             "against is unverified (>= 1.14, IR 9); a newer IR only draws a warning", UNVERIFIED))
+            out.append(
+                Issue(
+                    GRAPH,
+                    "ir_version",
+                    f"IR version {ir}: the ONNX release {trt}'s parser was built "
+                    "against is unverified (>= 1.14, IR 9); a newer IR only draws a warning",
+                    UNVERIFIED,
+                )
+            )
     elif ir > table.onnx_ir:
         out.append(Issue(GRAPH, "ir_version", f"IR version {ir} is newer than the IR {table.onnx_ir} {trt}'s parser "
                          "was built against; it is parsed, with a 'newer ir_version' warning", WARNING))  # fmt: skip
     return out
 
 
-def _check_initializers(model: onnx.ModelProto, table: TrtTable, v: tuple[int, int], folder: Path | None) -> list[Issue]:
+def _check_initializers(
+    model: onnx.ModelProto, table: TrtTable, v: tuple[int, int], folder: Path | None
+) -> list[Issue]:
     out: list[Issue] = []
     missing: set[str] = set()
     for t in model.graph.initializer:
@@ -580,7 +589,9 @@ def check_bundle(bundle_dir: str | Path, target: str) -> dict[str, list[Issue]]:
     return {f: check_graph(root / f, target) for f in bundle_graph_files(manifest)}
 
 
-def format_report(results: Mapping[str, list[Issue]], target: str, show: Iterable[str] = (ERROR, WARNING, UNVERIFIED)) -> str:
+def format_report(
+    results: Mapping[str, list[Issue]], target: str, show: Iterable[str] = (ERROR, WARNING, UNVERIFIED)
+) -> str:
     """Human-readable report of check_bundle's result; identical findings on many nodes are folded into one line."""
     version = resolve_version(target)
     table = TABLES[version]
@@ -590,7 +601,7 @@ def format_report(results: Mapping[str, list[Issue]], target: str, show: Iterabl
     show = set(show)
     for graph, issues in results.items():
         count = Counter(i.severity for i in issues)
-        summary = ", ".join(f"{count[s]} {s}{'s' if count[s] != 1 else ''}" for s in (ERROR, WARNING, UNVERIFIED))
+        summary = ", ".join(f"{s} {count[s]}" for s in (ERROR, WARNING, UNVERIFIED))
         lines.append(f"  {graph}: {'ok' if passes(issues) else 'REJECTED'} ({summary})")
         folded: dict[tuple[str, str, str], list[str]] = {}
         for i in issues:

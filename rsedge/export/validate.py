@@ -75,7 +75,11 @@ def apply_fake_quant(model: RSUniVLMForCausalLM, cache: dict) -> None:
             continue
         if key[0] != "blockwise":
             continue
-        name, w = key[1], torch.from_numpy(value.dequantize().T.copy())  # [out, in] as torch stores it
+        name, deq = key[1], value.dequantize()
+        awq = cache.get(("awq_scales", name))
+        if awq is not None:  # the graph divides x by s; fold it back into the reference's weight
+            deq = deq / awq[:, None]
+        w = torch.from_numpy(deq.T.copy())  # [out, in] as torch stores it
         base = name.removesuffix(".weight_t").removesuffix(".weight.t")
         if base.endswith("qkv_proj"):
             attn = base.removesuffix(".qkv_proj")

@@ -7,9 +7,15 @@ manifest stores it whole, so a bundle says exactly how it was made.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
 
 from rsedge.errors import OptionError
+from rsedge.quantize.activations import LinearStats
+from rsedge.quantize.awq import AwqResult, search_scales
 from rsedge.quantize.blockwise import WeightQuantConfig
 
 
@@ -21,6 +27,7 @@ class Recipe:
     lm_head: WeightQuantConfig | None
     embeddings: str  # "model" (graph dtype) or "int8-rows" (per-row symmetric, dequantized by the runtime)
     vision: str  # "model": the vision graph stays in the graph dtype
+    algorithm: str = "rtn"  # "rtn" or "awq" (needs a calibration set)
     exclude: tuple[str, ...] = field(default_factory=tuple)  # regexes of weight names kept unquantized
 
     def weight_quant(self, name: str) -> WeightQuantConfig | None:
@@ -41,7 +48,37 @@ class Recipe:
         return asdict(self)
 
 
-def make_recipe(precision: str, block_size: int = 128, form: str = "ort", accuracy_level: int = 4) -> Recipe | None:
+@dataclass
+class QuantPlan:
+    """A recipe plus what calibration decided for this model (AWQ input scales per weight)."""
+
+    recipe: Recipe
+    stats: dict[str, LinearStats] = field(default_factory=dict)  # calibration activations per weight
+    awq: dict[str, AwqResult] = field(default_factory=dict)
+
+    def weight_quant(self, name: str) -> WeightQuantConfig | None:
+        return self.recipe.weight_quant(name)
+
+    def input_scales(self, name: str, weight_kn: np.ndarray | Callable[[], np.ndarray]) -> np.ndarray | None:
+        """AWQ scales of a weight's input channels, searched on first use (None: plain RTN)."""
+        q = self.weight_quant(name)
+        if self.recipe.algorithm != "awq" or q is None or name not in self.stats:
+            return None
+        if name not in self.awq:
+            w = np.asarray(weight_kn() if callable(weight_kn) else weight_kn, dtype=np.float32)
+            self.awq[name] = search_scales(w, self.stats[name], q)
+        return self.awq[name].scales
+
+    def summary(self) -> dict[str, Any]:
+        """What calibration decided, for the manifest: alpha and error reduction per weight."""
+        return {
+            name: {"alpha": r.alpha, "rtn_mse": r.rtn_mse, "awq_mse": r.awq_mse} for name, r in sorted(self.awq.items())
+        }
+
+
+def make_recipe(
+    precision: str, block_size: int = 128, form: str = "ort", accuracy_level: int = 4, algorithm: str = "rtn"
+) -> Recipe | None:
     """The built-in recipe of a precision; None for fp32/fp16 (nothing quantized)."""
     if precision in ("fp32", "fp16"):
         return None
@@ -52,5 +89,15 @@ def make_recipe(precision: str, block_size: int = 128, form: str = "ort", accura
         w4 = WeightQuantConfig(bits=4, block_size=block_size, form=form, accuracy_level=accuracy_level)
         # lm_head is 27% of a Qwen2-0.5B decoder's weights: INT4 too (as onnxruntime-genai does), unless
         # a parity report shows it is the sensitive part; then set lm_head to INT8 here.
-        return Recipe("int4-w4-rtn", 1, decoder=w4, lm_head=w4, embeddings="int8-rows", vision="model")
+        if algorithm not in ("rtn", "awq"):
+            raise OptionError(f"unknown INT4 algorithm {algorithm!r}; choose rtn or awq")
+        return Recipe(
+            f"int4-w4-{algorithm}",
+            1,
+            decoder=w4,
+            lm_head=w4,
+            embeddings="int8-rows",
+            vision="model",
+            algorithm=algorithm,
+        )
     raise OptionError(f"unknown precision {precision!r}; choose fp32, fp16, int8 or int4")
