@@ -215,6 +215,41 @@ def calibrate_build_cmd(sources: tuple[str, ...], out: Path, size: int, seed: in
     click.echo(calibrate_build_command(list(sources), out, size, seed))
 
 
+@main.command("check-trt")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option(
+    "--target", default="jp6.1", show_default=True, help="jp5.1, jp6.0, jp6.1, jp6.2 or a TensorRT version such as 10.3"
+)
+def check_trt_cmd(bundle: Path, target: str) -> None:
+    """Static check of a bundle's graphs against TensorRT's ONNX parser support for a JetPack."""
+    from rsedge.export.trt_support import check_bundle, format_report, passes
+
+    results = check_bundle(bundle, target)
+    click.echo(format_report(results, target))
+    if not all(passes(issues) for issues in results.values()):
+        sys.exit(1)
+
+
+@main.command("build-engines")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True, help="engine folder")
+@click.option("--max-prompt", type=click.IntRange(1, 32768), default=1536, show_default=True)
+@click.option("--max-total", type=click.IntRange(2, 32768), default=2048, show_default=True)
+@click.option("--max-images", type=click.IntRange(1, 64), default=2, show_default=True)
+@click.option("--workspace-gb", type=click.FloatRange(0.25, 64), default=2.0, show_default=True)
+def build_engines_cmd(
+    bundle: Path, out: Path, max_prompt: int, max_total: int, max_images: int, workspace_gb: float
+) -> None:
+    """Build TensorRT engines from a bundle's ONNX, on the target device (needs the tensorrt package)."""
+    from rsedge.export.trt_build import build_bundle
+
+    engines = build_bundle(
+        bundle, out, max_prompt=max_prompt, max_total=max_total, max_images=max_images, workspace_gb=workspace_gb
+    )
+    for graph, engine in engines.items():
+        click.echo(f"{graph} -> {engine}")
+
+
 @main.command("bench-decode")
 @click.argument("model", type=click.Path(path_type=Path))
 @click.argument("bundle", type=click.Path(path_type=Path))

@@ -197,6 +197,9 @@ class GraphBuilder:
             inv = self.weight(f"{name}.awq_inv_scales", (1.0 / scales).astype(np.float32), file=file)
             x = self.op("Mul", [x, inv], name="awq/Mul", out=f"{name}_awq_input")
         bq = self._quantized(name, weight_kn, q, scales)
+        if q.form == "qdq" and q.bits == 4 and bq.k % q.block_size:
+            # TensorRT infers blocks from shapes and ignores block_size: a ragged last block would be misread.
+            raise OptionError(f"{name}: input size {bq.k} is not a multiple of the INT4 block size {q.block_size}")
         if q.form == "ort":
             tensors = matmulnbits_tensors(bq)
             ins = [x, self.weight(f"{name}.q{q.bits}", tensors["B"], file=file, cast=False)]
@@ -214,7 +217,7 @@ class GraphBuilder:
                 block_size=q.block_size,
                 accuracy_level=q.accuracy_level,
             )
-        self._qdq = True
+        self._qdq = q.bits == 4
         raw, shape, scales = qdq_tensors(bq)
         codes = f"{name}.q{q.bits}"
         if codes not in self._weights:
@@ -223,26 +226,31 @@ class GraphBuilder:
             else:
                 arr = np.frombuffer(raw, dtype=np.int8).reshape(shape)
                 self._weights[codes] = self.store.tensor(codes, arr, file)
-        w = self.op(
-            "DequantizeLinear",
-            [codes, self.weight(f"{name}.scales", scales, file=file)],
-            name="DequantizeLinear",
-            out=f"{name}_dequantized",
-            axis=0,
-            block_size=q.block_size,
-        )
+        if q.bits == 4:  # blocked along K: opset 21, TensorRT >= 10
+            attrs = {"axis": 0, "block_size": q.block_size}
+            scale = self.weight(f"{name}.scales", scales, file=file)
+        else:  # INT8 per output channel: opset 13 form, which every TensorRT takes
+            attrs = {"axis": 1}
+            # Before opset 19 DequantizeLinear takes float32 scales only; fp16 graphs cast its output.
+            f32 = self.opset < 19
+            scale = self.weight(f"{name}.scales", scales.reshape(-1).astype(np.float32), file=file, cast=not f32)
+        w = self.op("DequantizeLinear", [codes, scale], name="DequantizeLinear", out=f"{name}_dequantized", **attrs)
+        if q.bits == 8 and self.opset < 19:
+            w = self.to_model(w, name="Cast_dequantized")
         return self.op("MatMul", [x, w], out=out)
 
     def _quantized(
         self, name: str, weight_kn: ArrayOrFactory, q: WeightQuantConfig, scales: np.ndarray | None
     ) -> BlockQuantized:
         """Quantize once per bundle: three expert graphs share their attention and lm_head codes."""
-        key = ("blockwise", name, q.bits, q.block_size, q.symmetric, scales is not None)
+        key = ("blockwise", name, q.bits, q.block_size, q.symmetric, q.form, scales is not None)
         if key not in self.store.cache:
             w = np.asarray(weight_kn() if callable(weight_kn) else weight_kn, dtype=np.float32)
             if scales is not None:
                 w = w * scales[:, None]
-            self.store.cache[key] = quantize_blockwise(w, q.bits, q.block_size, q.symmetric)
+            # The TensorRT INT8 form is per output channel (one block spanning K); the rest is block-wise.
+            block = w.shape[0] if (q.form == "qdq" and q.bits == 8) else q.block_size
+            self.store.cache[key] = quantize_blockwise(w, q.bits, block, q.symmetric)
             if scales is not None:
                 self.store.cache[("awq_scales", name)] = scales
         return self.store.cache[key]

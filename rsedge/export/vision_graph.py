@@ -99,20 +99,25 @@ def _encoder_layer(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], v
     return b.op("Add", [x, h], name="residual_mlp/Add", out="hidden")
 
 
+#   x --Cast f32--> d = x - ReduceMean(x);  d / Sqrt(ReduceMean(d^2) + eps) --Cast model--> * w + b
+#   (spelled out: TensorRT 8.5 / JetPack 5.1 has no LayerNormalization op; onnxruntime and TensorRT 8.6+
+#   fuse the pattern back into one normalization kernel)
 def _layer_norm(
     b: GraphBuilder, x: str, pre: str, weights: Mapping[str, np.ndarray], vc: VisionConfig, scope: str
 ) -> str:
     D = vc.hidden_size
     w = b.weight(f"{pre}.weight", get_weight(weights, f"{pre}.weight", (D,)))
     bias = b.weight(f"{pre}.bias", get_weight(weights, f"{pre}.bias", (D,)))
-    return b.op(
-        "LayerNormalization",
-        [x, w, bias],
-        name=f"{scope}/LayerNormalization",
-        out=scope,
-        axis=-1,
-        epsilon=vc.layer_norm_eps,
-    )
+    with b.scope(scope):
+        xf = b.to_float(x)
+        mean = b.reduce_mean(xf, [-1], out="mean")
+        d = b.op("Sub", [xf, mean], out="centered")
+        sq = b.op("Pow", [d, b.scalar(2.0, "two_f32", np.float32)], out="squared")  # Pow: what ORT's fusion matches
+        var = b.reduce_mean(sq, [-1], out="variance")
+        var = b.op("Add", [var, b.scalar(vc.layer_norm_eps, "layer_norm_eps", np.float32)], out="variance_eps")
+        normed = b.to_model(b.op("Div", [d, b.op("Sqrt", [var], out="std")], out="normalized"))
+        scaled = b.op("Mul", [normed, w], name="Mul_weight", out="scaled")
+        return b.op("Add", [scaled, bias], name="Add_bias", out="output")
 
 
 #   x --MatMul W^T [in,out]--Add bias--> out

@@ -40,9 +40,9 @@ class Recipe:
 
     @property
     def opset(self) -> int:
-        """Blocked DequantizeLinear (the TensorRT form) needs opset 21; MatMulNBits graphs stay at 17."""
-        forms = {q.form for q in (self.decoder, self.lm_head) if q is not None}
-        return 21 if "qdq" in forms else 17
+        """INT4 blocked DequantizeLinear (the TensorRT form) needs opset 21; everything else stays at 17."""
+        blocked_dq = any(q is not None and q.form == "qdq" and q.bits == 4 for q in (self.decoder, self.lm_head))
+        return 21 if blocked_dq else 17
 
     def to_json(self) -> dict:
         return asdict(self)

@@ -61,6 +61,7 @@ class TrainConfig:
         }
     )
     tokenizer_vocab: int = 1024
+    tokenizer_samples: int = 4000  # training-split samples whose text the tokenizer is fitted on
     real_fraction: float = 0.05  # share of batches drawn from the real training samples
     eval_per_task: int = 100
     threads: int = 2
@@ -153,7 +154,7 @@ def train(
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    tok = train_tokenizer(cfg.tokenizer_vocab, tokenizer_text(cfg.seed))
+    tok = train_tokenizer(cfg.tokenizer_vocab, tokenizer_text(cfg.seed, cfg.tokenizer_samples))
     special = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
     config = model_config(cfg, tok.get_vocab_size(), special)
     model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(config))
