@@ -87,6 +87,19 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
     help="calibration set folder (rsedge calibrate build) or rs-default (shipped RS images)",
 )
 @click.option(
+    "--vision",
+    type=click.Choice(["model", "int8"]),
+    default=None,
+    help="vision graph: static INT8 Q/DQ (the int8 default) or kept in the compute dtype (the int4 default)",
+)
+@click.option(
+    "--vision-calibration",
+    type=click.Choice(["minmax", "percentile", "entropy"]),
+    default="percentile",
+    show_default=True,
+    help="activation calibrator of the INT8 vision graph",
+)
+@click.option(
     "--compute",
     type=click.Choice(["fp32", "fp16"]),
     default=None,
@@ -98,6 +111,8 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
 @click.option("--no-validate", is_flag=True, help="skip the check against the PyTorch reference")
 def export_cmd(
     model: Path,
+    vision: str | None,
+    vision_calibration: str,
     algorithm: str,
     calibration: str,
     out: Path,
@@ -123,6 +138,8 @@ def export_cmd(
     from rich.console import Console
 
     options = dict(
+        vision=vision,
+        vision_calibration=vision_calibration,
         algorithm=algorithm,
         calibration=calibration,
         precision=precision,

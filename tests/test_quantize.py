@@ -161,3 +161,22 @@ def test_awq_export_calibrates_per_expert_and_caches(tiny_checkpoint, tmp_path, 
     second = export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", block_size=32, algorithm="awq")
     assert second["calibration"]["statistics_cached"] is True
     assert second["calibration"]["sha256"] == first["calibration"]["sha256"]
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_int8_vision_static_qdq_each_calibrator(method, tiny_checkpoint, tmp_path):
+    import onnx
+
+    from rsedge.export.trt_support import check_bundle, passes
+
+    m = export_bundle(tiny_checkpoint, tmp_path / "b", precision="int8", form="qdq", block_size=32,
+                      vision_calibration=method)
+    assert m["quantization"]["vision"] == "int8" and m["quantization"]["vision_calibration"] == method
+    assert m["calibration"]["name"] == "rs-default"
+    vision = next(c for c in m["validation"]["graphs"] if c["graph"] == "vision")
+    assert vision["passed"] and vision["cosine"] >= 0.99
+    graph = onnx.load(str(tmp_path / "b" / "vision_int8.onnx"), load_external_data=False)
+    ops = {n.op_type for n in graph.graph.node}
+    assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    results = check_bundle(tmp_path / "b", "jp6.1")
+    assert all(passes(issues) for issues in results.values())

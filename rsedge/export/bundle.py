@@ -37,6 +37,7 @@ from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.weights import checkpoint_files, load_checkpoint_tensors
 from rsedge.quantize.calibrate import calibration_stats
 from rsedge.quantize.recipes import QuantPlan, make_recipe
+from rsedge.quantize.vision_int8 import quantize_vision
 from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
 from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
 
@@ -124,7 +125,10 @@ def write_graphs(
     """Vision graph, one decoder graph per expert, and the raw arrays the runtime reads (embedding, newline)."""
     store = WeightStore(tmp)
     progress("building vision graph")
-    vision = build_vision_graph(cfg, weights, store, dtype)
+    # A vision graph headed for static INT8 is calibrated in float32 (onnxruntime's histogram calibrators fail on
+    # float16 activations); TensorRT still runs its float layers in fp16 when built with the FP16 flag.
+    int8_vision = plan is not None and plan.recipe.vision == "int8"
+    vision = build_vision_graph(cfg, weights, store, np.float32 if int8_vision else dtype)
     save_graph(vision, tmp / "vision.onnx")
     graphs: dict[str, Any] = {"vision": {"file": "vision.onnx", **graph_io(vision)}}
     experts: dict[str, Any] = {}
@@ -139,8 +143,10 @@ def write_graphs(
         "kv_layout": "[batch, kv_heads, seq, head_dim]",
         "logits": "last position only",
     }
-    store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file="vision.bin")
-    arrays = {"image_newline": store.record("model.image_newline", "vision.bin")._asdict()}
+    # image_newline is read by the runtime, not by a graph: it lives with the decoder's shared weights, so a
+    # re-quantized vision graph can replace vision.bin whole.
+    store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file=DECODER_SHARED_BIN)
+    arrays = {"image_newline": store.record("model.image_newline", DECODER_SHARED_BIN)._asdict()}
     if plan is not None and plan.recipe.embeddings == "int8-rows":
         q, scales = quantize_rows(weights[EMBED_TOKENS])
         store.cache[("embed_rows",)] = (q, scales)
@@ -178,6 +184,8 @@ def export_bundle(
     compute: str | None = None,
     algorithm: str = "rtn",
     calibration: str | Path = "rs-default",
+    vision: str | None = None,
+    vision_calibration: str = "percentile",
 ) -> dict[str, Any]:
     """Export a checkpoint to a bundle folder; returns the manifest.
 
@@ -185,10 +193,18 @@ def export_bundle(
     fp16; quantized bundles default to fp32 for the onnxruntime form, fp16 for the TensorRT qdq form).
     ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
     ``algorithm`` "awq" calibrates INT4 scales on ``calibration`` ("rs-default": the shipped RS images).
+    ``vision`` "int8" quantizes the vision graph with static Q/DQ (the int8 default), "model" keeps it.
     """
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
-    recipe = make_recipe(precision, block_size=block_size, form=form, algorithm=algorithm)
+    recipe = make_recipe(
+        precision,
+        block_size=block_size,
+        form=form,
+        algorithm=algorithm,
+        vision=vision,
+        vision_calibration=vision_calibration,
+    )
     compute = compute or (precision if recipe is None else ("fp16" if form == "qdq" else "fp32"))
     if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):
         raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
@@ -203,21 +219,32 @@ def export_bundle(
     with atomic_folder(out) as tmp:
         plan = QuantPlan(recipe) if recipe is not None else None
         model = None
+        calib = resolve_calibration(calibration) if recipe is not None and recipe.needs_calibration else None
         calib_record = None
-        if plan is not None and recipe.algorithm == "awq":
-            progress("collecting calibration statistics")
-            model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
-            calib = resolve_calibration(calibration)
-            tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-            plan.stats, cached = calibration_stats(model, tok, calib, checkpoint_hash(checkpoint))
+        if calib is not None:
             calib_record = {
                 "name": calib.name,
                 "sha256": calib.content_hash,
                 "items": len(calib.items),
-                "per_expert": {str(e): len(calib.items_for_expert(e)) for e in range(3)},
-                "statistics_cached": cached,
+                "per_expert": {str(e): len(calib.items_for_expert(e)) for e in range(cfg.text.num_experts)},
             }
+        if plan is not None and recipe.algorithm == "awq":
+            progress("collecting calibration statistics")
+            model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
+            tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
+            plan.stats, calib_record["statistics_cached"] = calibration_stats(
+                model, tok, calib, checkpoint_hash(checkpoint)
+            )
         graphs, arrays, store = write_graphs(tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress)
+        if recipe is not None and recipe.vision == "int8":
+            progress(f"quantizing the vision graph to INT8 ({recipe.vision_calibration} calibration)")
+            quantize_vision(
+                tmp / "vision.onnx", tmp / "vision_int8.onnx", calib, cfg.vision.image_size, recipe.vision_calibration
+            )
+            (tmp / "vision.onnx").unlink()
+            (tmp / "vision.bin").unlink()
+            vision = onnx.load(str(tmp / "vision_int8.onnx"), load_external_data=False)
+            graphs["vision"] = {"file": "vision_int8.onnx", "quantized": "int8-qdq", **graph_io(vision)}
         manifest: dict[str, Any] = {
             "format": FORMAT,
             "format_version": FORMAT_VERSION,

@@ -24,6 +24,8 @@ TOLERANCES: dict[str, dict[str, float]] = {
     # is activation rounding (accuracy_level 4 runs int8 activations), so the bound is on shape, not bits.
     "int8": {"atol": 2e-2, "rtol": 5e-2, "min_cosine": 0.999},
     "int4": {"atol": 2e-2, "rtol": 5e-2, "min_cosine": 0.999},
+    # A statically quantized vision graph has INT8 activations too: no float reference to match bit for bit.
+    "vision-int8": {"atol": 5e-2, "rtol": 0.5, "min_cosine": 0.99},
 }
 ORT_NP = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
 
@@ -35,6 +37,7 @@ class GraphCheck:
     ref_scale: float
     cosine: float
     limit: float
+    min_cosine: float
     passed: bool
 
 
@@ -45,7 +48,8 @@ def compare(graph: str, got: np.ndarray, ref: np.ndarray, precision: str) -> Gra
     scale = float(np.max(np.abs(ref64)))
     cos = float(got64 @ ref64 / (np.linalg.norm(got64) * np.linalg.norm(ref64) + 1e-30))
     limit = tol["atol"] + tol["rtol"] * scale
-    return GraphCheck(graph, max_abs, scale, cos, limit, max_abs <= limit and cos >= tol["min_cosine"])
+    ok = max_abs <= limit and cos >= tol["min_cosine"]
+    return GraphCheck(graph, max_abs, scale, cos, limit, tol["min_cosine"], ok)
 
 
 def _session(path: Path) -> ort.InferenceSession:
@@ -108,7 +112,8 @@ def validate_bundle(
     pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
     got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
     ref_feats = model.encode_images(torch.from_numpy(pixels))
-    checks.append(compare("vision", got, ref_feats.numpy(), precision))
+    vision_tol = "vision-int8" if manifest["graphs"]["vision"].get("quantized") else precision
+    checks.append(compare("vision", got, ref_feats.numpy(), vision_tol))
     del vis
 
     # A prompt-shaped prefill: text embeddings around one image's visual tokens.
@@ -157,7 +162,7 @@ def validate_bundle(
         c = failed[0]
         raise ExportValidationError(
             f"{c.graph} disagrees with the PyTorch reference: max|diff| {c.max_abs:.3g} > {c.limit:.3g} "
-            f"or cosine {c.cosine:.6f} < {TOLERANCES[precision]['min_cosine']} ({precision})"
+            f"or cosine {c.cosine:.6f} < {c.min_cosine} ({precision})"
         )
     return checks
 

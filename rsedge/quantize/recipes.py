@@ -18,6 +18,8 @@ from rsedge.quantize.activations import LinearStats
 from rsedge.quantize.awq import AwqResult, search_scales
 from rsedge.quantize.blockwise import WeightQuantConfig
 
+VISION_CHOICES = ("model", "int8")
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -26,8 +28,9 @@ class Recipe:
     decoder: WeightQuantConfig | None  # every decoder linear (attention, experts)
     lm_head: WeightQuantConfig | None
     embeddings: str  # "model" (graph dtype) or "int8-rows" (per-row symmetric, dequantized by the runtime)
-    vision: str  # "model": the vision graph stays in the graph dtype
+    vision: str  # "model": the graph dtype; "int8": static Q/DQ calibrated on RS images
     algorithm: str = "rtn"  # "rtn" or "awq" (needs a calibration set)
+    vision_calibration: str = "percentile"  # minmax, percentile or entropy (for vision "int8")
     exclude: tuple[str, ...] = field(default_factory=tuple)  # regexes of weight names kept unquantized
 
     def weight_quant(self, name: str) -> WeightQuantConfig | None:
@@ -37,6 +40,10 @@ class Recipe:
         if name.startswith(("lm_head.", "model.embed_tokens.")):
             return self.lm_head
         return self.decoder
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.algorithm == "awq" or self.vision == "int8"
 
     @property
     def opset(self) -> int:
@@ -77,14 +84,30 @@ class QuantPlan:
 
 
 def make_recipe(
-    precision: str, block_size: int = 128, form: str = "ort", accuracy_level: int = 4, algorithm: str = "rtn"
+    precision: str,
+    block_size: int = 128,
+    form: str = "ort",
+    accuracy_level: int = 4,
+    algorithm: str = "rtn",
+    vision: str | None = None,
+    vision_calibration: str = "percentile",
 ) -> Recipe | None:
     """The built-in recipe of a precision; None for fp32/fp16 (nothing quantized)."""
+    if vision is not None and vision not in VISION_CHOICES:
+        raise OptionError(f"vision precision must be one of {', '.join(VISION_CHOICES)}, got {vision!r}")
     if precision in ("fp32", "fp16"):
         return None
     if precision == "int8":
         w8 = WeightQuantConfig(bits=8, block_size=block_size, form=form, accuracy_level=accuracy_level)
-        return Recipe("int8-w8", 1, decoder=w8, lm_head=w8, embeddings="int8-rows", vision="model")
+        return Recipe(
+            "int8-w8",
+            1,
+            decoder=w8,
+            lm_head=w8,
+            embeddings="int8-rows",
+            vision=vision or "int8",
+            vision_calibration=vision_calibration,
+        )
     if precision == "int4":
         w4 = WeightQuantConfig(bits=4, block_size=block_size, form=form, accuracy_level=accuracy_level)
         # lm_head is 27% of a Qwen2-0.5B decoder's weights: INT4 too (as onnxruntime-genai does), unless
@@ -97,7 +120,8 @@ def make_recipe(
             decoder=w4,
             lm_head=w4,
             embeddings="int8-rows",
-            vision="model",
+            vision=vision or "model",
             algorithm=algorithm,
+            vision_calibration=vision_calibration,
         )
     raise OptionError(f"unknown precision {precision!r}; choose fp32, fp16, int8 or int4")
