@@ -42,11 +42,12 @@ def main() -> None:
     show_default=True,
     help="square (released) or anyres_max_N (tiny only)",
 )
-def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str) -> None:
-    """Write a random-weight RSUniVLM checkpoint in the released on-disk layout."""
-    from rsedge.models.rsunivlm.checkpoint import make_checkpoint
+@click.option("--architecture", default="rsunivlm", show_default=True, help="registered architecture")
+def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architecture: str) -> None:
+    """Write a random-weight checkpoint in the released on-disk layout (RSUniVLM by default)."""
+    from rsedge.models.registry import by_name
 
-    click.echo(str(make_checkpoint(out, size=size, seed=seed, aspect=aspect)))
+    click.echo(str(by_name(architecture).load().make_checkpoint(out, size=size, seed=seed, aspect=aspect)))
 
 
 @main.command("export")
@@ -124,7 +125,7 @@ def export_cmd(
     no_validate: bool,
 ) -> None:
     """Export a checkpoint directory to a validated bundle."""
-    from rsedge.export.bundle import export_bundle
+    from rsedge.models.registry import architecture_for
 
     router = None
     if router_json is not None:
@@ -135,6 +136,7 @@ def export_cmd(
             raise OptionError("--router must be a JSON object mapping tags to expert indices") from None
     if not model.is_dir():
         raise OptionError(f"{model}: no such checkpoint directory")
+    export_bundle = architecture_for(model).load().export
     from rich.console import Console
 
     options = dict(

@@ -169,8 +169,9 @@ def test_int8_vision_static_qdq_each_calibrator(method, tiny_checkpoint, tmp_pat
 
     from rsedge.export.trt_support import check_bundle, passes
 
-    m = export_bundle(tiny_checkpoint, tmp_path / "b", precision="int8", form="qdq", block_size=32,
-                      vision_calibration=method)
+    m = export_bundle(
+        tiny_checkpoint, tmp_path / "b", precision="int8", form="qdq", block_size=32, vision_calibration=method
+    )
     assert m["quantization"]["vision"] == "int8" and m["quantization"]["vision_calibration"] == method
     assert m["calibration"]["name"] == "rs-default"
     vision = next(c for c in m["validation"]["graphs"] if c["graph"] == "vision")

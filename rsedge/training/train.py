@@ -23,7 +23,7 @@ import torch
 from safetensors.torch import save_file
 
 from rsedge.fsutil import atomic_folder
-from rsedge.models.rsunivlm.checkpoint import checkpoint_config_dict
+from rsedge.models.rsunivlm.checkpoint import checkpoint_config_dict, write_config_files
 from rsedge.models.rsunivlm.config import RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.tokenizer_files import train_tokenizer, write_tokenizer_files
@@ -132,14 +132,7 @@ def save_checkpoint(model: RSUniVLMForCausalLM, config: dict[str, Any], tok, out
     with atomic_folder(out) as tmp:
         special = write_tokenizer_files(tok, tmp)
         assert special["<|im_end|>"] == config["eos_token_id"]
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps(
-                {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False},
-                indent=2,
-            )
-            + "\n"
-        )
+        write_config_files(tmp, config)
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         (tmp / "training_record.json").write_text(json.dumps(record, indent=2) + "\n")
 

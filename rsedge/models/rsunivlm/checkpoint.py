@@ -122,6 +122,13 @@ def checkpoint_config(size: str, vocab_size: int, special: dict[str, int], aspec
     )
 
 
+def write_config_files(folder: Path, config: dict[str, Any]) -> None:
+    """config.json and the greedy generation_config.json of the released layout."""
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    generation = {"bos_token_id": config["bos_token_id"], "eos_token_id": config["eos_token_id"], "do_sample": False}
+    (folder / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+
+
 def random_tensors(cfg: RSUniVLMConfig, seed: int, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Weights scaled so activations stay O(1) and logits are peaked (greedy parity then has margin).
 
@@ -183,14 +190,7 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, aspect: 
         special = write_tokenizer_files(tok, tmp)
         vocab = spec.get("vocab_size", tok.get_vocab_size())
         cfg_dict = checkpoint_config(size, vocab, special, aspect)
-        (tmp / "config.json").write_text(json.dumps(cfg_dict, indent=2) + "\n")
-        (tmp / "generation_config.json").write_text(
-            json.dumps(
-                {"bos_token_id": special["<|endoftext|>"], "eos_token_id": special["<|im_end|>"], "do_sample": False},
-                indent=2,
-            )
-            + "\n"
-        )
+        write_config_files(tmp, cfg_dict)
         cfg = RSUniVLMConfig.from_dict(cfg_dict)
         _save_sharded(random_tensors(cfg, seed, spec["dtype"]), tmp, spec["shard_bytes"])
     return out

@@ -1,0 +1,29 @@
+"""Every registered architecture has a tiny checkpoint that loads strictly and exports (none is untested)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from rsedge.errors import CheckpointError
+from rsedge.models.registry import ARCHITECTURES, architecture_for, by_name
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+def test_every_architecture_has_a_working_tiny_checkpoint(arch, tmp_path):
+    module = arch.load()
+    ckpt = module.make_checkpoint(tmp_path / "ckpt", size="tiny", seed=3)
+    assert architecture_for(ckpt) == arch
+    model = module.REFERENCE.from_checkpoint(ckpt)
+    assert isinstance(model.cfg, module.CONFIG)
+    manifest = module.export(ckpt, tmp_path / "bundle")
+    assert all(c["passed"] for c in manifest["validation"]["graphs"])
+
+
+def test_unknown_model_type_is_named(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama"}))
+    with pytest.raises(CheckpointError, match="'llava_llama' is not supported"):
+        architecture_for(tmp_path)
+    with pytest.raises(CheckpointError, match="unknown architecture"):
+        by_name("unirs")
