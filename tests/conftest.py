@@ -60,3 +60,12 @@ def tiny_reference(tiny_checkpoint):
 @pytest.fixture(scope="session")
 def samples() -> Path:
     return SAMPLES
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle_gqa(tiny_checkpoint, tmp_path_factory) -> Path:
+    from rsedge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "gqa"
+    export_bundle(tiny_checkpoint, out, precision="fp32", attention="gqa")
+    return out

@@ -107,3 +107,12 @@ def test_fp16_bundle_tracks_reference(tiny_bundle_fp16, tiny_reference, samples)
     assert cos > 0.999
     agree = next((k for k, (a, b) in enumerate(zip(ans.tokens, ref_tokens, strict=False)) if a != b), NEW_TOKENS)
     assert agree >= 16, f"fp16 greedy tokens diverge from fp32 reference at step {agree}"
+
+
+@pytest.mark.parametrize("tag", ["[VG]", "[SEG]", "[CCD]"])
+def test_fused_gqa_decoder_parity(tag, tiny_bundle_gqa, tiny_reference, samples):
+    """onnxruntime's GroupQueryAttention form (the MatMulNBits bundles' attention) meets the same FP32 bar."""
+    pipe = Pipeline.load(tiny_bundle_gqa)
+    assert pipe.bundle.graph("decoder")["attention"] == "gqa"
+    paths = [samples / p for p in PAIR] if tag == "[CCD]" else [samples / SINGLE[tag]]
+    assert_parity(tiny_reference, pipe, paths, PROMPTS[tag], EXPECTED_EXPERT[tag])

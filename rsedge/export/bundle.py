@@ -121,6 +121,7 @@ def write_graphs(
     dtype: type,
     plan: QuantPlan | None,
     progress: Callable[[str], None],
+    attention: str = "standard",
 ) -> tuple[dict[str, Any], dict[str, Any], WeightStore]:
     """Vision graph, one decoder graph per expert, and the raw arrays the runtime reads (embedding, newline)."""
     store = WeightStore(tmp)
@@ -135,11 +136,12 @@ def write_graphs(
     for e in range(cfg.text.num_experts):
         progress(f"building decoder graph, expert {e}")
         opset = plan.recipe.opset if plan is not None else OPSET
-        dec = build_decoder_graph(cfg, weights, e, store, dtype, quant=plan, opset=opset)
+        dec = build_decoder_graph(cfg, weights, e, store, dtype, quant=plan, opset=opset, attention=attention)
         save_graph(dec, tmp / f"decoder_expert{e}.onnx")
         experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
     graphs["decoder"] = {
         "experts": experts,
+        "attention": attention,
         "kv_layout": "[batch, kv_heads, seq, head_dim]",
         "logits": "last position only",
     }
@@ -186,6 +188,7 @@ def export_bundle(
     calibration: str | Path = "rs-default",
     vision: str | None = None,
     vision_calibration: str = "percentile",
+    attention: str | None = None,
 ) -> dict[str, Any]:
     """Export a checkpoint to a bundle folder; returns the manifest.
 
@@ -194,6 +197,8 @@ def export_bundle(
     ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
     ``algorithm`` "awq" calibrates INT4 scales on ``calibration`` ("rs-default": the shipped RS images).
     ``vision`` "int8" quantizes the vision graph with static Q/DQ (the int8 default), "model" keeps it.
+    ``attention`` "gqa" (onnxruntime's fused GroupQueryAttention; the default of the MatMulNBits form, which
+    only onnxruntime runs anyway) or "standard" (portable ops; the default everywhere else).
     """
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
@@ -208,6 +213,7 @@ def export_bundle(
     compute = compute or (precision if recipe is None else ("fp16" if form == "qdq" else "fp32"))
     if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):
         raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
+    attention = attention or ("gqa" if recipe is not None and form == "ort" else "standard")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise OptionError(f"{out} already exists; remove it or choose another output folder")
@@ -235,7 +241,9 @@ def export_bundle(
             plan.stats, calib_record["statistics_cached"] = calibration_stats(
                 model, tok, calib, checkpoint_hash(checkpoint)
             )
-        graphs, arrays, store = write_graphs(tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress)
+        graphs, arrays, store = write_graphs(
+            tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress, attention
+        )
         if recipe is not None and recipe.vision == "int8":
             progress(f"quantizing the vision graph to INT8 ({recipe.vision_calibration} calibration)")
             quantize_vision(

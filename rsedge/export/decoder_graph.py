@@ -33,6 +33,8 @@ from rsedge.export.weight_store import WeightRecord, WeightStore
 from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
 
 DECODER_SHARED_BIN = "decoder_shared.bin"
+ATTENTION_IMPLS = ("standard", "gqa")
+ROPE_CACHE_POSITIONS = 32768  # rows of GroupQueryAttention's cos/sin tables (Qwen2-0.5B's context)
 EMBED_TOKENS = "model.embed_tokens.weight"
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
@@ -92,11 +94,16 @@ def build_decoder_graph(
     dtype: str = "float32",
     quant: QuantPlanLike | None = None,
     opset: int = OPSET,
+    attention: str = "standard",
 ) -> onnx.ModelProto:
     """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``.
 
-    ``quant`` gives each weight's quantization (None: everything stays in the model dtype).
+    ``quant`` gives each weight's quantization (None: everything stays in the model dtype). ``attention`` is
+    "standard" (portable ONNX ops, TensorRT) or "gqa" (onnxruntime's fused GroupQueryAttention with rotary:
+    one kernel per layer instead of ~30 small ops, for the onnxruntime-only MatMulNBits form).
     """
+    if attention not in ATTENTION_IMPLS:
+        raise OptionError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
     text = _text(cfg)
     if not 0 <= expert < text.num_experts:
         raise OptionError(f"expert {expert} is out of range 0..{text.num_experts - 1}")
@@ -110,14 +117,19 @@ def build_decoder_graph(
     pasts = [tuple(b.input(n, b.elem_type, [BATCH, kv, PAST, hd]) for n in past_names(i)) for i in range(L)]
 
     with b.scope("model"):
-        with b.scope("rotary_emb"):
-            rope = _rotary_tables(b, pos, text)
-        with b.scope("attn_mask"):
-            mask = _causal_mask(b, x, pasts[0][0], text.num_attention_heads // kv)
+        if attention == "gqa":
+            with b.scope("attn_lengths"):
+                ctx = _gqa_inputs(b, x, pasts[0][0], text)
+        else:
+            with b.scope("rotary_emb"):
+                rope = _rotary_tables(b, pos, text)
+            with b.scope("attn_mask"):
+                mask = _causal_mask(b, x, pasts[0][0], text.num_attention_heads // kv)
+            ctx = {"rope": rope, "mask": mask}
         presents = []
         for i in range(L):
             with b.scope(f"layers.{i}"):
-                x, present = _decoder_layer(b, x, pasts[i], rope, mask, weights, text, i, expert)
+                x, present = _decoder_layer(b, x, pasts[i], ctx, weights, text, i, expert, attention)
             presents.append(present)
         logits = _lm_head(b, x, weights, text)
 
@@ -135,6 +147,7 @@ def build_decoder_graph(
     meta = {
         "rsedge.graph": "decoder",
         "rsedge.expert": str(expert),
+        "rsedge.attention": attention,
         "rsedge.dtype": b.dtype.name,
         "rsedge.text_config": json.dumps(asdict(text), sort_keys=True),
         "rsedge.weight_files": json.dumps([DECODER_SHARED_BIN, expert_bin(expert)]),
@@ -191,18 +204,21 @@ def _decoder_layer(
     b: GraphBuilder,
     x: str,
     past: tuple[str, str],
-    rope: dict[str, str],
-    mask: str,
+    ctx: dict[str, object],
     weights: Mapping[str, np.ndarray],
     text: TextConfig,
     i: int,
     expert: int,
+    attention: str,
 ) -> tuple[str, tuple[str, str]]:
     pre = f"model.layers.{i}"
     with b.scope("input_layernorm"):
         h = _rms_norm(b, x, f"{pre}.input_layernorm.weight", weights, text)
     with b.scope("attn"):
-        h, present = _attention(b, h, past, rope, mask, weights, text, i)
+        if attention == "gqa":
+            h, present = _attention_gqa(b, h, past, ctx, weights, text, i)
+        else:
+            h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i)
     x = b.op("Add", [x, h], name="residual_attn/Add", out="residual_attn")
     with b.scope("post_attention_layernorm"):
         h = _rms_norm(b, x, f"{pre}.post_attention_layernorm.weight", weights, text)
@@ -241,18 +257,7 @@ def _attention(
 ) -> tuple[str, tuple[str, str]]:
     H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
-
-    def qkv_weight() -> np.ndarray:
-        ws = [get_weight(weights, f"{pre}.{p}_proj.weight", (n * hd, H)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
-        return np.concatenate([w.T for w in ws], axis=1)
-
-    def qkv_bias() -> np.ndarray:
-        bs = [get_weight(weights, f"{pre}.{p}_proj.bias", (n * hd,)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
-        return np.concatenate(bs)
-
-    with b.scope("qkv_proj"):
-        qkv = b.linear(x, f"{pre}.qkv_proj.weight_t", qkv_weight, out="qkv_nobias")
-        qkv = b.op("Add", [qkv, b.weight(f"{pre}.qkv_proj.bias", qkv_bias)], out="qkv")
+    qkv = _qkv_projection(b, x, weights, text, pre)
     splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
     q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
     perm = [0, 2, 1, 3]
@@ -295,6 +300,75 @@ def _attention(
 
 #   x [B,h,S,hd] --Cast f32--> x*cos + rotate_half(x)*sin --Cast model-->
 #   rotate_half(x) = Concat(-x[..., hd/2:], x[..., :hd/2])
+#   total = P + S (int32 scalar), seqlens_k = total - 1 per batch row: GroupQueryAttention's view of the cache;
+#   cos/sin [positions, hd/2] tables for its built-in rotary (rotate-half, Qwen2's convention)
+def _gqa_inputs(b: GraphBuilder, x: str, past_key0: str, text: TextConfig) -> dict[str, object]:
+    s = b.op("Shape", [x], out="seq_len", start=1, end=2)
+    p = b.op("Shape", [past_key0], out="past_len", start=2, end=3)
+    total = b.op("Cast", [b.op("Add", [p, s], out="total_len")], out="total_len_i32", to=TensorProto.INT32)
+    total_scalar = b.op("Squeeze", [total, b.ints([0], "axes_0")], out="total_len_scalar")
+    seqlens = b.op("Sub", [total, b.const([1], np.int32, "one_i32")], out="seqlens_k_1")
+    batch = b.op("Shape", [x], out="batch", start=0, end=1)
+    seqlens = b.op("Expand", [seqlens, batch], out="seqlens_k")
+    hd = text.head_dim
+    rows = min(ROPE_CACHE_POSITIONS, text.max_position_embeddings)
+    inv_freq = 1.0 / (text.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float64) / hd))
+    freqs = np.outer(np.arange(rows, dtype=np.float64), inv_freq)
+    cos = b.weight("model.rotary_emb.cos_cache", lambda: np.cos(freqs).astype(np.float32))
+    sin = b.weight("model.rotary_emb.sin_cache", lambda: np.sin(freqs).astype(np.float32))
+    return {"seqlens_k": seqlens, "total": total_scalar, "cos": cos, "sin": sin}
+
+
+#   x --MatMul W_qkv [H,(nh+2kv)hd] (q, k, v weights side by side) + bias--> packed qkv
+def _qkv_projection(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, pre: str) -> str:
+    H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+
+    def qkv_weight() -> np.ndarray:
+        ws = [get_weight(weights, f"{pre}.{p}_proj.weight", (n * hd, H)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
+        return np.concatenate([w.T for w in ws], axis=1)
+
+    def qkv_bias() -> np.ndarray:
+        bs = [get_weight(weights, f"{pre}.{p}_proj.bias", (n * hd,)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
+        return np.concatenate(bs)
+
+    with b.scope("qkv_proj"):
+        qkv = b.linear(x, f"{pre}.qkv_proj.weight_t", qkv_weight, out="qkv_nobias")
+        return b.op("Add", [qkv, b.weight(f"{pre}.qkv_proj.bias", qkv_bias)], out="qkv")
+
+
+#   x --MatMul W_qkv + b--> packed qkv [B,S,(nh+2kv)hd] --GroupQueryAttention(past_k/v, seqlens, rotary)-->
+#   [B,S,nh*hd] --MatMul W_o--> out;  present_k/v [B,kv,P+S,hd]
+def _attention_gqa(
+    b: GraphBuilder,
+    x: str,
+    past: tuple[str, str],
+    ctx: dict[str, object],
+    weights: Mapping[str, np.ndarray],
+    text: TextConfig,
+    i: int,
+) -> tuple[str, tuple[str, str]]:
+    H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    pre = f"model.layers.{i}.self_attn"
+    qkv = _qkv_projection(b, x, weights, text, pre)
+    inputs = [qkv, "", "", past[0], past[1], ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
+    out, k, v = b.op(
+        "GroupQueryAttention",
+        inputs,
+        out=["attn_output", "present_key", "present_value"],
+        n_out=3,
+        domain="com.microsoft",
+        num_heads=nh,
+        kv_num_heads=kv,
+        do_rotary=1,
+        rotary_interleaved=0,
+        scale=float(hd**-0.5),
+    )
+    with b.scope("o_proj"):
+        wo = lambda: get_weight(weights, f"{pre}.o_proj.weight", (H, nh * hd)).T  # noqa: E731
+        out = b.linear(out, f"{pre}.o_proj.weight_t", wo, out="output")
+    return out, (k, v)
+
+
 def _apply_rotary(b: GraphBuilder, x: str, cos: str, sin: str, hd: int) -> str:
     xf = b.to_float(x)
     half = b.ints([hd // 2, hd // 2], "rope_halves")
