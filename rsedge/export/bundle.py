@@ -26,7 +26,13 @@ from tokenizers import Tokenizer
 import rsedge
 from rsedge.calibration.calibset import resolve_calibration
 from rsedge.errors import OptionError
-from rsedge.export.decoder_graph import DECODER_SHARED_BIN, EMBED_TOKENS, build_decoder_graph, store_embedding_table
+from rsedge.export.decoder_graph import (
+    DECODER_SHARED_BIN,
+    EMBED_TOKENS,
+    ROPE_CACHE_POSITIONS,
+    build_decoder_graph,
+    store_embedding_table,
+)
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.validate import apply_fake_quant, checks_to_json, validate_bundle
 from rsedge.export.vision_graph import build_vision_graph
@@ -142,6 +148,9 @@ def write_graphs(
     graphs["decoder"] = {
         "experts": experts,
         "attention": attention,
+        "max_positions": min(ROPE_CACHE_POSITIONS, cfg.text.max_position_embeddings)
+        if attention == "gqa"
+        else cfg.text.max_position_embeddings,
         "kv_layout": "[batch, kv_heads, seq, head_dim]",
         "logits": "last position only",
     }

@@ -34,7 +34,9 @@ from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
 
 DECODER_SHARED_BIN = "decoder_shared.bin"
 ATTENTION_IMPLS = ("standard", "gqa")
-ROPE_CACHE_POSITIONS = 32768  # rows of GroupQueryAttention's cos/sin tables (Qwen2-0.5B's context)
+# Rows of GroupQueryAttention's cos/sin tables: the longest prompt + answer such a bundle takes (a pair of
+# anyres images stays well inside). The manifest records it and the runtime refuses longer requests.
+ROPE_CACHE_POSITIONS = 8192
 EMBED_TOKENS = "model.embed_tokens.weight"
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"

@@ -188,6 +188,12 @@ class Pipeline:
         t2 = time.perf_counter()
         dec = self.decoder(chosen)
         embeds = self.embed(ids, visual, dec.dtype)
+        limit = self.bundle.graph("decoder").get("max_positions")
+        if limit is not None and embeds.shape[1] + max_new_tokens > limit:
+            raise OptionError(
+                f"prompt ({embeds.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceed this bundle's "
+                f"{limit} positions"
+            )
         cache = KVCache(self.layers, self.kv_heads, self.head_dim, embeds.shape[1] + max_new_tokens, dec.dtype)
         sampler = Sampler(sampling or Sampling())
         stream = DecodeStream(skip_special_tokens=True)
