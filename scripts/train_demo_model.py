@@ -28,8 +28,15 @@ def main() -> None:
     ap.add_argument("--eval-per-task", type=int, default=TrainConfig.eval_per_task)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop training early, recorded")
     args = ap.parse_args()
-    cfg = TrainConfig(seed=args.seed, steps=args.steps, batch_size=args.batch_size, lr=args.lr,
-                      threads=args.threads, eval_per_task=args.eval_per_task, time_limit_s=args.time_limit)
+    cfg = TrainConfig(
+        seed=args.seed,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        threads=args.threads,
+        eval_per_task=args.eval_per_task,
+        time_limit_s=args.time_limit,
+    )
 
     def evaluate(ckpt: Path, c: TrainConfig) -> dict:
         return evaluate_checkpoint(ckpt, per_task=c.eval_per_task, seed=c.seed, splits=("train", "test"))
