@@ -62,10 +62,10 @@ def samples() -> Path:
     return SAMPLES
 
 
-@pytest.fixture(scope="session")
-def tiny_bundle_gqa(tiny_checkpoint, tmp_path_factory) -> Path:
+@pytest.fixture(scope="session", params=["gqa", "gqa-shared"])
+def tiny_bundle_gqa(request, tiny_checkpoint, tmp_path_factory) -> Path:
     from rsedge.export.bundle import export_bundle
 
-    out = tmp_path_factory.mktemp("bundle") / "gqa"
-    export_bundle(tiny_checkpoint, out, precision="fp32", attention="gqa")
+    out = tmp_path_factory.mktemp("bundle") / request.param
+    export_bundle(tiny_checkpoint, out, precision="fp32", attention=request.param)
     return out

@@ -27,12 +27,11 @@ def _summary(engine: str, prefill_s: float, steps_s: list[float]) -> StepTiming:
 
 def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:
     from rsedge.runtime.pipeline import Pipeline
-    from rsedge.runtime.sessions import KVCache
 
     pipe = Pipeline.load(bundle, threads=threads, verify="size")
     dec = pipe.decoder(expert)
     embeds = pipe.embed_rows(prompt_ids)[None].astype(dec.dtype)
-    cache = KVCache(pipe.layers, pipe.kv_heads, pipe.head_dim, embeds.shape[1] + steps + 1, dec.dtype)
+    cache = dec.new_cache(pipe.kv_heads, pipe.head_dim, embeds.shape[1] + steps + 1)
     t0 = time.perf_counter()
     logits = dec.step(embeds, cache)
     prefill = time.perf_counter() - t0

@@ -149,7 +149,7 @@ def write_graphs(
         "experts": experts,
         "attention": attention,
         "max_positions": min(ROPE_CACHE_POSITIONS, cfg.text.max_position_embeddings)
-        if attention == "gqa"
+        if attention != "standard"
         else cfg.text.max_position_embeddings,
         "kv_layout": "[batch, kv_heads, seq, head_dim]",
         "logits": "last position only",
@@ -206,8 +206,9 @@ def export_bundle(
     ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
     ``algorithm`` "awq" calibrates INT4 scales on ``calibration`` ("rs-default": the shipped RS images).
     ``vision`` "int8" quantizes the vision graph with static Q/DQ (the int8 default), "model" keeps it.
-    ``attention`` "gqa" (onnxruntime's fused GroupQueryAttention; the default of the MatMulNBits form, which
-    only onnxruntime runs anyway) or "standard" (portable ops; the default everywhere else).
+    ``attention`` "gqa-shared" (onnxruntime's fused GroupQueryAttention over one preallocated KV buffer; the
+    default of the MatMulNBits form, which only onnxruntime runs anyway), "gqa" (the same, past and present
+    as separate tensors) or "standard" (portable ops; the default everywhere else).
     """
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
@@ -222,7 +223,7 @@ def export_bundle(
     compute = compute or (precision if recipe is None else ("fp16" if form == "qdq" else "fp32"))
     if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):
         raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
-    attention = attention or ("gqa" if recipe is not None and form == "ort" else "standard")
+    attention = attention or ("gqa-shared" if recipe is not None and form == "ort" else "standard")
     checkpoint, out = Path(checkpoint), Path(out)
     if out.exists():
         raise OptionError(f"{out} already exists; remove it or choose another output folder")

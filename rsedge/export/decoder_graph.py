@@ -33,7 +33,10 @@ from rsedge.export.weight_store import WeightRecord, WeightStore
 from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
 
 DECODER_SHARED_BIN = "decoder_shared.bin"
-ATTENTION_IMPLS = ("standard", "gqa")
+# "gqa-shared": the same fused attention with past and present in ONE preallocated buffer per layer
+# ([B, kv, capacity, hd]); the kernel writes only the new tokens instead of copying the whole cache.
+ATTENTION_IMPLS = ("standard", "gqa", "gqa-shared")
+CAPACITY = "kv_capacity"
 # Rows of GroupQueryAttention's cos/sin tables: the longest prompt + answer such a bundle takes (a pair of
 # anyres images stays well inside). The manifest records it and the runtime refuses longer requests.
 ROPE_CACHE_POSITIONS = 8192
@@ -116,12 +119,14 @@ def build_decoder_graph(
 
     x = b.input(INPUTS_EMBEDS, b.elem_type, [BATCH, SEQ, H])
     pos = b.input(POSITION_IDS, TensorProto.INT64, [BATCH, SEQ])
-    pasts = [tuple(b.input(n, b.elem_type, [BATCH, kv, PAST, hd]) for n in past_names(i)) for i in range(L)]
+    shared = attention == "gqa-shared"
+    past_len = CAPACITY if shared else PAST
+    pasts = [tuple(b.input(n, b.elem_type, [BATCH, kv, past_len, hd]) for n in past_names(i)) for i in range(L)]
 
     with b.scope("model"):
-        if attention == "gqa":
+        if attention != "standard":
             with b.scope("attn_lengths"):
-                ctx = _gqa_inputs(b, x, pasts[0][0], text)
+                ctx = _gqa_inputs(b, x, pos if shared else pasts[0][0], text, shared)
         else:
             with b.scope("rotary_emb"):
                 rope = _rotary_tables(b, pos, text)
@@ -138,7 +143,7 @@ def build_decoder_graph(
     b.output(logits, LOGITS, TensorProto.FLOAT, [BATCH, text.vocab_size])
     for i, (k, v) in enumerate(presents):
         for value, name in zip((k, v), present_names(i), strict=True):
-            b.output(value, name, b.elem_type, [BATCH, kv, TOTAL, hd])
+            b.output(value, name, b.elem_type, [BATCH, kv, CAPACITY if shared else TOTAL, hd])
 
     doc = (
         f"RSUniVLM Qwen2 decoder, expert {expert} of {text.num_experts}, {b.dtype.name}, opset 17. "
@@ -217,7 +222,7 @@ def _decoder_layer(
     with b.scope("input_layernorm"):
         h = _rms_norm(b, x, f"{pre}.input_layernorm.weight", weights, text)
     with b.scope("attn"):
-        if attention == "gqa":
+        if attention != "standard":
             h, present = _attention_gqa(b, h, past, ctx, weights, text, i)
         else:
             h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i)
@@ -304,9 +309,17 @@ def _attention(
 #   rotate_half(x) = Concat(-x[..., hd/2:], x[..., :hd/2])
 #   total = P + S (int32 scalar), seqlens_k = total - 1 per batch row: GroupQueryAttention's view of the cache;
 #   cos/sin [positions, hd/2] tables for its built-in rotary (rotate-half, Qwen2's convention)
-def _gqa_inputs(b: GraphBuilder, x: str, past_key0: str, text: TextConfig) -> dict[str, object]:
+def _gqa_inputs(b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared: bool) -> dict[str, object]:
     s = b.op("Shape", [x], out="seq_len", start=1, end=2)
-    p = b.op("Shape", [past_key0], out="past_len", start=2, end=3)
+    if shared:  # the buffer's length is its capacity: the past length is the first new token's position
+        first = b.op(
+            "Slice",
+            [past_src, b.ints([0, 0], "zeros_2"), b.ints([1, 1], "ones_2"), b.ints([0, 1], "axes_01")],
+            out="first_position",
+        )
+        p = b.op("Reshape", [first, b.ints([1], "shape_1")], out="past_len")
+    else:
+        p = b.op("Shape", [past_src], out="past_len", start=2, end=3)
     total = b.op("Cast", [b.op("Add", [p, s], out="total_len")], out="total_len_i32", to=TensorProto.INT32)
     total_scalar = b.op("Squeeze", [total, b.ints([0], "axes_0")], out="total_len_scalar")
     seqlens = b.op("Sub", [total, b.const([1], np.int32, "one_i32")], out="seqlens_k_1")

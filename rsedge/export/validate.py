@@ -15,6 +15,7 @@ import torch
 
 from rsedge.errors import ExportValidationError
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.runtime.sessions import DecoderSession, SessionConfig
 
 # max|graph - reference| <= atol + rtol * max|reference|, and cosine >= min_cosine
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -124,39 +125,22 @@ def validate_bundle(
         embeds = model.embed_prompt([*ids[:6], -200, *ids[6:]], [visual])
     next_ids = rng.integers(0, cfg.text.vocab_size, size=2).tolist()
     head_dim = cfg.text.head_dim
+    # Decoders run through the runtime's own session and KV cache: what is validated is what will run.
+    shared = manifest["graphs"]["decoder"].get("attention") == "gqa-shared"
     for expert, entry in sorted(manifest["graphs"]["decoder"]["experts"].items(), key=lambda kv: int(kv[0])):
         e = int(expert)
-        sess = _session(root / entry["file"])
-        dtype = ORT_NP[sess.get_inputs()[0].type]
-        past = {
-            f"past_key_values.{i}.{k}": np.zeros((1, cfg.text.num_key_value_heads, 0, head_dim), dtype)
-            for i in range(cfg.text.num_hidden_layers)
-            for k in ("key", "value")
-        }
+        dec = DecoderSession(root / entry["file"], SessionConfig(), cfg.text.num_hidden_layers, shared)
+        cache = dec.new_cache(cfg.text.num_key_value_heads, head_dim, embeds.shape[1] + len(next_ids))
         out = model.step(embeds, e)
         step_embeds = [embeds] + [model.lm.model.embed_tokens(torch.tensor([[t]])) for t in next_ids]
-        position = 0
         got_logits, ref_logits = [], []
         for k, emb in enumerate(step_embeds):
             if k:
                 out = model.step(emb, e, out.cache)
-            n = emb.shape[1]
-            feeds = {
-                "inputs_embeds": emb.numpy().astype(dtype),
-                "position_ids": np.arange(position, position + n)[None],
-            }
-            res = sess.run(None, {**feeds, **past})
-            names = [o.name for o in sess.get_outputs()]
-            got_logits.append(res[names.index("logits")][0])
+            got_logits.append(dec.step(emb.numpy(), cache).copy())
             ref_logits.append(out.logits[0, -1].numpy())
-            past = {
-                n.replace("present", "past_key_values"): v
-                for n, v in zip(names, res, strict=False)
-                if n.startswith("present")
-            }
-            position += n
         checks.append(compare(f"decoder_expert{e}", np.stack(got_logits), np.stack(ref_logits), precision))
-        del sess
+        del dec
     failed = [c for c in checks if not c.passed]
     if failed:
         c = failed[0]

@@ -26,7 +26,7 @@ from rsedge.runtime.preprocess import preprocess_anyres, preprocess_square
 from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
 from rsedge.runtime.router import route, task_tag
 from rsedge.runtime.sampling import Sampler, Sampling
-from rsedge.runtime.sessions import ORT_DTYPES, DecoderSession, KVCache, SessionConfig, make_session
+from rsedge.runtime.sessions import ORT_DTYPES, DecoderSession, SessionConfig, make_session
 
 ImageInput = str | Path | Image.Image
 MAX_NEW_TOKENS_LIMIT = 32000  # upstream demo's budget
@@ -97,7 +97,8 @@ class Pipeline:
         """The expert's decoder session, loaded on first use (a mission may need only one)."""
         if expert not in self._decoders:
             rel = self.bundle.graph("decoder")["experts"][str(expert)]["file"]
-            self._decoders[expert] = DecoderSession(self.bundle.path(rel), self.session_cfg, self.layers)
+            shared = self.bundle.graph("decoder").get("attention") == "gqa-shared"
+            self._decoders[expert] = DecoderSession(self.bundle.path(rel), self.session_cfg, self.layers, shared)
         return self._decoders[expert]
 
     def vision(self):
@@ -194,7 +195,7 @@ class Pipeline:
                 f"prompt ({embeds.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceed this bundle's "
                 f"{limit} positions"
             )
-        cache = KVCache(self.layers, self.kv_heads, self.head_dim, embeds.shape[1] + max_new_tokens, dec.dtype)
+        cache = dec.new_cache(self.kv_heads, self.head_dim, embeds.shape[1] + max_new_tokens)
         sampler = Sampler(sampling or Sampling())
         stream = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []

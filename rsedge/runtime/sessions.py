@@ -48,15 +48,24 @@ def make_session(path: Path, cfg: SessionConfig) -> ort.InferenceSession:
 
 
 class KVCache:
-    """Preallocated key/value buffers, two per layer and kind, used ping-pong.
+    """Preallocated key/value buffers for one request.
 
-    A step reads the past from one buffer and onnxruntime writes the present (past + new) straight into
-    the other through IO binding: no allocation and no host copy per token.
+    ``shared=False`` (portable graphs): two buffers per layer and kind, used ping-pong: a step reads the past
+    from one and onnxruntime writes the present (past + new) straight into the other through IO binding.
+    ``shared=True`` (fused GroupQueryAttention graphs): one [1, kv, capacity, hd] buffer per layer and kind,
+    bound as both past and present; the kernel writes only the new tokens into it. Either way there is no
+    allocation and no host copy per token.
     """
 
-    def __init__(self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: np.dtype) -> None:
+    def __init__(
+        self, layers: int, kv_heads: int, head_dim: int, capacity: int, dtype: np.dtype, shared: bool = False
+    ) -> None:
         self.layers, self.kv_heads, self.head_dim, self.capacity = layers, kv_heads, head_dim, capacity
-        self.buffers = np.empty((2, layers, 2, kv_heads * capacity * head_dim), dtype=dtype)
+        self.shared = shared
+        if shared:
+            self.buffers = np.zeros((layers, 2, 1, kv_heads, capacity, head_dim), dtype=dtype)
+        else:
+            self.buffers = np.empty((2, layers, 2, kv_heads * capacity * head_dim), dtype=dtype)
         self.length = 0
         self._src = 0
 
@@ -65,28 +74,37 @@ class KVCache:
         return flat.reshape(1, self.kv_heads, length, self.head_dim)
 
     def past(self, layer: int, kind: int) -> np.ndarray:
+        if self.shared:
+            return self.buffers[layer, kind]
         return self.view(self._src, layer, kind, self.length)
 
     def present(self, layer: int, kind: int, new_tokens: int) -> np.ndarray:
         if self.length + new_tokens > self.capacity:
             raise OptionError(f"KV cache full: {self.length}+{new_tokens} tokens exceed capacity {self.capacity}")
+        if self.shared:
+            return self.buffers[layer, kind]
         return self.view(1 - self._src, layer, kind, self.length + new_tokens)
 
     def advance(self, new_tokens: int) -> None:
         self.length += new_tokens
-        self._src = 1 - self._src
+        if not self.shared:
+            self._src = 1 - self._src
 
 
 class DecoderSession:
     """One expert's decoder graph, stepped with IO binding over a KVCache."""
 
-    def __init__(self, path: Path, cfg: SessionConfig, layers: int) -> None:
+    def __init__(self, path: Path, cfg: SessionConfig, layers: int, shared_kv: bool = False) -> None:
         self.session = make_session(path, cfg)
         self.layers = layers
+        self.shared_kv = shared_kv
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.dtype(ORT_DTYPES[inputs["inputs_embeds"].type])
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
         self._logits = np.empty((1, self.vocab), dtype=np.float32)
+
+    def new_cache(self, kv_heads: int, head_dim: int, capacity: int) -> KVCache:
+        return KVCache(self.layers, kv_heads, head_dim, capacity, self.dtype, shared=self.shared_kv)
 
     def step(self, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run S new tokens ([1,S,H]) after ``cache.length`` past ones; returns last-position logits [V]."""
