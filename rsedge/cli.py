@@ -336,7 +336,7 @@ def parity_cmd(
     from rsedge.parity.html import headline_metrics, render
     from rsedge.parity.report import parity_report
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, width=max(160, Console(stderr=True).width))
     res = parity_report(
         list(bundles),
         reference,
@@ -360,7 +360,12 @@ def parity_cmd(
                 f"{r['decode_ms_per_token_median'] or 0:.2f}",
             )
             if "size" in r
-            else ("", "", "", f"{r['decode_ms_per_token']:.2f}")
+            else (
+                f"{r['logits_cosine']:.4f}" if "logits_cosine" in r else "",
+                f"{r['greedy_token_agreement']:.3f}" if "greedy_token_agreement" in r else "",
+                f"{r['decoder_linear_mb']:.1f}*" if "decoder_linear_mb" in r else "",
+                f"{r['decode_ms_per_token']:.2f}",
+            )
         )
         table.add_row(r["precision"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)
     console.print(table)

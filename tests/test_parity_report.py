@@ -25,7 +25,7 @@ def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tin
     int4 = tmp_path / "int4"
     # standard attention: the fused form adds a fixed-size rotary table that dwarfs this tiny decoder
     export_bundle(tiny_checkpoint, int4, precision="int4", block_size=32, attention="standard")
-    res = parity_report([tiny_bundle, int4], tiny_checkpoint, data="synthetic-test", per_task=1)
+    res = parity_report([tiny_bundle, int4], tiny_checkpoint, data="synthetic-test", per_task=1, baselines=False)
     ref, fp32, q4 = res["rows"]
     assert fp32["greedy_token_agreement"] == 1.0
     assert fp32["logits_cosine"] > 0.999999
@@ -35,3 +35,17 @@ def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tin
     assert 0.5 < q4["logits_cosine"] < 1.0
     page = render(res)
     assert "<svg" in page and "int4" in page
+
+
+def test_bitsandbytes_baselines_when_available(tiny_checkpoint, tiny_bundle):
+    from rsedge.parity import bnb_baseline
+
+    if not bnb_baseline.available():
+        pytest.skip("bitsandbytes is not installed (optional baseline: pip install bitsandbytes)")
+    res = parity_report([tiny_bundle], tiny_checkpoint, data="synthetic-test", per_task=1)
+    rows = {r["precision"]: r for r in res["rows"]}
+    assert {"bnb-int8", "bnb-nf4"} <= set(rows)
+    int8, nf4 = rows["bnb-int8"], rows["bnb-nf4"]
+    assert nf4["decoder_linear_mb"] == pytest.approx(int8["decoder_linear_mb"] / 2)
+    assert 0.5 < nf4["logits_cosine"] < 1.0 and int8["logits_cosine"] > nf4["logits_cosine"] - 0.05
+    assert "bnb-nf4" in render(res)

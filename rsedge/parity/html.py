@@ -52,16 +52,21 @@ def render(report: dict[str, Any]) -> str:
     for r in rows:
         hm = headline_metrics(r)
         cells = "".join(f"<td>{hm.get(m, float('nan')):.3f}</td>" for m in metric_names)
-        extra = ""
-        if "logits_cosine" in r:
+        if "size" in r:  # a bundle
             extra = (
                 f"<td>{r['logits_cosine']:.5f}</td><td>{r['logits_sqnr_db']:.1f}</td>"
                 f"<td>{r['greedy_token_agreement']:.3f}</td><td>{r['size']['decoder_mb']:.1f}</td>"
                 f"<td>{r['prefill_ms_median']:.1f}</td><td>{(r['decode_ms_per_token_median'] or 0):.2f}</td>"
                 f"<td>{r['rss_mb_loaded']:.0f}</td>"
             )
+        elif "logits_cosine" in r:  # a bitsandbytes baseline in PyTorch
+            extra = (
+                f"<td>{r['logits_cosine']:.5f}</td><td>{r['logits_sqnr_db']:.1f}</td>"
+                f"<td>{r['greedy_token_agreement']:.3f}</td><td>{r['decoder_linear_mb']:.1f}*</td>"
+                f"<td>-</td><td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
+            )
         else:
-            extra = "<td colspan=7>reference</td>"
+            extra = f"<td colspan=5>reference</td><td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
         body.append(f"<tr><td>{html.escape(r['precision'])}</td>{cells}{extra}</tr>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rsedge parity report</title>
 <style>body{{font-family:sans-serif}} td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}</style>
@@ -70,6 +75,7 @@ def render(report: dict[str, Any]) -> str:
 <table><tr><th>bundle</th>{head}<th>logits cos</th><th>logits SQNR dB</th><th>greedy agree</th>
 <th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>RSS MB</th></tr>
 {"".join(body)}</table>
+<p>* bitsandbytes rows: bytes of the quantized decoder linears only (PyTorch, no bundle).</p>
 <h2>Task metrics</h2>{bar_chart(rows)}
 </body></html>
 """

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from rsedge.metrics import TaskReport
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.parity import bnb_baseline
 from rsedge.runtime.pipeline import Pipeline
 from rsedge.runtime.preprocess import preprocess_square
 from rsedge.runtime.prompt import build_prompt, tokenize
@@ -150,6 +151,7 @@ def parity_report(
     seed: int = 0,
     threads: int | None = None,
     log: Callable[[str], None] = lambda m: None,
+    baselines: bool = True,
 ) -> dict[str, Any]:
     samples = eval_samples(data, per_task, seed)
     log(f"{len(samples)} samples from {data}")
@@ -164,6 +166,26 @@ def parity_report(
             "decode_ms_per_token": statistics.median(ref.decode_ms_per_token),
         }
     ]
+    if baselines and bnb_baseline.available():
+        for kind in bnb_baseline.KINDS:
+            log(f"running the bitsandbytes baseline {kind}")
+            qmodel, size_mb = bnb_baseline.quantize_reference(model, kind)
+            run = run_reference(qmodel, tok, samples, qmodel.cfg.vision.image_size)
+            rows.append(
+                {
+                    "name": f"{kind} (PyTorch)",
+                    "precision": kind,
+                    "metrics": task_metrics(samples, run.answers),
+                    "logits_cosine": float(
+                        np.mean([cosine(a, c) for a, c in zip(ref.first_logits, run.first_logits, strict=True)])
+                    ),
+                    "logits_sqnr_db": sqnr_db(np.stack(ref.first_logits), np.stack(run.first_logits)),
+                    "greedy_token_agreement": token_agreement(ref.tokens, run.tokens),
+                    "decoder_linear_mb": size_mb,
+                    "decode_ms_per_token": statistics.median(run.decode_ms_per_token),
+                }
+            )
+            del qmodel
     for b in bundles:
         log(f"running {b}")
         gc.collect()
