@@ -27,6 +27,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--eval-per-task", type=int, default=TrainConfig.eval_per_task)
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop training early, recorded")
+    ap.add_argument("--init-from", default=None, help="continue from a checkpoint this script wrote")
+    ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    ap.add_argument("--mix", default=None, help='task mix as JSON, e.g. \'{"vg": 0.5, "seg": 0.2, ...}\'')
     args = ap.parse_args()
     cfg = TrainConfig(
         seed=args.seed,
@@ -36,6 +39,9 @@ def main() -> None:
         threads=args.threads,
         eval_per_task=args.eval_per_task,
         time_limit_s=args.time_limit,
+        init_from=args.init_from,
+        warmup=args.warmup,
+        mix=json.loads(args.mix) if args.mix else None,
     )
 
     def evaluate(ckpt: Path, c: TrainConfig) -> dict:

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors.torch import save_file
+from tokenizers import Tokenizer
 
 from rsedge.fsutil import atomic_folder
 from rsedge.models.rsunivlm.checkpoint import checkpoint_config_dict, write_config_files
@@ -66,6 +67,10 @@ class TrainConfig:
     eval_per_task: int = 100
     threads: int = 2
     time_limit_s: float | None = None  # stop early (recorded) if a machine is slower than planned
+    # Continue from an earlier run of this script (its tokenizer and weights); the data stream resumes
+    # after the samples that run consumed, so no training sample is seen twice.
+    init_from: str | None = None
+    mix: dict[str, float] | None = None  # task mix override (None: rsedge.synth.tasks.DEFAULT_MIX)
 
 
 def tokenizer_text(seed: int, n: int = 4000) -> list[str]:
@@ -95,12 +100,12 @@ def model_config(cfg: TrainConfig, vocab: int, special: dict[str, int]) -> dict[
     )
 
 
-def expert_batches(cfg: TrainConfig, tok, end_id: int) -> Iterator:
+def expert_batches(cfg: TrainConfig, tok, end_id: int, start: int = 0) -> Iterator:
     """Endless batches, each from the tasks of one expert; the expert mix follows the task mix."""
     rng = random.Random(cfg.seed)
     pools: dict[int, list] = {e: [] for e in range(3)}
     real = real_samples("train")
-    stream = iter_samples("train", cfg.seed)
+    stream = iter_samples("train", cfg.seed, mix=cfg.mix, start=start)
     while True:
         if real and rng.random() < cfg.real_fraction:
             picks = [rng.choice(real) for _ in range(cfg.batch_size)]
@@ -147,14 +152,24 @@ def train(
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
     t0 = time.time()
-    tok = train_tokenizer(cfg.tokenizer_vocab, tokenizer_text(cfg.seed, cfg.tokenizer_samples))
-    special = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
-    config = model_config(cfg, tok.get_vocab_size(), special)
-    model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(config))
+    parent: dict | None = None
+    start = 0
+    if cfg.init_from is not None:
+        src = Path(cfg.init_from)
+        parent = json.loads((src / "training_record.json").read_text())
+        start = parent.get("stream_end", 2 * parent["samples_seen"])
+        tok = Tokenizer.from_file(str(src / "tokenizer.json"))
+        config = json.loads((src / "config.json").read_text())
+        model = RSUniVLMForCausalLM.from_checkpoint(src)
+    else:
+        tok = train_tokenizer(cfg.tokenizer_vocab, tokenizer_text(cfg.seed, cfg.tokenizer_samples))
+        special = {t: tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")}
+        config = model_config(cfg, tok.get_vocab_size(), special)
+        model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(config))
     model.lm.config._attn_implementation = "sdpa"  # training speed; eager is the reference at inference
     model.train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-    batches = expert_batches(cfg, tok, special["<|im_end|>"])
+    batches = expert_batches(cfg, tok, tok.token_to_id("<|im_end|>"), start)
     history: list[dict[str, float]] = []
     window: list[float] = []
     steps_done = 0
@@ -185,6 +200,10 @@ def train(
         "train_config": asdict(cfg),
         "steps_done": steps_done,
         "samples_seen": steps_done * cfg.batch_size,
+        # Synthetic samples drawn (batches are filled per expert, so a few more than seen); a run started with
+        # --init-from resumes the stream here.
+        "stream_end": start + steps_done * cfg.batch_size * 2,
+        "parent": parent,
         "train_seconds": round(time.time() - t0, 1),
         "loss_history": history,
         "data": {
