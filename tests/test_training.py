@@ -57,8 +57,9 @@ def test_trained_checkpoint_is_in_the_released_layout(two_runs):
 def test_continue_from_an_earlier_run(two_runs, tmp_path):
     """--init-from keeps the tokenizer and config, resumes the data stream and records its parent."""
     _, root = two_runs
-    record = train(TrainConfig(seed=0, init_from=str(root / "run0"), mix={"vg": 1.0}, **MICRO), tmp_path / "c",
-                   log=lambda m: None)
+    record = train(
+        TrainConfig(seed=0, init_from=str(root / "run0"), mix={"vg": 1.0}, **MICRO), tmp_path / "c", log=lambda m: None
+    )
     assert record["parent"]["steps_done"] == 3
     assert record["stream_end"] > record["parent"]["stream_end"]
     assert (tmp_path / "c" / "tokenizer.json").read_text() == (root / "run0" / "tokenizer.json").read_text()
