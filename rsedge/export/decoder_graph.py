@@ -262,7 +262,7 @@ def _attention(
     text: TextConfig,
     i: int,
 ) -> tuple[str, tuple[str, str]]:
-    H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    nh, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
     qkv = _qkv_projection(b, x, weights, text, pre)
     splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
@@ -299,10 +299,7 @@ def _attention(
         out="context",
     )
 
-    with b.scope("o_proj"):
-        wo = lambda: get_weight(weights, f"{pre}.o_proj.weight", (H, nh * hd)).T  # noqa: E731
-        out = b.linear(ctx, f"{pre}.o_proj.weight_t", wo, out="output")
-    return out, (present_k, present_v)
+    return _o_projection(b, ctx, weights, text, pre), (present_k, present_v)
 
 
 #   x [B,h,S,hd] --Cast f32--> x*cos + rotate_half(x)*sin --Cast model-->
@@ -362,7 +359,7 @@ def _attention_gqa(
     text: TextConfig,
     i: int,
 ) -> tuple[str, tuple[str, str]]:
-    H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    nh, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
     qkv = _qkv_projection(b, x, weights, text, pre)
     inputs = [qkv, "", "", past[0], past[1], ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
@@ -378,10 +375,15 @@ def _attention_gqa(
         rotary_interleaved=0,
         scale=float(hd**-0.5),
     )
+    return _o_projection(b, out, weights, text, pre), (k, v)
+
+
+#   attention output [B,S,nh*hd] --MatMul W_o [nh*hd, H]--> out
+def _o_projection(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, pre: str) -> str:
+    H, nh, hd = text.hidden_size, text.num_attention_heads, text.head_dim
     with b.scope("o_proj"):
         wo = lambda: get_weight(weights, f"{pre}.o_proj.weight", (H, nh * hd)).T  # noqa: E731
-        out = b.linear(out, f"{pre}.o_proj.weight_t", wo, out="output")
-    return out, (k, v)
+        return b.linear(x, f"{pre}.o_proj.weight_t", wo, out="output")
 
 
 def _apply_rotary(b: GraphBuilder, x: str, cos: str, sin: str, hd: int) -> str:
