@@ -112,7 +112,8 @@ def validate_bundle(
     vin = vis.get_inputs()[0]
     pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
     got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
-    ref_feats = model.encode_images(torch.from_numpy(pixels))
+    with torch.no_grad():
+        ref_feats = model.encode_images(torch.from_numpy(pixels))
     vision_tol = "vision-int8" if manifest["graphs"]["vision"].get("quantized") else precision
     checks.append(compare("vision", got, ref_feats.numpy(), vision_tol))
     del vis

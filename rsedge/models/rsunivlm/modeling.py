@@ -119,9 +119,11 @@ class RSUniVLMForCausalLM(nn.Module):
 
     # -- vision ----------------------------------------------------------------------------------
 
-    @torch.no_grad()
     def encode_images(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[N,3,S,S] -> [N,T,H]: tower output before post_layernorm, then the connector."""
+        """[N,3,S,S] -> [N,T,H]: tower output before post_layernorm, then the connector.
+
+        Differentiable (training backpropagates through it); inference callers hold no_grad themselves.
+        """
         out = self.vision_tower.vision_model(pixel_values=pixel_values, output_hidden_states=True)
         return self.mm_projector(out.hidden_states[-1])
 
