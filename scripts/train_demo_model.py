@@ -29,6 +29,7 @@ def main() -> None:
     ap.add_argument("--time-limit", type=float, default=None, help="seconds; stop training early, recorded")
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint this script wrote")
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
+    ap.add_argument("--dense-weight", type=float, default=TrainConfig.dense_weight, help="0 turns it off")
     ap.add_argument("--mix", default=None, help='task mix as JSON, e.g. \'{"vg": 0.5, "seg": 0.2, ...}\'')
     args = ap.parse_args()
     cfg = TrainConfig(
@@ -42,6 +43,7 @@ def main() -> None:
         init_from=args.init_from,
         warmup=args.warmup,
         mix=json.loads(args.mix) if args.mix else None,
+        dense_weight=args.dense_weight,
     )
 
     def evaluate(ckpt: Path, c: TrainConfig) -> dict:

@@ -28,6 +28,7 @@ MICRO = dict(
         "num_key_value_heads": 1,
     },
 )
+SPECIAL = {"<|endoftext|>": 0, "<|im_start|>": 1, "<|im_end|>": 2}
 
 
 @pytest.fixture(scope="module")
@@ -65,3 +66,75 @@ def test_continue_from_an_earlier_run(two_runs, tmp_path):
     assert (tmp_path / "c" / "tokenizer.json").read_text() == (root / "run0" / "tokenizer.json").read_text()
     before, after = (load_file(str(p / "model.safetensors")) for p in (root / "run0", tmp_path / "c"))
     assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_dense_targets_follow_the_towers_token_order():
+    """Token t of the tower covers patch (t // grid, t % grid); the dense targets put each patch's truth there."""
+    import numpy as np
+
+    from rsedge.models.rsunivlm.config import RSUniVLMConfig
+    from rsedge.synth.scenes import LABEL_INDEX, OBJECT_CLASSES
+    from rsedge.synth.tasks import make_sample
+    from rsedge.training.dense import SUB, dense_target
+    from rsedge.training.train import model_config
+
+    cfg = TrainConfig(**MICRO)
+    grid = cfg.image_size // cfg.patch_size
+    model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(model_config(cfg, 400, SPECIAL)))
+    embed = model.vision_tower.vision_model.embeddings.patch_embedding
+    pixels = torch.zeros(1, 3, cfg.image_size, cfg.image_size)
+    pixels[:, :, 16:32, 0:16] = 1.0  # patch row 1, column 0
+    changed = (embed(pixels) - embed(torch.zeros_like(pixels))).flatten(2).abs().sum(1)[0]
+    assert int(changed.argmax()) == 1 * grid + 0
+
+    sample = make_sample("vg", np.random.default_rng(3), size=128)
+    scene = sample.scenes[0]
+    target = dense_target(scene, 8)
+    side = 8 * SUB
+    centres = ((np.arange(side) + 0.5) * 128 / side).astype(int)
+    for t in (0, 9, 63):
+        r, c = divmod(t, 8)
+        expect = scene.mask[np.ix_(centres[r * SUB : (r + 1) * SUB], centres[c * SUB : (c + 1) * SUB])]
+        assert np.array_equal(target.labels[t], expect.ravel())
+    target_obj = scene.objects[sample.meta["target"]]
+    cx, cy = target_obj.center
+    t = int(cy // 16) * 8 + int(cx // 16)
+    holder = target.objects[t]
+    assert holder[0] > 0 and OBJECT_CLASSES[holder[0] - 1] in {o.cls for o in scene.objects}
+    same_patch = [o for o in scene.objects if int(o.center[1] // 16) * 8 + int(o.center[0] // 16) == t]
+    if all(o.area <= target_obj.area for o in same_patch):
+        assert OBJECT_CLASSES[holder[0] - 1] == target_obj.cls
+        assert np.abs(holder[2:] - np.asarray(sample.meta["box"])).max() <= 0.5 + 1e-9
+    assert (target.objects[:, 0] == 0).sum() + (target.objects[:, 0] > 0).sum() == 64
+    assert set(np.unique(target.labels)) <= set(LABEL_INDEX.values())
+
+
+def test_dense_heads_are_not_written_to_the_checkpoint(two_runs):
+    """The auxiliary heads train the visual tokens but the checkpoint holds exactly the declared tensors."""
+    from rsedge.models.rsunivlm.config import RSUniVLMConfig
+    from rsedge.models.rsunivlm.weights import expected_tensors
+
+    records, root = two_runs
+    assert records[0]["train_config"]["dense_weight"] > 0
+    assert any(h["dense_loss"] for h in records[0]["loss_history"]) or records[0]["steps_done"] < 50
+    cfg = RSUniVLMConfig.from_dict(json.loads((root / "run0" / "config.json").read_text()))
+    assert set(load_file(str(root / "run0" / "model.safetensors"))) == set(expected_tensors(cfg))
+
+
+def test_training_reaches_the_vision_tower_and_connector():
+    """The visual tokens are differentiable: a loss on them updates the tower and the connector.
+
+    (Once, encode_images ran under no_grad and the demo model was trained with a frozen random tower.)
+    """
+    from rsedge.models.rsunivlm.config import RSUniVLMConfig
+    from rsedge.training.train import model_config
+
+    cfg = TrainConfig(**MICRO)
+    model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(model_config(cfg, 400, SPECIAL)))
+    model.train()
+    feats = model.encode_images(torch.randn(2, 3, cfg.image_size, cfg.image_size))
+    feats.square().mean().backward()
+    embeddings = model.vision_tower.vision_model.embeddings
+    tower = (embeddings.patch_embedding.weight, embeddings.position_embedding.weight)
+    for p in (*tower, *model.mm_projector.parameters()):
+        assert p.grad is not None and bool(p.grad.abs().sum() > 0)

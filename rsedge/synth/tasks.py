@@ -112,6 +112,8 @@ class TaskSample:
     answer: str
     references: list[str]
     meta: dict = field(default_factory=dict)
+    # The rendered scene behind each image (synthetic samples only): dense ground truth for training.
+    scenes: list[Scene] = field(default_factory=list, repr=False, compare=False)
 
 
 def task_expert(task: str) -> int:
@@ -641,9 +643,9 @@ def make_sample(
         }
         if task == "ccd":
             ans = refs[int(rng.integers(len(refs)))]
-            return TaskSample(sample_id, task, pair.images, CCD_PROMPT, ans, refs, meta)
+            return TaskSample(sample_id, task, pair.images, CCD_PROMPT, ans, refs, meta, [pair.before, pair.after])
         ans = format_rle(cells.astype(np.uint8), ["others", "building"])
-        return TaskSample(sample_id, task, pair.images, CSEG_PROMPT, ans, [ans], meta)
+        return TaskSample(sample_id, task, pair.images, CSEG_PROMPT, ans, [ans], meta, [pair.before, pair.after])
     if task == "vg":
         scene, prompt, ans, meta = _vg(rng, size)
     elif task == "ref":
@@ -660,9 +662,9 @@ def make_sample(
         pool = caption_pool(scene)
         refs = [pool[int(i)] for i in rng.permutation(len(pool))[:5]]
         meta = {"scene_class": scene.scene_class, "counts": {c: scene.count(c) for c in OBJECT_CLASSES}}
-        return TaskSample(sample_id, task, [scene.image], CAP_PROMPT, refs[0], refs, meta)
+        return TaskSample(sample_id, task, [scene.image], CAP_PROMPT, refs[0], refs, meta, [scene])
     meta.setdefault("scene_class", scene.scene_class)
-    return TaskSample(sample_id, task, [scene.image], prompt, ans, [ans], meta)
+    return TaskSample(sample_id, task, [scene.image], prompt, ans, [ans], meta, [scene])
 
 
 # ------------------------------------------------------------------------------------------------ splits

@@ -7,7 +7,7 @@ runtime's own functions, so what the model learns is what the bundle is asked.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -16,6 +16,7 @@ from tokenizers import Tokenizer
 
 from rsedge.runtime.preprocess import preprocess_square
 from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
+from rsedge.training.dense import DenseTarget, batch_targets
 
 IGNORE = -100
 
@@ -26,6 +27,7 @@ class Batch:
     labels: list[list[int]]  # IGNORE over the prompt, answer ids + <|im_end|> after it
     pixel_values: torch.Tensor  # [n_images, 3, S, S], in prompt order over the batch
     expert: int
+    dense: list[DenseTarget | None] = field(default_factory=list)  # per image; empty when not asked for
 
 
 def encode_example(
@@ -36,19 +38,29 @@ def encode_example(
     return ids + ans, [IGNORE] * len(ids) + ans
 
 
-def make_batch(samples: Sequence, tok: Tokenizer, image_size: int, expert: int, end_id: int) -> Batch:
+def make_batch(
+    samples: Sequence, tok: Tokenizer, image_size: int, expert: int, end_id: int, dense_grid: int | None = None
+) -> Batch:
+    """``dense_grid``: also attach each image's dense targets on that patch grid (see training.dense)."""
     input_ids, labels, pixels = [], [], []
     for s in samples:
         ids, lab = encode_example(tok, s.prompt, s.answer, len(s.images), end_id)
         input_ids.append(ids)
         labels.append(lab)
         pixels.extend(preprocess_square(Image.fromarray(im), image_size)[0] for im in s.images)
-    return Batch(input_ids, labels, torch.from_numpy(np.stack(pixels)), expert)
+    dense = batch_targets(samples, dense_grid) if dense_grid else []
+    return Batch(input_ids, labels, torch.from_numpy(np.stack(pixels)), expert, dense)
 
 
-def embed_batch(model, batch: Batch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """inputs_embeds [B,L,H], attention_mask [B,L], labels [B,L], right-padded; images spliced at -200."""
-    feats = model.encode_images(batch.pixel_values)  # [n, T, H]
+def embed_batch(
+    model, batch: Batch, feats: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """inputs_embeds [B,L,H], attention_mask [B,L], labels [B,L], right-padded; images spliced at -200.
+
+    ``feats``: the batch's visual tokens [n, T, H] where the caller already encoded them.
+    """
+    if feats is None:
+        feats = model.encode_images(batch.pixel_values)
     newline = model.image_newline[None].expand(feats.shape[0], 1, -1)
     visual = torch.cat([feats, newline], dim=1)  # the square path: T tokens + one image_newline
     embed = model.lm.model.embed_tokens

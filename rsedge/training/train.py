@@ -32,6 +32,7 @@ from rsedge.models.rsunivlm.weights import expected_tensors
 from rsedge.synth.real import real_samples
 from rsedge.synth.tasks import TASKS, build_split, iter_samples, task_expert
 from rsedge.training.batches import embed_batch, make_batch
+from rsedge.training.dense import DenseHeads
 
 
 @dataclass
@@ -71,6 +72,8 @@ class TrainConfig:
     # after the samples that run consumed, so no training sample is seen twice.
     init_from: str | None = None
     mix: dict[str, float] | None = None  # task mix override (None: rsedge.synth.tasks.DEFAULT_MIX)
+    # Weight of the dense auxiliary loss on the visual tokens (rsedge.training.dense); 0 turns it off.
+    dense_weight: float = 0.5
 
 
 def tokenizer_text(seed: int, n: int = 4000) -> list[str]:
@@ -106,12 +109,13 @@ def expert_batches(cfg: TrainConfig, tok, end_id: int, start: int = 0) -> Iterat
     pools: dict[int, list] = {e: [] for e in range(3)}
     real = real_samples("train")
     stream = iter_samples("train", cfg.seed, mix=cfg.mix, start=start)
+    grid = cfg.image_size // cfg.patch_size if cfg.dense_weight > 0 else None
     while True:
         if real and rng.random() < cfg.real_fraction:
             picks = [rng.choice(real) for _ in range(cfg.batch_size)]
             expert = task_expert(picks[0].task)
             picks = [p for p in picks if task_expert(p.task) == expert]
-            yield make_batch(picks, tok, cfg.image_size, expert, end_id)
+            yield make_batch(picks, tok, cfg.image_size, expert, end_id, grid)
             continue
         while True:
             s = next(stream)
@@ -119,7 +123,7 @@ def expert_batches(cfg: TrainConfig, tok, end_id: int, start: int = 0) -> Iterat
             pools[e].append(s)
             if len(pools[e]) == cfg.batch_size:
                 batch, pools[e] = pools[e], []
-                yield make_batch(batch, tok, cfg.image_size, e, end_id)
+                yield make_batch(batch, tok, cfg.image_size, e, end_id, grid)
                 break
 
 
@@ -168,10 +172,13 @@ def train(
         model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(config))
     model.lm.config._attn_implementation = "sdpa"  # training speed; eager is the reference at inference
     model.train()
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
+    heads = DenseHeads(model.cfg.text.hidden_size)  # training-only; not part of the checkpoint
+    params = [*model.parameters(), *heads.parameters()]
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     batches = expert_batches(cfg, tok, tok.token_to_id("<|im_end|>"), start)
     history: list[dict[str, float]] = []
     window: list[float] = []
+    aux_window: list[float] = []
     steps_done = 0
     for step in range(cfg.steps):
         if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
@@ -182,18 +189,35 @@ def train(
             g["lr"] = lr_at(step, cfg)
         for layer in model.lm.model.layers:
             layer.mlp.active = batch.expert
-        embeds, mask, labels = embed_batch(model, batch)
+        feats = model.encode_images(batch.pixel_values)
+        embeds, mask, labels = embed_batch(model, batch, feats)
         out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        loss = out_.loss
+        aux = heads.loss(feats, batch.dense) if batch.dense else None
+        if aux is not None:
+            loss = loss + cfg.dense_weight * aux
+            aux_window.append(float(aux.detach()))
         opt.zero_grad(set_to_none=True)
-        out_.loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         window.append(float(out_.loss.detach()))
         steps_done = step + 1
         if steps_done % 50 == 0:
-            history.append({"step": steps_done, "loss": float(np.mean(window)), "elapsed_s": time.time() - t0})
-            log(f"step {steps_done:5d}  loss {np.mean(window):.4f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s")
-            window = []
+            aux_mean = float(np.mean(aux_window)) if aux_window else None
+            history.append(
+                {
+                    "step": steps_done,
+                    "loss": float(np.mean(window)),
+                    "dense_loss": aux_mean,
+                    "elapsed_s": time.time() - t0,
+                }
+            )
+            log(
+                f"step {steps_done:5d}  loss {np.mean(window):.4f}  dense {aux_mean or 0:.3f}  "
+                f"lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s"
+            )
+            window, aux_window = [], []
     model.eval()
     model.lm.config._attn_implementation = "eager"
     record = {
