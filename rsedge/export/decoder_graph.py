@@ -134,10 +134,13 @@ def build_decoder_graph(
                 mask = _causal_mask(b, x, pasts[0][0], text.num_attention_heads // kv)
             ctx = {"rope": rope, "mask": mask}
         presents = []
+        pending: str | None = None  # fused graphs: the MLP output whose residual Add joins the next norm
         for i in range(L):
             with b.scope(f"layers.{i}"):
-                x, present = _decoder_layer(b, x, pasts[i], ctx, weights, text, i, expert, attention)
+                x, pending, present = _decoder_layer(b, x, pending, pasts[i], ctx, weights, text, i, expert, attention)
             presents.append(present)
+        if pending is not None:
+            x = b.op("Add", [x, pending], name="residual_mlp/Add", out="hidden")
         logits = _lm_head(b, x, weights, text)
 
     b.output(logits, LOGITS, TensorProto.FLOAT, [BATCH, text.vocab_size])
@@ -207,9 +210,12 @@ def _causal_mask(b: GraphBuilder, embeds: str, past_key0: str, group: int) -> st
 
 #   x --RMSNorm--> --Attention--> + x --RMSNorm--> --MLP[expert]--> + --> out
 #                    |  past_k/v in, present_k/v out
+#   Fused-attention graphs (onnxruntime only) also fuse each residual Add into the RMSNorm after it
+#   (SkipSimplifiedLayerNormalization) and return the MLP output as ``pending`` for the next layer's norm.
 def _decoder_layer(
     b: GraphBuilder,
     x: str,
+    pending: str | None,
     past: tuple[str, str],
     ctx: dict[str, object],
     weights: Mapping[str, np.ndarray],
@@ -217,22 +223,46 @@ def _decoder_layer(
     i: int,
     expert: int,
     attention: str,
-) -> tuple[str, tuple[str, str]]:
+) -> tuple[str, str | None, tuple[str, str]]:
     pre = f"model.layers.{i}"
+    fused = attention != "standard"
     with b.scope("input_layernorm"):
-        h = _rms_norm(b, x, f"{pre}.input_layernorm.weight", weights, text)
+        if pending is None:
+            h = _rms_norm(b, x, f"{pre}.input_layernorm.weight", weights, text)
+        else:
+            h, x = _skip_rms_norm(b, x, pending, f"{pre}.input_layernorm.weight", weights, text)
     with b.scope("attn"):
-        if attention != "standard":
+        if fused:
             h, present = _attention_gqa(b, h, past, ctx, weights, text, i)
         else:
             h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i)
-    x = b.op("Add", [x, h], name="residual_attn/Add", out="residual_attn")
     with b.scope("post_attention_layernorm"):
-        h = _rms_norm(b, x, f"{pre}.post_attention_layernorm.weight", weights, text)
+        if fused:
+            normed, x = _skip_rms_norm(b, x, h, f"{pre}.post_attention_layernorm.weight", weights, text)
+        else:
+            x = b.op("Add", [x, h], name="residual_attn/Add", out="residual_attn")
+            normed = _rms_norm(b, x, f"{pre}.post_attention_layernorm.weight", weights, text)
     with b.scope("mlp"):
-        h = _mlp(b, h, weights, text, i, expert)
-    x = b.op("Add", [x, h], name="residual_mlp/Add", out="hidden")
-    return x, present
+        h = _mlp(b, normed, weights, text, i, expert)
+    if fused:
+        return x, h, present
+    return b.op("Add", [x, h], name="residual_mlp/Add", out="hidden"), None, present
+
+
+#   (x + skip) --RMSNorm * weight--> normed;  also returns x + skip, the residual stream
+def _skip_rms_norm(
+    b: GraphBuilder, x: str, skip: str, wname: str, weights: Mapping[str, np.ndarray], text: TextConfig
+) -> tuple[str, str]:
+    w = b.weight(wname, get_weight(weights, wname, (text.hidden_size,)))
+    normed, _, _, summed = b.op(
+        "SkipSimplifiedLayerNormalization",
+        [x, skip, w],
+        out=["output", "", "", "residual"],
+        n_out=4,
+        domain="com.microsoft",
+        epsilon=float(text.rms_norm_eps),
+    )
+    return normed, summed
 
 
 #   x --Cast f32--> Pow 2 --ReduceMean(-1)--Add eps--Sqrt--> rms;  x_f32 / rms --Cast model--> * weight
@@ -332,6 +362,7 @@ def _gqa_inputs(b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared
 
 
 #   x --MatMul W_qkv [H,(nh+2kv)hd] (q, k, v weights side by side) + bias--> packed qkv
+#   (MatMulNBits takes the bias as an input: one node)
 def _qkv_projection(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, pre: str) -> str:
     H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
 
@@ -344,8 +375,7 @@ def _qkv_projection(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], 
         return np.concatenate(bs)
 
     with b.scope("qkv_proj"):
-        qkv = b.linear(x, f"{pre}.qkv_proj.weight_t", qkv_weight, out="qkv_nobias")
-        return b.op("Add", [qkv, b.weight(f"{pre}.qkv_proj.bias", qkv_bias)], out="qkv")
+        return b.linear(x, f"{pre}.qkv_proj.weight_t", qkv_weight, out="qkv", bias=(f"{pre}.qkv_proj.bias", qkv_bias))
 
 
 #   x --MatMul W_qkv + b--> packed qkv [B,S,(nh+2kv)hd] --GroupQueryAttention(past_k/v, seqlens, rotary)-->

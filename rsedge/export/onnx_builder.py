@@ -145,8 +145,8 @@ class GraphBuilder:
             outs = [f"{node_name}_output_{i}" for i in range(n_out)]
         else:
             outs = [out] if isinstance(out, str) else list(out)
-            outs = [self.path(o) for o in outs]
-        outs = [self._unique(o, self._value_names) for o in outs]
+            outs = [self.path(o) if o else "" for o in outs]  # "": an optional output left out
+        outs = [self._unique(o, self._value_names) if o else "" for o in outs]
         self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=node_name, **attrs))
         return outs[0] if len(outs) == 1 else tuple(outs)
 
@@ -185,10 +185,35 @@ class GraphBuilder:
     #   ort:  x --MatMulNBits(codes [N,blocks,blob], scales)--> y
     #   qdq:  codes [K,N] int4/int8 --DequantizeLinear(scales [blocks,N], axis 0)--> W --MatMul(x, W)--> y
     def linear(
-        self, x: str, name: str, weight_kn: ArrayOrFactory, *, file: str | None = None, out: str | None = None
+        self,
+        x: str,
+        name: str,
+        weight_kn: ArrayOrFactory,
+        *,
+        file: str | None = None,
+        out: str | None = None,
+        bias: tuple[str, ArrayOrFactory] | None = None,
     ) -> str:
-        """``x @ W`` for a [in, out] weight: MatMul, or the quantized form the builder was given."""
+        """``x @ W (+ b)`` for a [in, out] weight: MatMul, or the quantized form the builder was given.
+
+        ``bias`` is (name, [out] array): MatMulNBits takes it as an input, other forms add it after.
+        """
         q = self.quant.weight_quant(name) if self.quant is not None else None
+        if q is None or q.form != "ort":
+            y = self._linear_unbiased(x, name, weight_kn, q, file, None if bias else out)
+            return self.op("Add", [y, self.weight(bias[0], bias[1])], name="Add_bias", out=out) if bias else y
+        return self._linear_unbiased(x, name, weight_kn, q, file, out, bias)
+
+    def _linear_unbiased(
+        self,
+        x: str,
+        name: str,
+        weight_kn: ArrayOrFactory,
+        q: WeightQuantConfig | None,
+        file: str | None,
+        out: str | None,
+        bias: tuple[str, ArrayOrFactory] | None = None,
+    ) -> str:
         if q is None:
             return self.op("MatMul", [x, self.weight(name, weight_kn, file=file)], out=out)
         file = file or self.weight_file
@@ -206,6 +231,8 @@ class GraphBuilder:
             ins.append(self.weight(f"{name}.scales", tensors["scales"], file=file))
             if "zero_points" in tensors:
                 ins.append(self.weight(f"{name}.zero_points", tensors["zero_points"], file=file, cast=False))
+            if bias is not None:  # inputs 3 (zero_points) and 4 (g_idx) are optional
+                ins += [""] * (5 - len(ins)) + [self.weight(bias[0], bias[1])]
             return self.op(
                 "MatMulNBits",
                 ins,

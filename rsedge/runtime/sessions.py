@@ -68,6 +68,8 @@ class KVCache:
             self.buffers = np.empty((2, layers, 2, kv_heads * capacity * head_dim), dtype=dtype)
         self.length = 0
         self._src = 0
+        # Shared buffers never move, so a session binds them once per request (keyed by session).
+        self.bindings: dict[int, ort.IOBinding] = {}
 
     def view(self, side: int, layer: int, kind: int, length: int) -> np.ndarray:
         flat = self.buffers[side, layer, kind, : self.kv_heads * length * self.head_dim]
@@ -109,9 +111,22 @@ class DecoderSession:
     def step(self, embeds: np.ndarray, cache: KVCache) -> np.ndarray:
         """Run S new tokens ([1,S,H]) after ``cache.length`` past ones; returns last-position logits [V]."""
         new = embeds.shape[1]
-        io = self.session.io_binding()
+        io = cache.bindings.get(id(self)) if cache.shared else None
+        if io is None:
+            io = self._bind_cache(cache, new)
+            if cache.shared:
+                cache.bindings[id(self)] = io
+        elif cache.length + new > cache.capacity:
+            raise OptionError(f"KV cache full: {cache.length}+{new} tokens exceed capacity {cache.capacity}")
         io.bind_cpu_input("inputs_embeds", np.ascontiguousarray(embeds, dtype=self.dtype))
         io.bind_cpu_input("position_ids", np.arange(cache.length, cache.length + new, dtype=np.int64)[None])
+        self.session.run_with_iobinding(io)
+        cache.advance(new)
+        return self._logits[0]
+
+    def _bind_cache(self, cache: KVCache, new: int) -> ort.IOBinding:
+        """A binding with every KV buffer and the logits bound (inputs_embeds/position_ids come per step)."""
+        io = self.session.io_binding()
         for i in range(self.layers):
             for kind, suffix in ((0, "key"), (1, "value")):
                 past = cache.past(i, kind)
@@ -119,6 +134,4 @@ class DecoderSession:
                 pres = cache.present(i, kind, new)
                 io.bind_output(f"present.{i}.{suffix}", "cpu", 0, pres.dtype, pres.shape, pres.ctypes.data)
         io.bind_output("logits", "cpu", 0, np.float32, self._logits.shape, self._logits.ctypes.data)
-        self.session.run_with_iobinding(io)
-        cache.advance(new)
-        return self._logits[0]
+        return io
