@@ -334,7 +334,7 @@ def parity_cmd(
     from rich.table import Table
 
     from rsedge.parity.html import headline_metrics, render
-    from rsedge.parity.report import parity_report
+    from rsedge.parity.report import describe_miss, parity_report
 
     console = Console(stderr=True, width=max(160, Console(stderr=True).width))
     res = parity_report(
@@ -369,6 +369,13 @@ def parity_cmd(
         )
         table.add_row(r["precision"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)
     console.print(table)
+    targets = res["targets"]
+    if targets:
+        misses = [t for t in targets if not t["met"]]
+        met = len(targets) - len(misses)
+        console.print(f"fidelity targets: {met} of {len(targets)} met (INT8 ±0.5, INT4 ±1.5 points)")
+        for t in misses:
+            console.print(f"  missed: {describe_miss(t)}")
     text = json.dumps(res, indent=2, default=float)
     click.echo(text)
     if json_out is not None:

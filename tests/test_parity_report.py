@@ -34,7 +34,38 @@ def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tin
     assert q4["size"]["decoder_mb"] < 0.4 * fp32["size"]["decoder_mb"]
     assert 0.5 < q4["logits_cosine"] < 1.0
     page = render(res)
-    assert "<svg" in page and "int4" in page
+    assert "<svg" in page and "int4" in page and "Fidelity targets" in page
+    targets = [t for t in res["targets"] if t["precision"] == "int4"]
+    assert {t["task"] for t in targets} == set(ref["metrics"])
+    for t in targets:
+        metric = q4["metrics"][t["task"]][t["metric"]] - ref["metrics"][t["task"]][t["metric"]]
+        assert t["delta_pts"] == pytest.approx(100 * metric)
+        assert t["met"] == (abs(t["delta_pts"]) <= 1.5 + 1e-9)
+
+
+def test_fidelity_targets_name_the_miss_and_its_size():
+    from rsedge.parity.report import describe_miss, fidelity_targets
+
+    def row(precision, vqa, cap, changed=None):
+        r = {
+            "name": f"/b/{precision}",
+            "precision": precision,
+            "metrics": {"vqa": {"accuracy": vqa}, "cap": {"bleu4": cap}},
+        }
+        if precision != "fp32-reference":
+            r |= {"size": {}, "vision": {"sqnr_db": 40.0}, "logits_sqnr_db": 25.0, "changed_answers": changed}
+        return r
+
+    rows = [
+        row("fp32-reference", 0.80, 0.500),
+        row("int8", 0.80, 0.504, {"vqa": [0, 25], "cap": [1, 25]}),
+        row("int4", 0.76, 0.490, {"vqa": [1, 25], "cap": [6, 25]}),
+    ]
+    got = {(t["precision"], t["task"]): t for t in fidelity_targets(rows)}
+    assert got["int8", "vqa"]["met"] and got["int8", "cap"]["met"]  # +0.4 points: inside ±0.5
+    assert not got["int4", "vqa"]["met"] and got["int4", "cap"]["met"]  # -4.0 misses ±1.5; -1.0 is inside
+    line = describe_miss(got["int4", "vqa"])
+    assert "-4.0 pts" in line and "missed by 2.5" in line and "1 of 25 answers" in line
 
 
 def test_bitsandbytes_baselines_when_available(tiny_checkpoint, tiny_bundle):

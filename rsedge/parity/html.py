@@ -5,16 +5,8 @@ from __future__ import annotations
 import html
 from typing import Any
 
-HEADLINE = {
-    "vg": "acc@0.5",
-    "ref": "bleu4",
-    "seg": "miou",
-    "cseg": "miou",
-    "vqa": "accuracy",
-    "cls": "accuracy",
-    "cap": "bleu4",
-    "ccd": "bleu4",
-}
+from rsedge.parity.report import HEADLINE, describe_miss
+
 COLOURS = ("#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
@@ -42,6 +34,15 @@ def bar_chart(rows: list[dict[str, Any]], width: int = 900, bar: int = 10) -> st
     )
     out.append(f'<text x="150" y="12">{legend}</text></svg>')
     return "\n".join(out)
+
+
+def targets_html(targets: list[dict[str, Any]]) -> str:
+    if not targets:
+        return "<p>No quantized bundle in this report.</p>"
+    misses = [t for t in targets if not t["met"]]
+    met = len(targets) - len(misses)
+    items = "".join(f"<li>{html.escape(describe_miss(t))}</li>" for t in misses)
+    return f"<p>{met} of {len(targets)} task metrics within target (INT8 ±0.5, INT4 ±1.5 points).</p><ul>{items}</ul>"
 
 
 def render(report: dict[str, Any]) -> str:
@@ -76,6 +77,7 @@ def render(report: dict[str, Any]) -> str:
 <th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>RSS MB</th></tr>
 {"".join(body)}</table>
 <p>* bitsandbytes rows: bytes of the quantized decoder linears only (PyTorch, no bundle).</p>
+<h2>Fidelity targets</h2>{targets_html(report.get("targets", []))}
 <h2>Task metrics</h2>{bar_chart(rows)}
 </body></html>
 """

@@ -30,6 +30,20 @@ from rsedge.synth.real import real_samples
 from rsedge.synth.tasks import TASKS, build_split, task_expert
 from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, metric_target, stop_ids
 
+# The fidelity targets (issue 4): every task's headline metric within this many points (metric x 100)
+# of the FP32 reference.
+FIDELITY_TARGET_PTS = {"int8": 0.5, "int4": 1.5}
+HEADLINE = {
+    "vg": "acc@0.5",
+    "ref": "bleu4",
+    "seg": "miou",
+    "cseg": "miou",
+    "vqa": "accuracy",
+    "cls": "accuracy",
+    "cap": "bleu4",
+    "ccd": "bleu4",
+}
+
 
 def sqnr_db(ref: np.ndarray, got: np.ndarray) -> float:
     """Signal-to-quantization-noise ratio in dB (torchao's definition): 20 log10(|ref| / |ref - got|)."""
@@ -143,6 +157,61 @@ def bundle_size_mb(root: Path) -> dict[str, float]:
     }
 
 
+def changed_answers(samples: Sequence, ref: Sequence[str], got: Sequence[str]) -> dict[str, list[int]]:
+    """Per task: [answers that differ from the reference's, samples]."""
+    out: dict[str, list[int]] = {}
+    for s, a, b in zip(samples, ref, got, strict=True):
+        c = out.setdefault(s.task, [0, 0])
+        c[0] += a != b
+        c[1] += 1
+    return out
+
+
+def fidelity_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each quantized bundle's headline metrics against the reference row and its precision's target.
+
+    A miss carries what explains it: how many of that task's answers changed at all (a one-answer flip on a
+    small sample is a coarse step, not a trend), and the vision / logits SQNR (which graph lost precision).
+    """
+    ref = rows[0]["metrics"]
+    out = []
+    for r in rows:
+        target = FIDELITY_TARGET_PTS.get(r["precision"])
+        if target is None or "size" not in r:
+            continue
+        for task, metric in HEADLINE.items():
+            if task not in ref or metric not in ref[task] or task not in r["metrics"]:
+                continue
+            delta = 100 * (float(r["metrics"][task][metric]) - float(ref[task][metric]))
+            changed, n = r.get("changed_answers", {}).get(task, [0, 0])
+            out.append(
+                {
+                    "bundle": r["name"],
+                    "precision": r["precision"],
+                    "task": task,
+                    "metric": metric,
+                    "delta_pts": delta,
+                    "target_pts": target,
+                    "met": abs(delta) <= target + 1e-9,
+                    "changed_answers": changed,
+                    "samples": n,
+                    "vision_sqnr_db": r["vision"]["sqnr_db"],
+                    "logits_sqnr_db": r["logits_sqnr_db"],
+                }
+            )
+    return out
+
+
+def describe_miss(t: dict[str, Any]) -> str:
+    """One line for a missed target."""
+    return (
+        f"{t['precision']} {Path(t['bundle']).name}: {t['task']} {t['metric']} {t['delta_pts']:+.1f} pts "
+        f"(target ±{t['target_pts']}, missed by {abs(t['delta_pts']) - t['target_pts']:.1f}); "
+        f"{t['changed_answers']} of {t['samples']} answers differ from FP32; "
+        f"vision SQNR {t['vision_sqnr_db']:.1f} dB, first-step logits SQNR {t['logits_sqnr_db']:.1f} dB"
+    )
+
+
 def parity_report(
     bundles: Sequence[Path],
     reference: Path,
@@ -205,6 +274,7 @@ def parity_report(
                 ),
                 "greedy_token_agreement": token_agreement(ref.tokens, run.tokens),
                 "exact_answer_match": float(np.mean([a == c for a, c in zip(ref.answers, run.answers, strict=True)])),
+                "changed_answers": changed_answers(samples, ref.answers, run.answers),
                 "vision": vision_fidelity(model, pipe, samples),
                 "size": bundle_size_mb(Path(b)),
                 "prefill_ms_median": statistics.median(run.prefill_ms),
@@ -216,4 +286,11 @@ def parity_report(
         )
         del pipe
         gc.collect()
-    return {"data": data, "samples": len(samples), "per_task": per_task, "seed": seed, "rows": rows}
+    return {
+        "data": data,
+        "samples": len(samples),
+        "per_task": per_task,
+        "seed": seed,
+        "rows": rows,
+        "targets": fidelity_targets(rows),
+    }
