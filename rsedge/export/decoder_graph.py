@@ -362,20 +362,26 @@ def _gqa_inputs(b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared
 
 
 #   x --MatMul W_qkv [H,(nh+2kv)hd] (q, k, v weights side by side) + bias--> packed qkv
-#   (MatMulNBits takes the bias as an input: one node)
-def _qkv_projection(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, pre: str) -> str:
+#   (MatMulNBits takes the bias as an input: one node). ``q_scale`` multiplies q's weights and bias.
+def _qkv_projection(
+    b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, pre: str, q_scale: float = 1.0
+) -> str:
     H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
+    factors = (("q", nh, q_scale), ("k", kv, 1.0), ("v", kv, 1.0))
 
     def qkv_weight() -> np.ndarray:
-        ws = [get_weight(weights, f"{pre}.{p}_proj.weight", (n * hd, H)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
-        return np.concatenate([w.T for w in ws], axis=1)
+        ws = [get_weight(weights, f"{pre}.{p}_proj.weight", (n * hd, H)) * f for p, n, f in factors]
+        return np.concatenate([w.T for w in ws], axis=1).astype(np.float32)
 
     def qkv_bias() -> np.ndarray:
-        bs = [get_weight(weights, f"{pre}.{p}_proj.bias", (n * hd,)) for p, n in (("q", nh), ("k", kv), ("v", kv))]
-        return np.concatenate(bs)
+        bs = [get_weight(weights, f"{pre}.{p}_proj.bias", (n * hd,)) * f for p, n, f in factors]
+        return np.concatenate(bs).astype(np.float32)
 
+    name = f"{pre}.qkv_proj.weight_t"
+    if q_scale != 1.0:  # validation gives the reference these weights: it must know q's factor
+        b.store.cache[("q_scale", name)] = q_scale
     with b.scope("qkv_proj"):
-        return b.linear(x, f"{pre}.qkv_proj.weight_t", qkv_weight, out="qkv", bias=(f"{pre}.qkv_proj.bias", qkv_bias))
+        return b.linear(x, name, qkv_weight, out="qkv", bias=(f"{pre}.qkv_proj.bias", qkv_bias))
 
 
 #   x --MatMul W_qkv + b--> packed qkv [B,S,(nh+2kv)hd] --GroupQueryAttention(past_k/v, seqlens, rotary)-->
@@ -391,7 +397,10 @@ def _attention_gqa(
 ) -> tuple[str, tuple[str, str]]:
     nh, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
-    qkv = _qkv_projection(b, x, weights, text, pre)
+    # The attention scale lives in q's weights and the kernel runs with scale 1: onnxruntime's CPU kernel
+    # takes MLAS's unpacked one-row GEMM for a decode step's Q.K^T only when alpha is 1 (otherwise it
+    # repacks every head's K each step). For head_dim 64 the factor is 1/8, a power of two: exact.
+    qkv = _qkv_projection(b, x, weights, text, pre, q_scale=float(hd**-0.5))
     inputs = [qkv, "", "", past[0], past[1], ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
     out, k, v = b.op(
         "GroupQueryAttention",
@@ -403,7 +412,7 @@ def _attention_gqa(
         kv_num_heads=kv,
         do_rotary=1,
         rotary_interleaved=0,
-        scale=float(hd**-0.5),
+        scale=1.0,
     )
     return _o_projection(b, out, weights, text, pre), (k, v)
 

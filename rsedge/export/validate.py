@@ -88,7 +88,9 @@ def apply_fake_quant(model: RSUniVLMForCausalLM, cache: dict) -> None:
         base = name.removesuffix(".weight_t").removesuffix(".weight.t")
         if base.endswith("qkv_proj"):
             attn = base.removesuffix(".qkv_proj")
-            for part, rows in zip(("q", "k", "v"), w.split([q_rows, kv_rows, kv_rows]), strict=True):
+            q, k, v = w.split([q_rows, kv_rows, kv_rows])
+            q = q / cache.get(("q_scale", name), 1.0)  # fused-attention graphs carry the attention scale in q
+            for part, rows in zip(("q", "k", "v"), (q, k, v), strict=True):
                 params[f"lm.{attn}.{part}_proj.weight"].copy_(rows)
         elif base.endswith("gate_up_proj"):
             mlp = base.removesuffix(".gate_up_proj")
