@@ -348,7 +348,7 @@ def parity_cmd(
     )
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
     table = Table(title=f"parity: {res['samples']} samples ({data})")
-    for col in ("bundle", *names, "cos", "agree", "decoder MB", "ms/tok"):
+    for col in ("bundle", *names, "cos", "agree", "decoder MB", "ms/tok", "peak MB"):
         table.add_column(col)
     for r in res["rows"]:
         hm = headline_metrics(r)
@@ -358,6 +358,7 @@ def parity_cmd(
                 f"{r['greedy_token_agreement']:.3f}",
                 f"{r['size']['decoder_mb']:.1f}",
                 f"{r['decode_ms_per_token_median'] or 0:.2f}",
+                f"{r['peak_memory']['peak_rss_mb']:.0f}",
             )
             if "size" in r
             else (
@@ -365,6 +366,7 @@ def parity_cmd(
                 f"{r['greedy_token_agreement']:.3f}" if "greedy_token_agreement" in r else "",
                 f"{r['decoder_linear_mb']:.1f}*" if "decoder_linear_mb" in r else "",
                 f"{r['decode_ms_per_token']:.2f}",
+                "",
             )
         )
         table.add_row(r["precision"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)

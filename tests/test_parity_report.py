@@ -32,6 +32,9 @@ def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tin
     assert fp32["metrics"] == ref["metrics"]
     assert fp32["vision"]["sqnr_db"] > 60
     assert q4["size"]["decoder_mb"] < 0.4 * fp32["size"]["decoder_mb"]
+    for row in (fp32, q4):  # measured in a runtime-only child process: above its own import floor
+        mem = row["peak_memory"]
+        assert mem["peak_rss_mb"] > mem["rss_before_load_mb"] > 10 and mem["peak_over_floor_mb"] > 0
     assert 0.5 < q4["logits_cosine"] < 1.0
     page = render(res)
     assert "<svg" in page and "int4" in page and "Fidelity targets" in page

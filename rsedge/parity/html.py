@@ -58,7 +58,7 @@ def render(report: dict[str, Any]) -> str:
                 f"<td>{r['logits_cosine']:.5f}</td><td>{r['logits_sqnr_db']:.1f}</td>"
                 f"<td>{r['greedy_token_agreement']:.3f}</td><td>{r['size']['decoder_mb']:.1f}</td>"
                 f"<td>{r['prefill_ms_median']:.1f}</td><td>{(r['decode_ms_per_token_median'] or 0):.2f}</td>"
-                f"<td>{r['rss_mb_loaded']:.0f}</td>"
+                f"<td>{r['peak_memory']['peak_rss_mb']:.0f}</td>"
             )
         elif "logits_cosine" in r:  # a bitsandbytes baseline in PyTorch
             extra = (
@@ -74,9 +74,10 @@ def render(report: dict[str, Any]) -> str:
 </head><body><h1>rsedge parity report</h1>
 <p>{report["samples"]} samples ({html.escape(report["data"])}), seed {report["seed"]}.</p>
 <table><tr><th>bundle</th>{head}<th>logits cos</th><th>logits SQNR dB</th><th>greedy agree</th>
-<th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>RSS MB</th></tr>
+<th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>peak RSS MB</th></tr>
 {"".join(body)}</table>
-<p>* bitsandbytes rows: bytes of the quantized decoder linears only (PyTorch, no bundle).</p>
+<p>* bitsandbytes rows: bytes of the quantized decoder linears only (PyTorch, no bundle).
+Peak RSS: a fresh process with only the runtime answering the first sample (rsedge.bench.peak_memory).</p>
 <h2>Fidelity targets</h2>{targets_html(report.get("targets", []))}
 <h2>Task metrics</h2>{bar_chart(rows)}
 </body></html>

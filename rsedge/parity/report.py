@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import resource
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from rsedge.bench import peak_memory
 from rsedge.metrics import TaskReport
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.parity import bnb_baseline
@@ -146,6 +148,17 @@ def rss_mb() -> float:
     """Resident memory of this process now (Linux and Jetson both have /proc)."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6
+
+
+def request_peak_memory(bundle: Path, sample, threads: int | None) -> dict[str, float]:
+    """Peak RSS of a fresh runtime-only process answering ``sample`` (see rsedge.bench.peak_memory)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for k, im in enumerate(sample.images):
+            paths.append(Path(tmp) / f"image{k}.png")
+            Image.fromarray(im).save(paths[-1])
+        budget = MAX_NEW_TOKENS.get(sample.task, DEFAULT_MAX_NEW_TOKENS)
+        return peak_memory.measure(bundle, paths, sample.prompt, budget, threads)
 
 
 def bundle_size_mb(root: Path) -> dict[str, float]:
@@ -282,6 +295,7 @@ def parity_report(
                 if run.decode_ms_per_token
                 else None,
                 "rss_mb_loaded": rss_mb() - rss_before,  # sessions + arena after running every sample
+                "peak_memory": request_peak_memory(Path(b), samples[0], threads),
             }
         )
         del pipe
