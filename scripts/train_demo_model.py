@@ -30,6 +30,7 @@ def main() -> None:
     ap.add_argument("--init-from", default=None, help="continue from a checkpoint this script wrote")
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     ap.add_argument("--dense-weight", type=float, default=TrainConfig.dense_weight, help="0 turns it off")
+    ap.add_argument("--pointer-weight", type=float, default=TrainConfig.pointer_weight, help="0 turns it off")
     ap.add_argument("--mix", default=None, help='task mix as JSON, e.g. \'{"vg": 0.5, "seg": 0.2, ...}\'')
     args = ap.parse_args()
     cfg = TrainConfig(
@@ -44,6 +45,7 @@ def main() -> None:
         warmup=args.warmup,
         mix=json.loads(args.mix) if args.mix else None,
         dense_weight=args.dense_weight,
+        pointer_weight=args.pointer_weight,
     )
 
     def evaluate(ckpt: Path, c: TrainConfig) -> dict:

@@ -138,3 +138,33 @@ def test_training_reaches_the_vision_tower_and_connector():
     tower = (embeddings.patch_embedding.weight, embeddings.position_embedding.weight)
     for p in (*tower, *model.mm_projector.parameters()):
         assert p.grad is not None and bool(p.grad.abs().sum() > 0)
+
+
+def test_pointer_targets_and_loss():
+    """[VG] rows point at the patches their box covers; the loss is ~0 when the head looks there only."""
+    import math
+
+    import numpy as np
+
+    from rsedge.synth.tasks import make_sample
+    from rsedge.training.pointer import PointerTarget, box_patches, pointer_loss, pointer_targets
+
+    assert box_patches([0, 0, 12.5, 12.5], 8) == (0,)  # ends on a patch border: one patch
+    assert box_patches([10, 10, 30, 14], 8) == (0, 1, 2, 8, 9, 10)
+    assert box_patches([99, 99, 100, 100], 8) == (63,)
+
+    vg = make_sample("vg", np.random.default_rng(0))
+    cls = make_sample("cls", np.random.default_rng(0))
+    ids = [[5, 6, -200, 7, 8], [5, -200, 7]]
+    (t,) = pointer_targets([vg, cls], ids, 8)
+    assert t.row == 0 and t.image_start == 2 and t.patches == box_patches(vg.meta["box"], 8)
+
+    seq = 12
+    labels = torch.full((1, seq), -100)
+    labels[0, 9:12] = 1  # three answer tokens, predicted from positions 8..10
+    target = PointerTarget(0, image_start=1, patches=(2, 3))
+    on_target = torch.zeros(1, 1, seq, seq)
+    on_target[0, 0, :, 3:5] = 0.5  # positions 1 + (2, 3)
+    assert float(pointer_loss(on_target, labels, [target])) < 1e-5
+    uniform = torch.full((1, 1, seq, seq), 1 / seq)
+    assert math.isclose(float(pointer_loss(uniform, labels, [target])), -math.log(2 / seq), rel_tol=1e-5)

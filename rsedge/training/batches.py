@@ -17,6 +17,7 @@ from tokenizers import Tokenizer
 from rsedge.runtime.preprocess import preprocess_square
 from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
 from rsedge.training.dense import DenseTarget, batch_targets
+from rsedge.training.pointer import PointerTarget, pointer_targets
 
 IGNORE = -100
 
@@ -28,6 +29,7 @@ class Batch:
     pixel_values: torch.Tensor  # [n_images, 3, S, S], in prompt order over the batch
     expert: int
     dense: list[DenseTarget | None] = field(default_factory=list)  # per image; empty when not asked for
+    pointer: list[PointerTarget] = field(default_factory=list)  # grounding rows (see training.pointer)
 
 
 def encode_example(
@@ -39,9 +41,15 @@ def encode_example(
 
 
 def make_batch(
-    samples: Sequence, tok: Tokenizer, image_size: int, expert: int, end_id: int, dense_grid: int | None = None
+    samples: Sequence,
+    tok: Tokenizer,
+    image_size: int,
+    expert: int,
+    end_id: int,
+    dense_grid: int | None = None,
+    pointer_grid: int | None = None,
 ) -> Batch:
-    """``dense_grid``: also attach each image's dense targets on that patch grid (see training.dense)."""
+    """``dense_grid`` / ``pointer_grid``: also attach dense / pointer targets on that patch grid."""
     input_ids, labels, pixels = [], [], []
     for s in samples:
         ids, lab = encode_example(tok, s.prompt, s.answer, len(s.images), end_id)
@@ -49,7 +57,8 @@ def make_batch(
         labels.append(lab)
         pixels.extend(preprocess_square(Image.fromarray(im), image_size)[0] for im in s.images)
     dense = batch_targets(samples, dense_grid) if dense_grid else []
-    return Batch(input_ids, labels, torch.from_numpy(np.stack(pixels)), expert, dense)
+    pointer = pointer_targets(samples, input_ids, pointer_grid) if pointer_grid else []
+    return Batch(input_ids, labels, torch.from_numpy(np.stack(pixels)), expert, dense, pointer)
 
 
 def embed_batch(

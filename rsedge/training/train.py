@@ -33,6 +33,7 @@ from rsedge.synth.real import real_samples
 from rsedge.synth.tasks import TASKS, build_split, iter_samples, task_expert
 from rsedge.training.batches import embed_batch, make_batch
 from rsedge.training.dense import DenseHeads
+from rsedge.training.pointer import capture_attention, pointer_loss
 
 
 @dataclass
@@ -74,6 +75,9 @@ class TrainConfig:
     mix: dict[str, float] | None = None  # task mix override (None: rsedge.synth.tasks.DEFAULT_MIX)
     # Weight of the dense auxiliary loss on the visual tokens (rsedge.training.dense); 0 turns it off.
     dense_weight: float = 0.5
+    # Weight of the grounding attention supervision (rsedge.training.pointer); 0 turns it off.
+    pointer_weight: float = 0.0
+    pointer_layer: int = -2  # which decoder layer's head 0 is supervised (negative: from the top)
 
 
 def tokenizer_text(seed: int, n: int = 4000) -> list[str]:
@@ -109,13 +113,15 @@ def expert_batches(cfg: TrainConfig, tok, end_id: int, start: int = 0) -> Iterat
     pools: dict[int, list] = {e: [] for e in range(3)}
     real = real_samples("train")
     stream = iter_samples("train", cfg.seed, mix=cfg.mix, start=start)
-    grid = cfg.image_size // cfg.patch_size if cfg.dense_weight > 0 else None
+    patches = cfg.image_size // cfg.patch_size
+    grid = patches if cfg.dense_weight > 0 else None
+    pgrid = patches if cfg.pointer_weight > 0 else None
     while True:
         if real and rng.random() < cfg.real_fraction:
             picks = [rng.choice(real) for _ in range(cfg.batch_size)]
             expert = task_expert(picks[0].task)
             picks = [p for p in picks if task_expert(p.task) == expert]
-            yield make_batch(picks, tok, cfg.image_size, expert, end_id, grid)
+            yield make_batch(picks, tok, cfg.image_size, expert, end_id, grid, pgrid)
             continue
         while True:
             s = next(stream)
@@ -123,7 +129,7 @@ def expert_batches(cfg: TrainConfig, tok, end_id: int, start: int = 0) -> Iterat
             pools[e].append(s)
             if len(pools[e]) == cfg.batch_size:
                 batch, pools[e] = pools[e], []
-                yield make_batch(batch, tok, cfg.image_size, e, end_id, grid)
+                yield make_batch(batch, tok, cfg.image_size, e, end_id, grid, pgrid)
                 break
 
 
@@ -179,6 +185,7 @@ def train(
     history: list[dict[str, float]] = []
     window: list[float] = []
     aux_window: list[float] = []
+    ptr_window: list[float] = []
     steps_done = 0
     for step in range(cfg.steps):
         if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
@@ -191,8 +198,16 @@ def train(
             layer.mlp.active = batch.expert
         feats = model.encode_images(batch.pixel_values)
         embeds, mask, labels = embed_batch(model, batch, feats)
-        out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-        loss = out_.loss
+        if batch.pointer:
+            layer = cfg.pointer_layer % len(model.lm.model.layers)
+            with capture_attention(model, layer) as kept:
+                out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+            ptr = pointer_loss(kept[0], labels, batch.pointer)
+            ptr_window.append(float(ptr.detach()))
+            loss = out_.loss + cfg.pointer_weight * ptr
+        else:
+            out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+            loss = out_.loss
         aux = heads.loss(feats, batch.dense) if batch.dense else None
         if aux is not None:
             loss = loss + cfg.dense_weight * aux
@@ -205,19 +220,21 @@ def train(
         steps_done = step + 1
         if steps_done % 50 == 0:
             aux_mean = float(np.mean(aux_window)) if aux_window else None
+            ptr_mean = float(np.mean(ptr_window)) if ptr_window else None
             history.append(
                 {
                     "step": steps_done,
                     "loss": float(np.mean(window)),
                     "dense_loss": aux_mean,
+                    "pointer_loss": ptr_mean,
                     "elapsed_s": time.time() - t0,
                 }
             )
             log(
                 f"step {steps_done:5d}  loss {np.mean(window):.4f}  dense {aux_mean or 0:.3f}  "
-                f"lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s"
+                f"pointer {ptr_mean or 0:.3f}  lr {lr_at(step, cfg):.2e}  {time.time() - t0:.0f}s"
             )
-            window, aux_window = [], []
+            window, aux_window, ptr_window = [], [], []
     model.eval()
     model.lm.config._attn_implementation = "eager"
     record = {
