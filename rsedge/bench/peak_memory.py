@@ -2,7 +2,8 @@
 
 The parity report runs the PyTorch reference in its own process, so its RSS says little about a bundle;
 a child process that imports the lean runtime, loads the bundle and answers once gives the figure a
-Jetson would see (peak resident set, from getrusage), and its RSS before loading as the floor.
+Jetson would see (peak resident set, VmHWM), and its RSS before loading as the floor.
+Linux and Jetson (L4T) both have /proc.
 
     python -m rsedge.bench.peak_memory BUNDLE --image A.png [--image B.png] --prompt "[VG] ..."
 """
@@ -24,7 +25,11 @@ def _rss_mb() -> float:
 
 
 def _peak_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e3  # Linux reports KiB
+    """This address space's high-water mark (VmHWM). Not getrusage's ru_maxrss: that survives exec, so a
+    child of a large process (the parity report holds the PyTorch reference) would report the parent's."""
+    with open("/proc/self/status") as f:
+        kib = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
+    return kib * 1024 / 1e6
 
 
 def measure(
