@@ -109,9 +109,15 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architectu
 @click.option(
     "--router", "router_json", default=None, help='router table as JSON, e.g. \'{"[SEG]": 2, "[VG]": 1, "[REF]": 1}\''
 )
+@click.option(
+    "--keep",
+    multiple=True,
+    help="regex of decoder weight names left unquantized (repeatable), e.g. lm_head or 'layers\\.23\\.'",
+)
 @click.option("--no-validate", is_flag=True, help="skip the check against the PyTorch reference")
 def export_cmd(
     model: Path,
+    keep: tuple[str, ...],
     vision: str | None,
     vision_calibration: str,
     algorithm: str,
@@ -150,6 +156,7 @@ def export_cmd(
         block_size=int(block_size),
         form=form,
         compute=compute,
+        keep=keep,
     )
     console = Console(stderr=True)
     if console.is_terminal:  # a spinner for people; logs and pipes get only the result and errors

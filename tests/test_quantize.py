@@ -187,3 +187,23 @@ def test_int8_vision_static_qdq_each_calibrator(method, tiny_checkpoint, tmp_pat
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
     results = check_bundle(tmp_path / "b", "jp6.1")
     assert all(passes(issues) for issues in results.values())
+
+
+def test_keep_leaves_the_sensitive_part_unquantized(tiny_checkpoint, tmp_path):
+    """--keep lm_head: the recipe records it, lm_head stays a float Gemm, every other linear is MatMulNBits."""
+    import onnx
+
+    export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", block_size=32, keep=("lm_head",))
+    m = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert m["quantization"]["exclude"] == ["lm_head"]
+    assert all(c["passed"] for c in m["validation"]["graphs"])
+    graph = onnx.load(str(tmp_path / "b" / "decoder_expert0.onnx"), load_external_data=False).graph
+    head_ops = {n.op_type for n in graph.node if "lm_head" in n.name}
+    assert "Gemm" in head_ops and "MatMulNBits" not in head_ops
+    assert sum(n.op_type == "MatMulNBits" for n in graph.node) == 4 * 2  # qkv, o, gate_up, down per layer
+
+
+def test_keep_rejects_a_bad_pattern(tiny_checkpoint, tmp_path):
+    with pytest.raises(OptionError, match="not a regular expression"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", keep=("lm_head(",))
+    assert not (tmp_path / "b").exists()

@@ -198,6 +198,7 @@ def export_bundle(
     vision: str | None = None,
     vision_calibration: str = "percentile",
     attention: str | None = None,
+    keep: tuple[str, ...] = (),
 ) -> dict[str, Any]:
     """Export a checkpoint to a bundle folder; returns the manifest.
 
@@ -206,6 +207,7 @@ def export_bundle(
     ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
     ``algorithm`` "awq" calibrates INT4 scales on ``calibration`` ("rs-default": the shipped RS images).
     ``vision`` "int8" quantizes the vision graph with static Q/DQ (the int8 default), "model" keeps it.
+    ``keep``: regexes of decoder weight names kept unquantized (recorded in the manifest's recipe).
     ``attention`` "gqa-shared" (onnxruntime's fused GroupQueryAttention over one preallocated KV buffer; the
     default of the MatMulNBits form, which only onnxruntime runs anyway), "gqa" (the same, past and present
     as separate tensors) or "standard" (portable ops; the default everywhere else).
@@ -219,6 +221,7 @@ def export_bundle(
         algorithm=algorithm,
         vision=vision,
         vision_calibration=vision_calibration,
+        keep=tuple(keep),
     )
     compute = compute or (precision if recipe is None else ("fp16" if form == "qdq" else "fp32"))
     if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):

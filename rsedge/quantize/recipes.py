@@ -35,11 +35,10 @@ class Recipe:
 
     def weight_quant(self, name: str) -> WeightQuantConfig | None:
         """The quantization of one decoder weight (names as the graph builder gives them)."""
-        if any(re.search(p, name) for p in self.exclude):
+        head = name.startswith(("lm_head.", "model.embed_tokens."))  # a tied lm_head reads the embedding
+        if any(re.search(p, name) or (head and re.search(p, "lm_head")) for p in self.exclude):
             return None
-        if name.startswith(("lm_head.", "model.embed_tokens.")):
-            return self.lm_head
-        return self.decoder
+        return self.lm_head if head else self.decoder
 
     @property
     def needs_calibration(self) -> bool:
@@ -91,11 +90,23 @@ def make_recipe(
     algorithm: str = "rtn",
     vision: str | None = None,
     vision_calibration: str = "percentile",
+    keep: tuple[str, ...] = (),
 ) -> Recipe | None:
-    """The built-in recipe of a precision; None for fp32/fp16 (nothing quantized)."""
+    """The built-in recipe of a precision; None for fp32/fp16 (nothing quantized).
+
+    ``keep``: regexes of decoder weight names (e.g. ``lm_head``, ``layers\\.0\\.``) left in the compute dtype,
+    for the part a parity report shows to be sensitive.
+    """
     if vision is not None and vision not in VISION_CHOICES:
         raise OptionError(f"vision precision must be one of {', '.join(VISION_CHOICES)}, got {vision!r}")
+    for pattern in keep:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise OptionError(f"--keep {pattern!r} is not a regular expression: {exc}") from None
     if precision in ("fp32", "fp16"):
+        if keep:
+            raise OptionError(f"--keep applies to quantized exports; {precision} quantizes nothing")
         return None
     if precision == "int8":
         w8 = WeightQuantConfig(bits=8, block_size=block_size, form=form, accuracy_level=accuracy_level)
@@ -107,6 +118,7 @@ def make_recipe(
             embeddings="int8-rows",
             vision=vision or "int8",
             vision_calibration=vision_calibration,
+            exclude=tuple(keep),
         )
     if precision == "int4":
         w4 = WeightQuantConfig(bits=4, block_size=block_size, form=form, accuracy_level=accuracy_level)
@@ -123,5 +135,6 @@ def make_recipe(
             vision=vision or "model",
             algorithm=algorithm,
             vision_calibration=vision_calibration,
+            exclude=tuple(keep),
         )
     raise OptionError(f"unknown precision {precision!r}; choose fp32, fp16, int8 or int4")
