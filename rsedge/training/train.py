@@ -199,8 +199,8 @@ def train(
         feats = model.encode_images(batch.pixel_values)
         embeds, mask, labels = embed_batch(model, batch, feats)
         if batch.pointer:
-            layer = cfg.pointer_layer % len(model.lm.model.layers)
-            with capture_attention(model, layer) as kept:
+            supervised = cfg.pointer_layer % len(model.lm.model.layers)
+            with capture_attention(model, supervised) as kept:
                 out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
             ptr = pointer_loss(kept[0], labels, batch.pointer)
             ptr_window.append(float(ptr.detach()))
