@@ -19,7 +19,8 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def _rss_mb() -> float:
+def rss_mb() -> float:
+    """Resident memory of this process now."""
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * resource.getpagesize() / 1e6
 
@@ -55,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = ap.parse_args(argv)
     from rsedge.runtime.pipeline import Pipeline  # imported here so the floor includes the runtime's imports
 
-    floor = _rss_mb()
+    floor = rss_mb()
     pipe = Pipeline.load(args.bundle, threads=args.threads, verify="size")
     pipe.generate(args.image, args.prompt, args.max_new_tokens)
     peak = _peak_mb()

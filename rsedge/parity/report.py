@@ -7,7 +7,6 @@ agreement, task metrics on the same samples as the reference, size, latency and 
 from __future__ import annotations
 
 import gc
-import resource
 import statistics
 import tempfile
 import time
@@ -144,12 +143,6 @@ def vision_fidelity(model: RSUniVLMForCausalLM, pipe: Pipeline, samples: Sequenc
     return {"sqnr_db": sqnr_db(ref, got), "cosine": cosine(ref, got)}
 
 
-def rss_mb() -> float:
-    """Resident memory of this process now (Linux and Jetson both have /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize() / 1e6
-
-
 def request_peak_memory(bundle: Path, sample, threads: int | None) -> dict[str, float]:
     """Peak RSS of a fresh runtime-only process answering ``sample`` (see rsedge.bench.peak_memory)."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -271,7 +264,7 @@ def parity_report(
     for b in bundles:
         log(f"running {b}")
         gc.collect()
-        rss_before = rss_mb()
+        rss_before = peak_memory.rss_mb()
         pipe = Pipeline.load(b, threads=threads)
         run = run_bundle(pipe, samples, str(b))
         logits_ref, logits_got = np.stack(ref.first_logits), np.stack(run.first_logits)
@@ -294,7 +287,7 @@ def parity_report(
                 "decode_ms_per_token_median": statistics.median(run.decode_ms_per_token)
                 if run.decode_ms_per_token
                 else None,
-                "rss_mb_loaded": rss_mb() - rss_before,  # sessions + arena after running every sample
+                "rss_mb_loaded": peak_memory.rss_mb() - rss_before,  # sessions + arena after running every sample
                 "peak_memory": request_peak_memory(Path(b), samples[0], threads),
             }
         )
