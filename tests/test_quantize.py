@@ -207,3 +207,27 @@ def test_keep_rejects_a_bad_pattern(tiny_checkpoint, tmp_path):
     with pytest.raises(OptionError, match="not a regular expression"):
         export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", keep=("lm_head(",))
     assert not (tmp_path / "b").exists()
+
+
+def test_vision_calibration_holds_one_image_at_a_time(tiny_checkpoint, tmp_path, monkeypatch):
+    """onnxruntime's histogram calibrators keep every intermediate tensor of a collect_data call; at full
+    size that is over a gigabyte per image, so the reader must hand them one image per call."""
+    from onnxruntime.quantization import calibrate
+
+    from rsedge.calibration.calibset import rs_default
+    from rsedge.quantize.vision_int8 import ImageReader
+
+    held: list[int] = []
+    clear = calibrate.HistogramCalibrater.clear_collected_data
+
+    def spy(self):
+        held.append(len(self.intermediate_outputs))
+        clear(self)
+
+    monkeypatch.setattr(calibrate.HistogramCalibrater, "clear_collected_data", spy)
+    m = export_bundle(tiny_checkpoint, tmp_path / "b", precision="int8", block_size=32)
+    calib = rs_default()
+    images = len({p for item in calib.items for p in calib.image_paths(item)})
+    assert m["quantization"]["vision_calibration"] == "percentile"
+    assert len(ImageReader(calib, 32, "pixel_values", np.float32)) == images > 1
+    assert held.count(1) == images and max(held) == 1  # one image per call, every image seen once

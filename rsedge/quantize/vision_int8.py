@@ -13,13 +13,12 @@ import io
 import logging
 import os
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
 
-from rsedge.calibration.calibset import CalibrationSet
+from rsedge.calibration.calibset import CalibrationSet, prepare_image
 from rsedge.errors import OptionError
 from rsedge.runtime.images import validate_image
 from rsedge.runtime.preprocess import preprocess_square
@@ -32,23 +31,31 @@ METHODS = {
 
 
 class ImageReader(CalibrationDataReader):
-    """One image per call, [1, 3, S, S]: histogram calibrators need every sample in the same shape."""
+    """One image per call, [1, 3, S, S]: histogram calibrators need every sample in the same shape.
+
+    Sized and windowed (``set_range``) so that onnxruntime calibrates one image at a time: its histogram
+    calibrators keep every intermediate tensor of a ``collect_data`` call in memory, which for a
+    SigLIP-so400m tower is over a gigabyte per image, and merge their histograms across calls.
+    """
 
     def __init__(self, calib: CalibrationSet, image_size: int, input_name: str, dtype: np.dtype) -> None:
-        self._it = self._feeds(calib, image_size, input_name, dtype)
+        self._size, self._name, self._dtype = image_size, input_name, dtype
+        # A change pair's images and repeats would weight some scenes twice.
+        self._paths = list(dict.fromkeys(p for item in calib.items for p in calib.image_paths(item)))
+        self._next, self._end = 0, len(self._paths)
 
-    @staticmethod
-    def _feeds(calib: CalibrationSet, size: int, name: str, dtype: np.dtype) -> Iterator[dict[str, np.ndarray]]:
-        seen: set[str] = set()
-        for item in calib.items:
-            for rel, img in zip(item.images, calib.load_images(item), strict=True):
-                if rel in seen:  # a change pair's images and repeats would weight some scenes twice
-                    continue
-                seen.add(rel)
-                yield {name: preprocess_square(validate_image(img), size).astype(dtype)}
+    def __len__(self) -> int:
+        return len(self._paths)
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index, min(end_index, len(self._paths))
 
     def get_next(self) -> dict[str, np.ndarray] | None:
-        return next(self._it, None)
+        if self._next >= self._end:
+            return None
+        img = validate_image(prepare_image(self._paths[self._next]))
+        self._next += 1
+        return {self._name: preprocess_square(img, self._size).astype(self._dtype)}
 
 
 def quantize_vision(src: Path, dst: Path, calib: CalibrationSet, image_size: int, method: str = "percentile") -> Path:
@@ -60,7 +67,12 @@ def quantize_vision(src: Path, dst: Path, calib: CalibrationSet, image_size: int
     inp = onnx.load(str(src), load_external_data=False).graph.input[0]
     dtype = np.float16 if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
     # Float biases: TensorRT takes no INT32 DequantizeLinear, and a bias costs nothing in float.
-    extra = {"ActivationSymmetric": True, "WeightSymmetric": True, "QuantizeBias": False}
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QuantizeBias": False,
+        "CalibStridedMinMax": 1,  # one image per collect_data call: bounded memory for every method
+    }
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
     with tempfile.TemporaryDirectory(dir=dst.parent) as work:
