@@ -355,7 +355,8 @@ def parity_cmd(
     )
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
     table = Table(title=f"parity: {res['samples']} samples ({data})")
-    for col in ("bundle", *names, "cos", "agree", "decoder MB", "ms/tok", "peak MB"):
+    table.add_column("bundle", no_wrap=True)
+    for col in (*names, "cos", "agree", "decoder MB", "ms/tok", "peak MB"):
         table.add_column(col)
     for r in res["rows"]:
         hm = headline_metrics(r)
@@ -376,7 +377,7 @@ def parity_cmd(
                 "",
             )
         )
-        table.add_row(r["precision"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)
+        table.add_row(r["label"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)
     console.print(table)
     targets = res["targets"]
     if targets:

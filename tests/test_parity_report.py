@@ -36,8 +36,9 @@ def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tin
         mem = row["peak_memory"]
         assert mem["peak_rss_mb"] > mem["rss_before_load_mb"] > 10 and mem["peak_over_floor_mb"] > 0
     assert 0.5 < q4["logits_cosine"] < 1.0
+    assert [r["label"] for r in res["rows"]] == ["fp32 reference", "fp32", "int4 b32"]
     page = render(res)
-    assert "<svg" in page and "int4" in page and "Fidelity targets" in page
+    assert "<svg" in page and "int4 b32" in page and "Fidelity targets" in page
     targets = [t for t in res["targets"] if t["precision"] == "int4"]
     assert {t["task"] for t in targets} == set(ref["metrics"])
     for t in targets:
@@ -83,3 +84,12 @@ def test_bitsandbytes_baselines_when_available(tiny_checkpoint, tiny_bundle):
     assert nf4["decoder_linear_mb"] == pytest.approx(int8["decoder_linear_mb"] / 2)
     assert 0.5 < nf4["logits_cosine"] < 1.0 and int8["logits_cosine"] > nf4["logits_cosine"] - 0.05
     assert "bnb-nf4" in render(res)
+
+
+def test_bundle_labels_tell_recipes_of_one_precision_apart():
+    from rsedge.parity.report import bundle_label
+
+    awq = {"algorithm": "awq", "decoder": {"block_size": 128}, "exclude": ["lm_head"]}
+    assert bundle_label("int4", awq) == "int4 awq b128 keep lm_head"
+    assert bundle_label("int4", {"algorithm": "rtn", "decoder": {"block_size": 64}, "exclude": []}) == "int4 b64"
+    assert bundle_label("fp32", None) == "fp32"

@@ -30,7 +30,7 @@ def bar_chart(rows: list[dict[str, Any]], width: int = 900, bar: int = 10) -> st
             y += bar
         y += 14
     legend = " ".join(
-        f'<tspan fill="{COLOURS[i % len(COLOURS)]}">■ {html.escape(r["precision"])}</tspan>' for i, r in enumerate(rows)
+        f'<tspan fill="{COLOURS[i % len(COLOURS)]}">■ {html.escape(r["label"])}</tspan>' for i, r in enumerate(rows)
     )
     out.append(f'<text x="150" y="12">{legend}</text></svg>')
     return "\n".join(out)
@@ -68,7 +68,7 @@ def render(report: dict[str, Any]) -> str:
             )
         else:
             extra = f"<td colspan=5>reference</td><td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
-        body.append(f"<tr><td>{html.escape(r['precision'])}</td>{cells}{extra}</tr>")
+        body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}{extra}</tr>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rsedge parity report</title>
 <style>body{{font-family:sans-serif}} td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}</style>
 </head><body><h1>rsedge parity report</h1>

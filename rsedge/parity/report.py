@@ -101,6 +101,20 @@ def run_reference(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence,
     return run
 
 
+def bundle_label(precision: str, quantization: dict | None) -> str:
+    """Row name that tells two bundles of one precision apart: "int4 awq b128 keep lm_head"."""
+    q = quantization or {}
+    parts = [precision]
+    if q.get("algorithm") not in (None, "rtn"):
+        parts.append(q["algorithm"])
+    bits = (q.get("decoder") or {}).get("block_size")
+    if precision in ("int4", "int8") and bits:
+        parts.append(f"b{bits}")
+    if q.get("exclude"):
+        parts.append("keep " + ",".join(q["exclude"]))
+    return " ".join(parts)
+
+
 def run_bundle(pipe: Pipeline, samples: Sequence, name: str) -> Run:
     run = Run(name)
     for s in samples:
@@ -236,6 +250,7 @@ def parity_report(
     rows: list[dict[str, Any]] = [
         {
             "name": ref.name,
+            "label": "fp32 reference",
             "precision": "fp32-reference",
             "metrics": task_metrics(samples, ref.answers),
             "decode_ms_per_token": statistics.median(ref.decode_ms_per_token),
@@ -249,6 +264,7 @@ def parity_report(
             rows.append(
                 {
                     "name": f"{kind} (PyTorch)",
+                    "label": f"{kind} (PyTorch)",
                     "precision": kind,
                     "metrics": task_metrics(samples, run.answers),
                     "logits_cosine": float(
@@ -271,6 +287,7 @@ def parity_report(
         rows.append(
             {
                 "name": str(b),
+                "label": bundle_label(pipe.bundle.precision, pipe.bundle.manifest.get("quantization")),
                 "precision": pipe.bundle.precision,
                 "quantization": pipe.bundle.manifest.get("quantization"),
                 "metrics": task_metrics(samples, run.answers),
