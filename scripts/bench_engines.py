@@ -1,13 +1,15 @@
 #!/usr/bin/env python
-"""Decode and prefill of an rsedge bundle against an onnxruntime-genai model of the same decoder shape.
+"""Prefill and decode of an rsedge bundle against onnxruntime-genai and llama.cpp on the same decoder shape.
 
-A person runs it (not a test); the CPU's speed drifts between hours on a shared machine, so the two
-engines run interleaved, in separate processes, for several rounds, and the medians are compared:
+A person runs it (not a test). The CPU's speed drifts between hours on a shared machine, so the engines
+run interleaved, each in its own process, for several rounds, and the medians are compared:
     pip install onnxruntime-genai onnx_ir transformers
     python -m onnxruntime_genai.models.builder -i QWEN2_CKPT -o GENAI_DIR -p int4 -e cpu
-    python scripts/bench_vs_genai.py BUNDLE GENAI_DIR --rounds 5 --json out.json
-GENAI_DIR's session is pinned to --threads intra-op threads (written into its genai_config.json).
-Prints a table and JSON: prefill seconds and the median decode step at the given prompt length.
+    # llama.cpp: convert_hf_to_gguf.py QWEN2_CKPT, llama-quantize ... Q4_0, build llama-bench
+    python scripts/bench_engines.py BUNDLE --genai GENAI_DIR --llama-bench BIN --gguf Q4_0.gguf --rounds 5
+GENAI_DIR's session is pinned to --threads intra-op threads (written into its genai_config.json); llama-bench
+measures the prompt (pp) and the decode at that depth (tg @ d). Prints a table and JSON: prefill seconds
+and the median decode step after a prompt of --prompt-tokens.
 """
 
 from __future__ import annotations
@@ -50,6 +52,14 @@ def pin_threads(genai_dir: Path, threads: int) -> None:
     path.write_text(json.dumps(cfg, indent=4))
 
 
+def llama(binary: str, gguf: str, n: int, steps: int, threads: int) -> dict:
+    """llama-bench: the prompt, then `steps` tokens decoded at depth n (one repetition each)."""
+    args = [binary, "-m", gguf, "-t", str(threads), "-r", "1", "-o", "json"]
+    pp = json.loads(subprocess.run([*args, "-p", str(n), "-n", "0"], capture_output=True, text=True, check=True).stdout)
+    tg = subprocess.run([*args, "-p", "0", "-n", str(steps), "-d", str(n)], capture_output=True, text=True, check=True)
+    return {"prefill_s": n / pp[0]["avg_ts"], "decode_ms": 1e3 / json.loads(tg.stdout)[0]["avg_ts"]}
+
+
 def one(code: str, *args: str, python: str) -> dict:
     out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, check=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -58,7 +68,9 @@ def one(code: str, *args: str, python: str) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("bundle", type=Path)
-    ap.add_argument("genai_dir", type=Path)
+    ap.add_argument("--genai", type=Path, default=None, help="an onnxruntime-genai model folder")
+    ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
+    ap.add_argument("--gguf", default=None, help="the GGUF model llama-bench runs")
     ap.add_argument("--prompt-tokens", type=int, default=760)
     ap.add_argument("--steps", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
@@ -66,11 +78,17 @@ def main() -> None:
     ap.add_argument("--genai-python", default=sys.executable, help="interpreter with onnxruntime_genai")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
-    pin_threads(a.genai_dir, a.threads)
-    runs: dict[str, list[dict]] = {"rsedge": [], "onnxruntime-genai": []}
+    if a.genai:
+        pin_threads(a.genai, a.threads)
+    runs: dict[str, list[dict]] = {"rsedge": []}
+    runs.update({"onnxruntime-genai": []} if a.genai else {})
+    runs.update({"llama.cpp": []} if a.llama_bench and a.gguf else {})
     n, s = str(a.prompt_tokens), str(a.steps)
     for i in range(a.rounds):
-        runs["onnxruntime-genai"].append(one(GENAI, str(a.genai_dir), n, s, python=a.genai_python))
+        if a.genai:
+            runs["onnxruntime-genai"].append(one(GENAI, str(a.genai), n, s, python=a.genai_python))
+        if "llama.cpp" in runs:
+            runs["llama.cpp"].append(llama(a.llama_bench, a.gguf, a.prompt_tokens, a.steps, a.threads))
         runs["rsedge"].append(one(RSEDGE, str(a.bundle), n, s, str(a.threads), python=sys.executable))
         print(f"round {i + 1}: " + ", ".join(f"{k} {v[-1]['decode_ms']:.1f} ms" for k, v in runs.items()), flush=True)
     result = {
