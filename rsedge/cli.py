@@ -326,6 +326,12 @@ def bench_decode_cmd(
 @click.option("--threads", type=click.IntRange(1, 256), default=None)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None)
 @click.option("--report", "html_out", type=click.Path(path_type=Path), default=None, help="HTML report to write")
+@click.option(
+    "--baselines/--no-baselines",
+    default=True,
+    show_default=True,
+    help="also run the reference quantized by bitsandbytes (LLM.int8, NF4) where bitsandbytes imports",
+)
 def parity_cmd(
     bundles: tuple[Path, ...],
     reference: Path,
@@ -335,6 +341,7 @@ def parity_cmd(
     threads: int | None,
     json_out: Path | None,
     html_out: Path | None,
+    baselines: bool,
 ) -> None:
     """Bundles against the FP32 reference: fidelity, task metrics, size, latency, memory."""
     from rich.console import Console
@@ -352,6 +359,7 @@ def parity_cmd(
         seed=seed,
         threads=threads,
         log=lambda m: console.print(m),
+        baselines=baselines,
     )
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
     table = Table(title=f"parity: {res['samples']} samples ({data})")

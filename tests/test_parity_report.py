@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -70,6 +71,7 @@ def test_fidelity_targets_name_the_miss_and_its_size():
     assert not got["int4", "vqa"]["met"] and got["int4", "cap"]["met"]  # -4.0 misses ±1.5; -1.0 is inside
     line = describe_miss(got["int4", "vqa"])
     assert "-4.0 pts" in line and "missed by 2.5" in line and "1 of 25 answers" in line
+    assert "one answer moves accuracy by 4.0 pts at n=25" in line  # the target is finer than one answer
 
 
 def test_bitsandbytes_baselines_when_available(tiny_checkpoint, tiny_bundle):
@@ -93,3 +95,22 @@ def test_bundle_labels_tell_recipes_of_one_precision_apart():
     assert bundle_label("int4", awq) == "int4 awq b128 keep lm_head"
     assert bundle_label("int4", {"algorithm": "rtn", "decoder": {"block_size": 64}, "exclude": []}) == "int4 b64"
     assert bundle_label("fp32", None) == "fp32"
+    assert bundle_label("int8", {"decoder": {"block_size": 128}, "vision": "int8"}) == "int8 b128"
+    assert bundle_label("int8", {"decoder": {"block_size": 128}, "vision": "model"}) == "int8 b128 vision unquantized"
+    assert bundle_label("int4", {"decoder": {"block_size": 128}, "vision": "int8"}) == "int4 b128 vision int8"
+
+
+def test_parity_cli_writes_json_and_report_without_baselines(tiny_checkpoint, tiny_bundle, tmp_path):
+    from click.testing import CliRunner
+
+    from rsedge.cli import main
+
+    args = ["parity", str(tiny_bundle), "--reference", str(tiny_checkpoint), "--data", "synthetic-test"]
+    args += ["--per-task", "1", "--no-baselines", "--json", str(tmp_path / "r.json")]
+    args += ["--report", str(tmp_path / "r.html")]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    rows = json.loads((tmp_path / "r.json").read_text())["rows"]
+    assert [r["label"] for r in rows] == ["fp32 reference", "fp32"]  # no bitsandbytes rows
+    assert rows[1]["greedy_token_agreement"] == 1.0
+    assert "fp32 reference" in (tmp_path / "r.html").read_text()

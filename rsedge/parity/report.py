@@ -112,6 +112,9 @@ def bundle_label(precision: str, quantization: dict | None) -> str:
         parts.append(f"b{bits}")
     if q.get("exclude"):
         parts.append("keep " + ",".join(q["exclude"]))
+    default_vision = "int8" if precision == "int8" else "model"
+    if q.get("vision") and q["vision"] != default_vision:  # only a departure from the recipe's default
+        parts.append("vision " + ("unquantized" if q["vision"] == "model" else q["vision"]))
     return " ".join(parts)
 
 
@@ -229,6 +232,11 @@ def describe_miss(t: dict[str, Any]) -> str:
         f"(target ±{t['target_pts']}, missed by {abs(t['delta_pts']) - t['target_pts']:.1f}); "
         f"{t['changed_answers']} of {t['samples']} answers differ from FP32; "
         f"vision SQNR {t['vision_sqnr_db']:.1f} dB, first-step logits SQNR {t['logits_sqnr_db']:.1f} dB"
+        + (
+            f"; one answer moves {t['metric']} by {100 / t['samples']:.1f} pts at n={t['samples']}"
+            if t["metric"] in ("accuracy", "acc@0.5") and t["samples"]
+            else ""
+        )
     )
 
 
