@@ -107,9 +107,9 @@ def bundle_label(precision: str, quantization: dict | None) -> str:
     parts = [precision]
     if q.get("algorithm") not in (None, "rtn"):
         parts.append(q["algorithm"])
-    bits = (q.get("decoder") or {}).get("block_size")
-    if precision in ("int4", "int8") and bits:
-        parts.append(f"b{bits}")
+    block = (q.get("decoder") or {}).get("block_size")
+    if precision in ("int4", "int8") and block:
+        parts.append(f"b{block}")
     if q.get("exclude"):
         parts.append("keep " + ",".join(q["exclude"]))
     default_vision = "int8" if precision == "int8" else "model"
