@@ -24,6 +24,7 @@ from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.runtime.preprocess import preprocess_square
 from rsedge.synth.tasks import build_split
 from rsedge.training.batches import embed_batch, make_batch
+from rsedge.training.dense import IGNORE, centre_patch
 from rsedge.training.pointer import capture_attention
 
 VG_EXPERT = 1
@@ -40,7 +41,7 @@ def attention_and_digits(model, tok, samples, layer: int, grid: int) -> tuple[np
             logits = model.lm(inputs_embeds=embeds, attention_mask=mask).logits
     masses, digits = [], {}
     for t in batch.pointer:
-        answer = (labels[t.row] != -100).nonzero().flatten()
+        answer = (labels[t.row] != IGNORE).nonzero().flatten()
         keys = torch.tensor([t.image_start + p for p in t.patches])
         masses.append(float(kept[0][t.row, 0][answer - 1][:, keys].sum(-1).mean()))
         pred = logits[t.row, answer - 1].argmax(-1)
@@ -62,10 +63,7 @@ def centre_tokens(model, split: str, n: int, seed: int, grid: int) -> tuple[np.n
         with torch.no_grad():
             feats = model.encode_images(torch.from_numpy(px))
         for s, f in zip(chunk, feats, strict=True):
-            b, side = s.meta["box_px"], s.scenes[0].size
-            col = min(grid - 1, int((b[0] + b[2]) / 2 / side * grid))
-            row = min(grid - 1, int((b[1] + b[3]) / 2 / side * grid))
-            x.append(f[row * grid + col].numpy())
+            x.append(f[centre_patch(s.meta["box_px"], s.scenes[0].size, grid)].numpy())
             y.append(s.meta["box"])
     return np.array(x), np.array(y, dtype=np.float32)
 

@@ -16,10 +16,8 @@ from tokenizers import Tokenizer
 
 from rsedge.runtime.preprocess import preprocess_square
 from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
-from rsedge.training.dense import DenseTarget, batch_targets
+from rsedge.training.dense import IGNORE, DenseTarget, batch_targets
 from rsedge.training.pointer import PointerTarget, pointer_targets
-
-IGNORE = -100
 
 
 @dataclass

@@ -36,6 +36,12 @@ class DenseTarget:
     objects: np.ndarray  # [grid*grid, 6] int64: class (0 = none), colour, x1, y1, x2, y2 (IGNORE if none)
 
 
+def centre_patch(box_px: Sequence[float], size: int, grid: int) -> int:
+    """Raster index of the patch holding a pixel box's centre: the patch that speaks for the object."""
+    cx, cy = (box_px[0] + box_px[2]) / 2, (box_px[1] + box_px[3]) / 2
+    return min(grid - 1, int(cy / size * grid)) * grid + min(grid - 1, int(cx / size * grid))
+
+
 def dense_target(scene: Scene, grid: int) -> DenseTarget:
     """What each of the grid x grid patches of ``scene`` holds."""
     side = grid * SUB
@@ -46,10 +52,7 @@ def dense_target(scene: Scene, grid: int) -> DenseTarget:
     objects[:, 0] = 0
     best = np.zeros(grid * grid)
     for o in scene.objects:
-        cx, cy = o.center
-        col = min(grid - 1, int(cx / scene.size * grid))
-        row = min(grid - 1, int(cy / scene.size * grid))
-        t = row * grid + col
+        t = centre_patch(o.box, scene.size, grid)
         if o.area <= best[t]:  # several centres in one patch: the largest object speaks for it
             continue
         best[t] = o.area

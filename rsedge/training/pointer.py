@@ -17,7 +17,9 @@ from dataclasses import dataclass
 
 import torch
 
-IGNORE = -100
+from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX
+from rsedge.training.dense import IGNORE
+
 POINTER_TASKS = ("vg", "ref")
 
 
@@ -42,7 +44,7 @@ def pointer_targets(samples: Sequence, input_ids: Sequence[Sequence[int]], grid:
     out = []
     for row, (s, ids) in enumerate(zip(samples, input_ids, strict=True)):
         if s.task in POINTER_TASKS and s.scenes and len(s.images) == 1 and "box" in s.meta:
-            out.append(PointerTarget(row, list(ids).index(-200), box_patches(s.meta["box"], grid)))
+            out.append(PointerTarget(row, list(ids).index(IMAGE_TOKEN_INDEX), box_patches(s.meta["box"], grid)))
     return out
 
 

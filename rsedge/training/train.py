@@ -7,6 +7,7 @@ data, steps, machine and metrics next to the checkpoint it writes (in the releas
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -198,16 +199,15 @@ def train(
             layer.mlp.active = batch.expert
         feats = model.encode_images(batch.pixel_values)
         embeds, mask, labels = embed_batch(model, batch, feats)
+        supervised = cfg.pointer_layer % len(model.lm.model.layers)
+        watch = capture_attention(model, supervised) if batch.pointer else contextlib.nullcontext([])
+        with watch as kept:
+            out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
+        loss = out_.loss
         if batch.pointer:
-            supervised = cfg.pointer_layer % len(model.lm.model.layers)
-            with capture_attention(model, supervised) as kept:
-                out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
             ptr = pointer_loss(kept[0], labels, batch.pointer)
             ptr_window.append(float(ptr.detach()))
-            loss = out_.loss + cfg.pointer_weight * ptr
-        else:
-            out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
-            loss = out_.loss
+            loss = loss + cfg.pointer_weight * ptr
         aux = heads.loss(feats, batch.dense) if batch.dense else None
         if aux is not None:
             loss = loss + cfg.dense_weight * aux
