@@ -12,11 +12,16 @@ from pathlib import Path
 from rsedge.errors import OptionError
 
 
+def refuse_existing(out: Path) -> None:
+    """Fail early, before a long job, on an output that atomic_folder would refuse at its end."""
+    if out.exists():
+        raise OptionError(f"{out} already exists; remove it or choose another output folder")
+
+
 @contextmanager
 def atomic_folder(out: Path) -> Iterator[Path]:
     """Yield a temporary folder next to ``out``; rename it to ``out`` on success, delete it on any error."""
-    if out.exists():
-        raise OptionError(f"{out} already exists; remove it or choose another output folder")
+    refuse_existing(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:

@@ -6,8 +6,8 @@ A person runs it (about a minute on 2 CPU cores):
 Teacher-forced on synthetic test [VG] samples through the PyTorch reference it prints
 1. the attention mass that head 0 of the pointer layer (rsedge.training.pointer) puts on the target's patches;
 2. per answer digit, how often the model's top token is the right digit (and within one of it);
-3. linear (ridge) and MLP probes from the visual token of the patch holding the object's centre to its 0-100
-   box, fitted on training scenes: how precisely the visual tokens hold the position at all.
+3. linear (ridge), MLP and linear-to-101-bins probes from the visual token of the patch holding the
+   object's centre to its 0-100 box, fitted on training scenes: how precisely the tokens hold the position.
 """
 
 from __future__ import annotations
@@ -90,6 +90,26 @@ def probes(xtr, ytr, xte, yte) -> tuple[np.ndarray, np.ndarray]:
     return ridge, mlp
 
 
+def bin_probe(xtr, ytr, xte, yte) -> np.ndarray:
+    """A linear read-out to 101 bins per coordinate, as the dense head the tower was trained with."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(xtr.shape[1], 4 * 101)
+    opt = torch.optim.Adam(head.parameters(), 3e-3)
+    xt, yt = torch.from_numpy(xtr), torch.from_numpy(np.rint(ytr).astype(np.int64))
+    for _ in range(100):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 256):
+            b = perm[i : i + 256]
+            loss = torch.nn.functional.cross_entropy(head(xt[b]).reshape(-1, 101), yt[b].reshape(-1))
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        p = head(torch.from_numpy(xte)).reshape(-1, 4, 101).softmax(-1)
+        expected = (p * torch.arange(101.0)).sum(-1)
+    return (expected - torch.from_numpy(yte)).abs().mean(0).numpy()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("checkpoint", type=Path)
@@ -118,6 +138,7 @@ def main() -> None:
     ridge, mlp = probes(xtr, ytr, xte, yte)
     print(f"box from the centre patch's visual token, mean |error| in points (x1 y1 x2 y2): ridge {ridge.round(2)}")
     print(f"  MLP probe {mlp.round(2)}")
+    print(f"  linear probe to 101 bins per coordinate {bin_probe(xtr, ytr, xte, yte).round(2)}")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import argparse
 import json
 from pathlib import Path
 
+from rsedge.errors import RsedgeError
 from rsedge.training.evaluate import evaluate_checkpoint
 from rsedge.training.train import TrainConfig, train
 
@@ -31,6 +32,11 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=TrainConfig.warmup)
     ap.add_argument("--dense-weight", type=float, default=TrainConfig.dense_weight, help="0 turns it off")
     ap.add_argument("--pointer-weight", type=float, default=TrainConfig.pointer_weight, help="0 turns it off")
+    ap.add_argument("--pointer-heads", default="0", help="supervised heads of the pointer layer, e.g. 0,1,2,3")
+    ap.add_argument("--pointer-centre", action="store_true", help="point at the centre patch only")
+    ap.add_argument("--pointer-force", type=float, default=0.0, help="attention teacher forcing; 0 turns it off")
+    ap.add_argument("--force-fraction", type=float, default=TrainConfig.force_fraction)
+    ap.add_argument("--freeze-vision", action="store_true", help="keep the vision tower fixed")
     ap.add_argument("--mix", default=None, help='task mix as JSON, e.g. \'{"vg": 0.5, "seg": 0.2, ...}\'')
     args = ap.parse_args()
     cfg = TrainConfig(
@@ -46,12 +52,20 @@ def main() -> None:
         mix=json.loads(args.mix) if args.mix else None,
         dense_weight=args.dense_weight,
         pointer_weight=args.pointer_weight,
+        pointer_heads=tuple(int(h) for h in args.pointer_heads.split(",")),
+        pointer_centre=args.pointer_centre,
+        pointer_force=args.pointer_force,
+        force_fraction=args.force_fraction,
+        freeze_vision=args.freeze_vision,
     )
 
     def evaluate(ckpt: Path, c: TrainConfig) -> dict:
         return evaluate_checkpoint(ckpt, per_task=c.eval_per_task, seed=c.seed, splits=("train", "test"))
 
-    record = train(cfg, args.out, log=lambda m: print(m, flush=True), evaluate=evaluate)
+    try:
+        record = train(cfg, args.out, log=lambda m: print(m, flush=True), evaluate=evaluate)
+    except RsedgeError as e:
+        raise SystemExit(f"error: {e}") from None
     print(json.dumps(record["metrics"], indent=2))
 
 

@@ -142,3 +142,23 @@ def test_router_override_is_recorded_and_used(tiny_checkpoint, tmp_path, samples
     assert pipe.generate([samples / "dior_05863.png"], "[VG] windmill?", max_new_tokens=1).expert == 2
     with pytest.raises(OptionError, match="expert 5"):
         export_bundle(tiny_checkpoint, tmp_path / "c", router={"[VG]": 5})
+
+
+def test_reference_is_single_threaded_while_it_is_the_yardstick(tiny_bundle, tiny_checkpoint, monkeypatch):
+    """Validation runs the PyTorch reference on one thread (a multi-threaded first pass once moved by 4e-4
+    on a loaded CPU and failed a correct bundle), and gives the caller its thread count back."""
+    model = RSUniVLMForCausalLM.from_checkpoint(tiny_checkpoint)
+    seen: list[int] = []
+    real_step = model.step
+
+    def spy(*args, **kwargs):
+        seen.append(torch.get_num_threads())
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(model, "step", spy)
+    torch.set_num_threads(2)
+    manifest = json.loads((Path(tiny_bundle) / "manifest.json").read_text())
+    checks = validate_mod.validate_bundle(Path(tiny_bundle), manifest, model, "fp32")
+    assert all(c.passed for c in checks)
+    assert seen and set(seen) == {1}
+    assert torch.get_num_threads() == 2

@@ -167,3 +167,81 @@ def test_pointer_targets_and_loss():
     assert float(pointer_loss(on_target, labels, [target])) < 1e-5
     uniform = torch.full((1, 1, seq, seq), 1 / seq)
     assert math.isclose(float(pointer_loss(uniform, labels, [target])), -math.log(2 / seq), rel_tol=1e-5)
+
+
+def test_steered_attention_looks_at_the_target_and_reports_its_own_weights():
+    """Steering blends only the supervised heads at the answer rows; the loss sees the unsteered weights."""
+    from types import SimpleNamespace
+
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.qwen2.modeling_qwen2 import eager_attention_forward
+
+    from rsedge.training.pointer import Steering, capture_attention
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(1, 2, 5, 4), torch.randn(1, 1, 5, 4), torch.randn(1, 1, 5, 4)
+    module = SimpleNamespace(layer_idx=1, num_key_value_groups=2, training=False)
+    plain_out, plain_w = eager_attention_forward(module, q, k, v, None, 0.5)
+    rows = torch.zeros(1, 5, dtype=torch.bool)
+    rows[0, 3:] = True
+    model = SimpleNamespace(lm=SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa")))
+    with capture_attention(model, 1, Steering((0,), rows, torch.tensor([1]), 1.0)) as kept:
+        attention = ALL_ATTENTION_FUNCTIONS[model.lm.config._attn_implementation]
+        out, w = attention(module, q, k, v, None, 0.5)
+    assert model.lm.config._attn_implementation == "sdpa"  # restored
+    assert torch.equal(kept[0], plain_w) and torch.equal(w, plain_w)
+    assert torch.allclose(out[0, 3:, 0], v[0, 0, 1].expand(2, 4))  # steered head, answer rows: the target
+    assert torch.equal(out[0, :3], plain_out[0, :3])  # prompt rows untouched
+    assert torch.equal(out[0, :, 1], plain_out[0, :, 1])  # unsupervised head untouched
+
+
+def test_capture_keeps_the_decoder_causal(tiny_checkpoint):
+    """The capturing attention is eager attention: same logits, so no answer token can see the future."""
+    from rsedge.training.pointer import capture_attention
+
+    model = RSUniVLMForCausalLM.from_checkpoint(tiny_checkpoint)
+    embeds = torch.randn(1, 9, model.cfg.text.hidden_size)
+    with torch.no_grad():
+        plain = model.lm(inputs_embeds=embeds).logits
+        with capture_attention(model, 0) as kept:
+            captured = model.lm(inputs_embeds=embeds).logits
+    assert torch.allclose(plain, captured, atol=1e-5)
+    assert kept[0][0, :, 0, 1:].abs().max() == 0  # the first position attends to itself only
+
+
+def test_frozen_vision_and_steered_pointer_run(two_runs, tmp_path):
+    """--freeze-vision leaves the tower bit for bit as it was; the steered multi-head pointer trains the rest."""
+    _, root = two_runs
+    cfg = TrainConfig(
+        seed=0,
+        init_from=str(root / "run0"),
+        mix={"vg": 1.0},
+        pointer_weight=1.0,
+        pointer_heads=(0, 1),
+        pointer_centre=True,
+        pointer_force=1.0,
+        freeze_vision=True,
+        **MICRO,
+    )
+    record = train(cfg, tmp_path / "f", log=lambda m: None)
+    assert record["loss_history"] == [] or record["loss_history"][-1]["pointer_loss"] is not None
+    before, after = (load_file(str(p / "model.safetensors")) for p in (root / "run0", tmp_path / "f"))
+    tower = [k for k in before if k.startswith("model.vision_tower.")]
+    assert tower and all(torch.equal(before[k], after[k]) for k in tower)
+    assert any(not torch.equal(before[k], after[k]) for k in before if k not in tower)
+
+
+def test_existing_output_is_refused_before_training(tmp_path, monkeypatch):
+    """An output folder that exists is refused at the start, not when the weights are written an hour later."""
+    from rsedge.errors import OptionError
+    from rsedge.training import train as train_mod
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("training started")
+
+    monkeypatch.setattr(train_mod, "expert_batches", no_training)
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    with pytest.raises(OptionError, match="already exists"):
+        train(TrainConfig(seed=0, **MICRO), tmp_path / "out", log=lambda m: None)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]

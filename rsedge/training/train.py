@@ -24,7 +24,7 @@ import torch
 from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
-from rsedge.fsutil import atomic_folder
+from rsedge.fsutil import atomic_folder, refuse_existing
 from rsedge.models.rsunivlm.checkpoint import checkpoint_config_dict, write_config_files
 from rsedge.models.rsunivlm.config import RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
@@ -34,7 +34,7 @@ from rsedge.synth.real import real_samples
 from rsedge.synth.tasks import TASKS, build_split, iter_samples, task_expert
 from rsedge.training.batches import embed_batch, make_batch
 from rsedge.training.dense import DenseHeads
-from rsedge.training.pointer import capture_attention, pointer_loss
+from rsedge.training.pointer import capture_attention, pointer_loss, steering
 
 
 @dataclass
@@ -78,7 +78,14 @@ class TrainConfig:
     dense_weight: float = 0.5
     # Weight of the grounding attention supervision (rsedge.training.pointer); 0 turns it off.
     pointer_weight: float = 0.0
-    pointer_layer: int = -2  # which decoder layer's head 0 is supervised (negative: from the top)
+    pointer_layer: int = -2  # which decoder layer is supervised (negative: from the top)
+    pointer_heads: tuple[int, ...] = (0,)  # its supervised heads
+    pointer_centre: bool = False  # point at the object's centre patch only (else every patch of its box)
+    # Attention teacher forcing of the supervised heads (rsedge.training.pointer.Steering): initial blend
+    # weight towards the target token, annealed linearly to 0 over the first force_fraction of the steps.
+    pointer_force: float = 0.0
+    force_fraction: float = 0.6
+    freeze_vision: bool = False  # keep the vision tower fixed (the connector still trains)
 
 
 def tokenizer_text(seed: int, n: int = 4000) -> list[str]:
@@ -159,6 +166,7 @@ def train(
     log: Callable[[str], None] = print,
     evaluate: Callable[[Path, TrainConfig], dict] | None = None,
 ) -> dict:
+    refuse_existing(out)  # not after an hour of training
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     torch.set_num_threads(cfg.threads)
@@ -179,8 +187,10 @@ def train(
         model = RSUniVLMForCausalLM(RSUniVLMConfig.from_dict(config))
     model.lm.config._attn_implementation = "sdpa"  # training speed; eager is the reference at inference
     model.train()
+    if cfg.freeze_vision:
+        model.vision_tower.requires_grad_(False)
     heads = DenseHeads(model.cfg.text.hidden_size)  # training-only; not part of the checkpoint
-    params = [*model.parameters(), *heads.parameters()]
+    params = [p for p in (*model.parameters(), *heads.parameters()) if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     batches = expert_batches(cfg, tok, tok.token_to_id("<|im_end|>"), start)
     history: list[dict[str, float]] = []
@@ -200,12 +210,16 @@ def train(
         feats = model.encode_images(batch.pixel_values)
         embeds, mask, labels = embed_batch(model, batch, feats)
         supervised = cfg.pointer_layer % len(model.lm.model.layers)
-        watch = capture_attention(model, supervised) if batch.pointer else contextlib.nullcontext([])
+        steer = None
+        if batch.pointer and cfg.pointer_force > 0:
+            alpha = cfg.pointer_force * max(0.0, 1 - step / max(1, cfg.force_fraction * cfg.steps))
+            steer = steering(batch.pointer, labels, cfg.pointer_heads, alpha)
+        watch = capture_attention(model, supervised, steer) if batch.pointer else contextlib.nullcontext([])
         with watch as kept:
             out_ = model.lm(inputs_embeds=embeds, attention_mask=mask, labels=labels)
         loss = out_.loss
         if batch.pointer:
-            ptr = pointer_loss(kept[0], labels, batch.pointer)
+            ptr = pointer_loss(kept[0], labels, batch.pointer, cfg.pointer_heads, cfg.pointer_centre)
             ptr_window.append(float(ptr.detach()))
             loss = loss + cfg.pointer_weight * ptr
         aux = heads.loss(feats, batch.dense) if batch.dense else None
