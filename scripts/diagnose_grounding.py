@@ -68,23 +68,30 @@ def centre_tokens(model, split: str, n: int, seed: int, grid: int) -> tuple[np.n
     return np.array(x), np.array(y, dtype=np.float32)
 
 
+def fit(net: torch.nn.Module, loss_fn, x: np.ndarray, y: np.ndarray, epochs: int, lr: float) -> torch.nn.Module:
+    """Mini-batch Adam, seeded: the training loop both learned probes share."""
+    torch.manual_seed(0)
+    opt = torch.optim.Adam(net.parameters(), lr)
+    xt, yt = torch.from_numpy(x), torch.from_numpy(y)
+    for _ in range(epochs):
+        perm = torch.randperm(len(xt))
+        for i in range(0, len(xt), 256):
+            b = perm[i : i + 256]
+            loss = loss_fn(net(xt[b]), yt[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    return net
+
+
 def probes(xtr, ytr, xte, yte) -> tuple[np.ndarray, np.ndarray]:
     design = lambda x: np.hstack([x, np.ones((len(x), 1), x.dtype)])  # noqa: E731
     a = design(xtr)
     w = np.linalg.solve(a.T @ a + 1e-2 * np.eye(a.shape[1]), a.T @ ytr)
     ridge = np.abs(design(xte) @ w - yte).mean(0)
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the MLP's initial weights
     net = torch.nn.Sequential(torch.nn.Linear(xtr.shape[1], 512), torch.nn.GELU(), torch.nn.Linear(512, 4))
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(ytr)
-    for _ in range(300):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 256):
-            b = perm[i : i + 256]
-            loss = (net(xt[b]) - yt[b]).abs().mean()
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+    net = fit(net, lambda out, y: (out - y).abs().mean(), xtr, ytr, epochs=300, lr=1e-3)
     with torch.no_grad():
         mlp = (net(torch.from_numpy(xte)) - torch.from_numpy(yte)).abs().mean(0).numpy()
     return ridge, mlp
@@ -92,18 +99,13 @@ def probes(xtr, ytr, xte, yte) -> tuple[np.ndarray, np.ndarray]:
 
 def bin_probe(xtr, ytr, xte, yte) -> np.ndarray:
     """A linear read-out to 101 bins per coordinate, as the dense head the tower was trained with."""
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # the head's initial weights
     head = torch.nn.Linear(xtr.shape[1], 4 * 101)
-    opt = torch.optim.Adam(head.parameters(), 3e-3)
-    xt, yt = torch.from_numpy(xtr), torch.from_numpy(np.rint(ytr).astype(np.int64))
-    for _ in range(100):
-        perm = torch.randperm(len(xt))
-        for i in range(0, len(xt), 256):
-            b = perm[i : i + 256]
-            loss = torch.nn.functional.cross_entropy(head(xt[b]).reshape(-1, 101), yt[b].reshape(-1))
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
+
+    def loss_fn(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.cross_entropy(out.reshape(-1, 101), y.reshape(-1))
+
+    head = fit(head, loss_fn, xtr, np.rint(ytr).astype(np.int64), epochs=100, lr=3e-3)
     with torch.no_grad():
         p = head(torch.from_numpy(xte)).reshape(-1, 4, 101).softmax(-1)
         expected = (p * torch.arange(101.0)).sum(-1)

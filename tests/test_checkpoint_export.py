@@ -156,9 +156,13 @@ def test_reference_is_single_threaded_while_it_is_the_yardstick(tiny_bundle, tin
         return real_step(*args, **kwargs)
 
     monkeypatch.setattr(model, "step", spy)
+    callers = torch.get_num_threads()
     torch.set_num_threads(2)
-    manifest = json.loads((Path(tiny_bundle) / "manifest.json").read_text())
-    checks = validate_mod.validate_bundle(Path(tiny_bundle), manifest, model, "fp32")
-    assert all(c.passed for c in checks)
-    assert seen and set(seen) == {1}
-    assert torch.get_num_threads() == 2
+    try:
+        manifest = json.loads((Path(tiny_bundle) / "manifest.json").read_text())
+        checks = validate_mod.validate_bundle(Path(tiny_bundle), manifest, model, "fp32")
+        assert all(c.passed for c in checks)
+        assert seen and set(seen) == {1}
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(callers)
