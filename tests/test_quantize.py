@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+import torch
 from onnx import TensorProto, helper
 
 from rsedge.errors import OptionError
@@ -124,6 +125,39 @@ def test_quantized_bundles_record_their_recipe_and_shrink(int4_bundles, tiny_bun
 
     fp32 = decoder_bytes(tiny_bundle)
     assert decoder_bytes(int4_bundles["int4"]) < decoder_bytes(int4_bundles["int8"]) < 0.4 * fp32
+
+
+def test_int8_activation_graphs_are_also_checked_with_float_activations(int4_bundles):
+    """MatMulNBits at accuracy_level 4 rounds activations; its float-activation twin must match like fp32."""
+    for name in ("int4", "int8"):
+        root = int4_bundles[name]
+        checks = {c["graph"]: c for c in json.loads((root / "manifest.json").read_text())["validation"]["graphs"]}
+        for e in range(3):
+            twin = checks[f"decoder_expert{e}-weights"]
+            assert twin["passed"] and twin["max_abs"] <= 1e-4 + 2e-5 * twin["ref_scale"], (name, e)
+        assert checks["vision"]["passed"]
+        assert not list(root.glob(".*float-activations.onnx")), "the twin graph is removed"
+    qdq = json.loads((int4_bundles["int4-qdq"] / "manifest.json").read_text())["validation"]["graphs"]
+    assert not any(c["graph"].endswith("-weights") for c in qdq)  # no MatMulNBits node to twin
+
+
+def test_one_wrongly_scaled_block_fails_quantized_validation(tiny_checkpoint, tmp_path, monkeypatch):
+    """A packing error in one weight block (5 % off) is caught by the float-activation twin, which runs first."""
+    import rsedge.export.bundle as bundle_mod
+    from rsedge.errors import ExportValidationError
+
+    real = bundle_mod.apply_fake_quant
+
+    def one_block_off(model, cache):
+        real(model, cache)
+        w = dict(model.named_parameters())["lm.model.layers.0.mlp.0.down_proj.weight"]
+        with torch.no_grad():
+            w[:, :32] *= 1.05  # what the reference believes; the graph carries the true codes and scales
+
+    monkeypatch.setattr(bundle_mod, "apply_fake_quant", one_block_off)
+    with pytest.raises(ExportValidationError, match=r"decoder_expert0-weights disagrees"):
+        export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", block_size=32)
+    assert not (tmp_path / "b").exists()
 
 
 def test_quantized_forms_agree_in_onnxruntime(int4_bundles, samples):

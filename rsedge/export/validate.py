@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 
@@ -23,10 +24,14 @@ from rsedge.runtime.sessions import DecoderSession, SessionConfig
 TOLERANCES: dict[str, dict[str, float]] = {
     "fp32": {"atol": 1e-4, "rtol": 2e-5, "min_cosine": 0.99999},
     "fp16": {"atol": 2e-2, "rtol": 2e-2, "min_cosine": 0.999},
-    # Quantized graphs are checked against the reference with the same dequantized weights; what is left
-    # is activation rounding (accuracy_level 4 runs int8 activations), so the bound is on shape, not bits.
-    "int8": {"atol": 2e-2, "rtol": 5e-2, "min_cosine": 0.999},
-    "int4": {"atol": 2e-2, "rtol": 5e-2, "min_cosine": 0.999},
+    # Quantized graphs are checked against the reference with the same dequantized weights, twice where
+    # MatMulNBits rounds activations to int8 (accuracy_level > 0): a float-activation twin of the graph must
+    # match as tightly as fp32 (codes, scales and layout exact), then the graph as shipped is bounded in
+    # shape: int8 activation rounding grows with a trained model's outlier features (5.7 % of the largest
+    # logit on the built-in model's SEG expert, cosine 0.99998), not with any packing error.
+    "int8": {"atol": 2e-2, "rtol": 0.1, "min_cosine": 0.999},
+    "int4": {"atol": 2e-2, "rtol": 0.1, "min_cosine": 0.999},
+    "weights": {"atol": 1e-4, "rtol": 2e-5, "min_cosine": 0.99999},
     # A statically quantized vision graph has INT8 activations too: no float reference to match bit for bit.
     "vision-int8": {"atol": 5e-2, "rtol": 0.5, "min_cosine": 0.99},
 }
@@ -137,7 +142,9 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
     pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
     got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
     ref_feats = model.encode_images(torch.from_numpy(pixels))
-    vision_tol = "vision-int8" if manifest["graphs"]["vision"].get("quantized") else precision
+    # A vision graph left in the compute dtype (the INT4 default) is held to that dtype's bound.
+    compute = "fp16" if vin.type == "tensor(float16)" else "fp32"
+    vision_tol = "vision-int8" if manifest["graphs"]["vision"].get("quantized") else compute
     checks.append(compare("vision", got, ref_feats.numpy(), vision_tol))
     del vis
 
@@ -147,24 +154,24 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
     visual = torch.cat([ref_feats[0], model.image_newline[None]])
     embeds = model.embed_prompt([*ids[:6], -200, *ids[6:]], [visual])
     next_ids = rng.integers(0, cfg.text.vocab_size, size=2).tolist()
-    head_dim = cfg.text.head_dim
     model.step(embeds[:, :4], 0)  # a throwaway first pass: lazy set-up happens outside the compared ones
     # Decoders run through the runtime's own session and KV cache: what is validated is what will run.
     shared = manifest["graphs"]["decoder"].get("attention") == "gqa-shared"
+    step_embeds = [embeds] + [model.lm.model.embed_tokens(torch.tensor([[t]])) for t in next_ids]
     for expert, entry in sorted(manifest["graphs"]["decoder"]["experts"].items(), key=lambda kv: int(kv[0])):
         e = int(expert)
-        dec = DecoderSession(root / entry["file"], SessionConfig(), cfg.text.num_hidden_layers, shared)
-        cache = dec.new_cache(cfg.text.num_key_value_heads, head_dim, embeds.shape[1] + len(next_ids))
         out = model.step(embeds, e)
-        step_embeds = [embeds] + [model.lm.model.embed_tokens(torch.tensor([[t]])) for t in next_ids]
-        got_logits, ref_logits = [], []
-        for k, emb in enumerate(step_embeds):
-            if k:
-                out = model.step(emb, e, out.cache)
-            got_logits.append(dec.step(emb.numpy(), cache).copy())
+        ref_logits = [out.logits[0, -1].numpy()]
+        for emb in step_embeds[1:]:
+            out = model.step(emb, e, out.cache)
             ref_logits.append(out.logits[0, -1].numpy())
-        checks.append(compare(f"decoder_expert{e}", np.stack(got_logits), np.stack(ref_logits), precision))
-        del dec
+        ref = np.stack(ref_logits)
+        path = root / entry["file"]
+        with float_activation_twin(path) as twin:
+            if twin is not None:
+                got = _run_decoder(twin, cfg, shared, step_embeds)
+                checks.append(compare(f"decoder_expert{e}-weights", got, ref, "weights"))
+        checks.append(compare(f"decoder_expert{e}", _run_decoder(path, cfg, shared, step_embeds), ref, precision))
     failed = [c for c in checks if not c.passed]
     if failed:
         c = failed[0]
@@ -173,6 +180,37 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
             f"or cosine {c.cosine:.6f} < {c.min_cosine} ({precision})"
         )
     return checks
+
+
+def _run_decoder(path: Path, cfg: Any, shared: bool, step_embeds: list[torch.Tensor]) -> np.ndarray:
+    """Logits of a prefill and decode steps through the runtime's own session and KV cache."""
+    dec = DecoderSession(path, SessionConfig(), cfg.text.num_hidden_layers, shared)
+    capacity = sum(int(emb.shape[1]) for emb in step_embeds)
+    cache = dec.new_cache(cfg.text.num_key_value_heads, cfg.text.head_dim, capacity)
+    return np.stack([dec.step(emb.numpy(), cache).copy() for emb in step_embeds])
+
+
+@contextmanager
+def float_activation_twin(path: Path) -> Iterator[Path | None]:
+    """The graph with every MatMulNBits at accuracy_level 0 (float activations), beside it so its external
+    weights resolve; None when no node rounds activations. Removed on exit."""
+    proto = onnx.load(str(path), load_external_data=False)
+    changed = False
+    for node in proto.graph.node:
+        if node.op_type != "MatMulNBits":
+            continue
+        for attr in node.attribute:
+            if attr.name == "accuracy_level" and attr.i > 0:
+                attr.i, changed = 0, True
+    if not changed:
+        yield None
+        return
+    twin = path.with_name(f".{path.stem}.float-activations.onnx")
+    onnx.save(proto, str(twin))
+    try:
+        yield twin
+    finally:
+        twin.unlink(missing_ok=True)
 
 
 def checks_to_json(checks: list[GraphCheck], precision: str) -> dict[str, Any]:
