@@ -14,11 +14,14 @@ from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.synth.tasks import TASKS, build_split, task_expert
 from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, answer, metric_target, stop_ids
 
-# Issue 3's skill floor on the synthetic test split (FP32 PyTorch reference), where the model meets it.
-# Grounding's floor (Acc@0.5 >= 0.50) is not met yet (see docs/model-card.md), so it is not asserted here.
-FLOOR = {("vqa", "accuracy"): 0.60, ("cls", "accuracy"): 0.60, ("seg", "miou"): 0.40}
-FLOOR_CAP_BLEU4 = 0.20
-VG_REACHED = 0.30  # not the floor: what stage 4 of training reached (0.38), kept from sliding back
+# Issue 3's skill floor on the synthetic test split (FP32 PyTorch reference); docs/model-card.md has the figures.
+FLOOR = {
+    ("vg", "acc@0.5"): 0.50,
+    ("vqa", "accuracy"): 0.60,
+    ("cls", "accuracy"): 0.60,
+    ("seg", "miou"): 0.40,
+    ("cap", "bleu4"): 0.20,
+}
 N_CHECK = 20  # samples per task re-measured here (the record holds 100 per task)
 
 
@@ -37,8 +40,6 @@ def test_recorded_metrics_meet_the_skill_floor(record):
     test = record["metrics"]["synthetic_test"]
     for (task, metric), floor in FLOOR.items():
         assert test[task][metric] >= floor, f"{task} {metric} {test[task][metric]:.3f} < {floor}"
-    assert test["cap"]["bleu4"] >= FLOOR_CAP_BLEU4
-    assert test["vg"]["acc@0.5"] >= VG_REACHED
     assert record["train_config"]["seed"] == 0 and record["steps_done"] > 0
 
 
