@@ -14,7 +14,7 @@ import json
 from pathlib import Path
 
 from rsedge.errors import RsedgeError
-from rsedge.training.evaluate import evaluate_checkpoint
+from rsedge.training.evaluate import record_metrics
 from rsedge.training.train import TrainConfig, train
 
 
@@ -59,11 +59,8 @@ def main() -> None:
         freeze_vision=args.freeze_vision,
     )
 
-    def evaluate(ckpt: Path, c: TrainConfig) -> dict:
-        return evaluate_checkpoint(ckpt, per_task=c.eval_per_task, seed=c.seed, splits=("train", "test"))
-
     try:
-        record = train(cfg, args.out, log=lambda m: print(m, flush=True), evaluate=evaluate)
+        record = train(cfg, args.out, log=lambda m: print(m, flush=True), evaluate=record_metrics)
     except RsedgeError as e:
         raise SystemExit(f"error: {e}") from None
     print(json.dumps(record["metrics"], indent=2))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -245,3 +246,60 @@ def test_existing_output_is_refused_before_training(tmp_path, monkeypatch):
     with pytest.raises(OptionError, match="already exists"):
         train(TrainConfig(seed=0, **MICRO), tmp_path / "out", log=lambda m: None)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["keep.txt"]
+
+
+def test_stop_after_ends_early_on_the_planned_schedule(tmp_path, monkeypatch):
+    """A replayed stage that a time limit cut short: the same steps at the same learning rates as the original."""
+    from rsedge.training import train as train_mod
+
+    seen: list[tuple[int, int]] = []
+    real_lr = train_mod.lr_at
+
+    def spy(step: int, cfg: TrainConfig) -> float:
+        seen.append((step, cfg.steps))
+        return real_lr(step, cfg)
+
+    monkeypatch.setattr(train_mod, "lr_at", spy)
+    cfg = TrainConfig(seed=0, **{**MICRO, "steps": 5}, stop_after=2)
+    record = train(cfg, tmp_path / "s", log=lambda m: None)
+    assert record["steps_done"] == 2 and record["train_config"]["stop_after"] == 2
+    assert sorted(set(seen)) == [(0, 5), (1, 5)]  # two steps, scheduled over the planned five
+    assert record["stream_end"] == 2 * cfg.batch_size * 2
+
+
+def test_replay_plan_reads_every_stage_of_the_shipped_model():
+    """The built-in model's record names six stages; their configs are the recorded ones, chained in order."""
+    from dataclasses import asdict
+
+    from rsedge.demo import BUILTIN_MODEL
+    from rsedge.training.replay import replay_plan, stage_records
+
+    record = json.loads((BUILTIN_MODEL / "training_record.json").read_text())
+    plan = replay_plan(record, Path("/work-x"))
+    stages = stage_records(record)
+    assert len(plan) == len(stages) == 6
+    for i, ((cfg, out), stage) in enumerate(zip(plan, stages, strict=True)):
+        assert out == Path("/work-x") / f"stage{i + 1}"
+        assert cfg.init_from == (None if i == 0 else str(Path("/work-x") / f"stage{i}"))
+        got = asdict(cfg)
+        for key, value in stage["train_config"].items():
+            if key not in ("init_from", "time_limit_s", "stop_after"):
+                assert got[key] == (list(value) if isinstance(got[key], tuple) else value) or (
+                    tuple(value) == got[key]
+                ), (i, key)
+        done = stage["steps_done"]
+        assert (cfg.stop_after or cfg.steps) == done
+    assert plan[3][0].stop_after == 1485  # stage 4: stopped by its time limit, replayed by step count
+    assert plan[5][0].lr == 4e-4 and plan[5][0].pointer_heads == (0, 1, 2, 3) and plan[5][0].freeze_vision
+
+
+def test_replay_refuses_a_record_it_cannot_read():
+    from rsedge.errors import CheckpointError
+    from rsedge.training.replay import replay_plan
+
+    stage = {"train_config": {"seed": 0, "steps": 3, "warp_drive": 1}, "steps_done": 3, "parent": None}
+    with pytest.raises(CheckpointError, match="warp_drive"):
+        replay_plan(stage, Path("/w"))
+    orphan = {"train_config": {"seed": 0, "init_from": "/elsewhere"}, "steps_done": 3, "parent": None}
+    with pytest.raises(CheckpointError, match="init_from"):
+        replay_plan(orphan, Path("/w"))

@@ -68,3 +68,8 @@ def evaluate_checkpoint(checkpoint: Path, per_task: int = 100, seed: int = 0, sp
         out[f"synthetic_{split}"] = score(model, tok, samples, size, eos)
     out["real_test"] = score(model, tok, real_samples("test"), size, eos)
     return out
+
+
+def record_metrics(checkpoint: Path, cfg: Any) -> dict[str, Any]:
+    """What a training run records: its synthetic train and test splits and the real test samples."""
+    return evaluate_checkpoint(checkpoint, per_task=cfg.eval_per_task, seed=cfg.seed, splits=("train", "test"))

@@ -70,6 +70,8 @@ class TrainConfig:
     eval_per_task: int = 100
     threads: int = 2
     time_limit_s: float | None = None  # stop early (recorded) if a machine is slower than planned
+    # End after this many steps, the schedule still planned over ``steps``: replays a run a time limit cut short.
+    stop_after: int | None = None
     # Continue from an earlier run of this script (its tokenizer and weights); the data stream resumes
     # after the samples that run consumed, so no training sample is seen twice.
     init_from: str | None = None
@@ -198,7 +200,7 @@ def train(
     aux_window: list[float] = []
     ptr_window: list[float] = []
     steps_done = 0
-    for step in range(cfg.steps):
+    for step in range(cfg.steps if cfg.stop_after is None else min(cfg.steps, cfg.stop_after)):
         if cfg.time_limit_s is not None and time.time() - t0 > cfg.time_limit_s:
             log(f"time limit reached at step {step}")
             break
