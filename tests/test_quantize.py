@@ -98,6 +98,7 @@ def int4_bundles(tiny_checkpoint, tmp_path_factory):
         "int4": {"precision": "int4", "block_size": 32},
         "int8": {"precision": "int8", "block_size": 32},
         "int4-qdq": {"precision": "int4", "block_size": 32, "form": "qdq", "compute": "fp32"},
+        "int4-fp16": {"precision": "int4", "block_size": 32, "compute": "fp16"},
     }.items():
         export_bundle(tiny_checkpoint, root / name, **kw)
         out[name] = root / name
@@ -137,6 +138,9 @@ def test_int8_activation_graphs_are_also_checked_with_float_activations(int4_bun
             assert twin["passed"] and twin["max_abs"] <= 1e-4 + 2e-5 * twin["ref_scale"], (name, e)
         assert checks["vision"]["passed"]
         assert not list(root.glob(".*float-activations.onnx")), "the twin graph is removed"
+    # fp16 compute: the twin rounds activations to fp16 itself, so it is held to the fp16 bound, and passes.
+    half = json.loads((int4_bundles["int4-fp16"] / "manifest.json").read_text())["validation"]["graphs"]
+    assert [c["passed"] for c in half if c["graph"].endswith("-weights")] == [True] * 3
     qdq = json.loads((int4_bundles["int4-qdq"] / "manifest.json").read_text())["validation"]["graphs"]
     assert not any(c["graph"].endswith("-weights") for c in qdq)  # no MatMulNBits node to twin
 
