@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How a checkpoint's [VG] boxes miss: IoU, overlap, centre and size errors on synthetic test samples.
 
-A person runs it (about a minute for 400 samples on 2 CPU cores):
+A person runs it (about 25 s for 400 samples on 2 CPU cores):
     .venv/bin/python scripts/grounding_errors.py rsedge/data/models/rsunivlm-demo --n 400
 Greedy answers through the PyTorch reference on N samples of a [VG]-only synthetic test split (other
 scenes than the training record's 100, which come from an all-task split); boxes parsed as the Acc@0.5

@@ -20,6 +20,7 @@ from safetensors.torch import load_file
 
 from rsedge.demo import BUILTIN_MODEL
 from rsedge.errors import RsedgeError
+from rsedge.fsutil import refuse_existing
 from rsedge.training.evaluate import record_metrics
 from rsedge.training.replay import replay_plan, stage_records
 from rsedge.training.train import train
@@ -39,8 +40,7 @@ def main() -> None:
     args = ap.parse_args()
 
     try:
-        if args.work.exists():
-            raise SystemExit(f"error: {args.work} already exists")
+        refuse_existing(args.work)
         record = json.loads(args.record.read_text())
         recorded = [headline(s["metrics"]) for s in stage_records(record)]
         plan = replay_plan(record, args.work)
@@ -48,7 +48,6 @@ def main() -> None:
             raise SystemExit(f"error: --start-stage is 1..{len(plan)}; a later one needs --start-from")
         if args.start_from is not None:
             plan[args.start_stage - 1][0].init_from = str(args.start_from)
-        out = args.work
         for i, (cfg, out) in enumerate(plan, start=1):
             if i < args.start_stage:
                 continue
