@@ -6,16 +6,20 @@ Heavy modules are imported inside each command, so ``rsedge run`` on a Jetson ne
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from rsedge.errors import OptionError, RsedgeError
+from rsedge.errors import BundleError, OptionError, RsedgeError
 
 
 class RsedgeGroup(click.Group):
-    """Turns every RsedgeError into one line on stderr and a non-zero exit."""
+    """Turns every RsedgeError, and every OSError (a file that cannot be read or written), into one line on stderr
+    and a non-zero exit."""
 
     def invoke(self, ctx: click.Context):
         try:
@@ -23,6 +27,27 @@ class RsedgeGroup(click.Group):
         except RsedgeError as e:
             click.echo(f"error: {e}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # permission denied, disk full, ...: the file and the reason are what a user needs
+            click.echo(f"error: {_os_error_line(e)}", err=True)
+            sys.exit(RsedgeError.exit_code)
+
+
+_VERIFY_HELP = (
+    "file checks before loading: sha256 of every file (a file unchanged since this user hashed it is taken from "
+    "the per-user verified-hash cache), sha256-nocache (every byte read again), size, or none"
+)
+verify_option = click.option(
+    "--verify",
+    type=click.Choice(["sha256", "sha256-nocache", "size", "none"]),
+    default="sha256",
+    show_default=True,
+    help=_VERIFY_HELP,
+)
+
+
+def _os_error_line(e: OSError) -> str:
+    reason = e.strerror or str(e) or type(e).__name__
+    return f"{e.filename}: {reason}" if e.filename else reason
 
 
 @click.group(cls=RsedgeGroup)
@@ -43,11 +68,13 @@ def main() -> None:
     help="square (released) or anyres_max_N (tiny only)",
 )
 @click.option("--architecture", default="rsunivlm", show_default=True, help="registered architecture")
-def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architecture: str) -> None:
+@click.option("--tied", is_flag=True, help="tie lm_head to the embedding table, as Qwen2-0.5B ships")
+def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architecture: str, tied: bool) -> None:
     """Write a random-weight checkpoint in the released on-disk layout (RSUniVLM by default)."""
     from rsedge.models.registry import by_name
 
-    click.echo(str(by_name(architecture).load().make_checkpoint(out, size=size, seed=seed, aspect=aspect)))
+    made = by_name(architecture).load().make_checkpoint(out, size=size, seed=seed, aspect=aspect, tied=tied)
+    click.echo(str(made))
 
 
 @main.command("export")
@@ -61,6 +88,13 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architectu
     help="weight precision",
 )
 @click.option(
+    "--target",
+    type=click.Choice(["cpu", "cuda", "jp5.1", "jp6.0", "jp6.1", "jp6.2"]),
+    default=None,
+    help="deployment target: picks graph form, compute dtype, attention and vision for it (TensorRT targets "
+    "are checked as part of the export)",
+)
+@click.option(
     "--block-size",
     type=click.Choice(["32", "64", "128"]),
     default="128",
@@ -70,16 +104,15 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architectu
 @click.option(
     "--form",
     type=click.Choice(["ort", "qdq"]),
-    default="ort",
-    show_default=True,
-    help="quantized graph form: MatMulNBits (onnxruntime) or blocked DequantizeLinear (TensorRT >= 10)",
+    default=None,
+    help="quantized graph form: MatMulNBits (onnxruntime, the default) or blocked DequantizeLinear (TensorRT >= 10)",
 )
 @click.option(
     "--algorithm",
     type=click.Choice(["rtn", "awq"]),
     default="rtn",
     show_default=True,
-    help="INT4 weight rounding: round-to-nearest, or AWQ scales calibrated per expert",
+    help="INT4/INT8 weight rounding: round-to-nearest, or AWQ scales calibrated per expert",
 )
 @click.option(
     "--calibration",
@@ -124,8 +157,9 @@ def export_cmd(
     calibration: str,
     out: Path,
     precision: str,
+    target: str | None,
     block_size: str,
-    form: str,
+    form: str | None,
     compute: str | None,
     router_json: str | None,
     no_validate: bool,
@@ -137,9 +171,10 @@ def export_cmd(
     if router_json is not None:
         try:
             router = json.loads(router_json)
-            assert isinstance(router, dict)
-        except (json.JSONDecodeError, AssertionError):
-            raise OptionError("--router must be a JSON object mapping tags to expert indices") from None
+        except json.JSONDecodeError:
+            router = None
+        if not isinstance(router, dict):
+            raise OptionError("--router must be a JSON object mapping tags to expert indices")
     if not model.is_dir():
         raise OptionError(f"{model}: no such checkpoint directory")
     export_bundle = architecture_for(model).load().export
@@ -154,16 +189,28 @@ def export_cmd(
         router=router,
         validate=not no_validate,
         block_size=int(block_size),
-        form=form,
+        form=form or "ort",
         compute=compute,
         keep=keep,
     )
+    if target is not None:
+        from rsedge.export.targets import export_options
+
+        options.update(export_options(target, precision, {"form": form, "compute": compute, "vision": vision}))
     console = Console(stderr=True)
     if console.is_terminal:  # a spinner for people; logs and pipes get only the result and errors
         with console.status("exporting") as status:
             manifest = export_bundle(model, out, progress=lambda m: status.update(m), **options)
     else:
         manifest = export_bundle(model, out, **options)
+    if target is not None:
+        from rsedge.export.targets import check_for_target
+
+        problems = check_for_target(out, target)
+        if problems:  # the export made this folder; a bundle the target cannot build is not left behind
+            shutil.rmtree(out)
+            more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+            raise OptionError(f"the {precision} bundle fails the {target} TensorRT check: {problems[0]}{more}")
     size = sum(f["bytes"] for f in manifest["files"].values())
     click.echo(f"wrote {out} ({size / 1e6:.1f} MB, {precision}, {manifest['export_seconds']} s)")
     for c in manifest.get("validation", {}).get("graphs", []):
@@ -184,7 +231,21 @@ def export_cmd(
 @click.option("--json", "as_json", is_flag=True, help="print structured output")
 @click.option("--overlay", type=click.Path(path_type=Path), default=None, help="draw boxes or mask to this PNG")
 @click.option("--stream", is_flag=True, help="print tokens as they are generated")
-@click.option("--verify", type=click.Choice(["sha256", "size", "none"]), default="sha256", show_default=True)
+@verify_option
+@click.option(
+    "--trust",
+    multiple=True,
+    type=click.Path(path_type=Path),
+    help="public key (rsedge keygen) whose signature the bundle must carry; repeatable; needs --verify sha256",
+)
+@click.option("--force", is_flag=True, help="replace an existing --overlay file (never an input image)")
+@click.option("--max-pixels", type=int, default=None, help="largest image to take, in pixels [default: 50000000]")
+@click.option(
+    "--engines",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="TensorRT engines of this bundle (rsedge build-engines -o DIR): they run every graph instead of --device",
+)
 def run_cmd(
     bundle: Path,
     images: tuple[Path, ...],
@@ -200,21 +261,37 @@ def run_cmd(
     overlay: Path | None,
     stream: bool,
     verify: str,
+    trust: tuple[Path, ...],
+    force: bool,
+    max_pixels: int | None,
+    engines: Path | None,
 ) -> None:
     """Answer a prompt about one image (or a before/after pair) with a bundle."""
-    from rsedge.runtime.overlay import write_overlay
+    from rsedge.runtime.overlay import check_overlay_target, write_overlay
     from rsedge.runtime.pipeline import Pipeline
     from rsedge.runtime.sampling import Sampling
 
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
-    pipe = Pipeline.load(bundle, device=device, threads=threads, verify=verify)
+    if max_pixels is not None:  # for this command only: the limit is restored when its context closes
+        from rsedge.runtime.images import pixel_limit
+
+        click.get_current_context().with_resource(pixel_limit(max_pixels))
+    if overlay is not None:  # refuse a bad output path before the model runs, not after
+        if not images:
+            raise OptionError("--overlay needs an image")
+        check_overlay_target(overlay, list(images), overwrite=force)
+    with _bundle_load_errors(bundle, verify):
+        pipe = Pipeline.load(
+            bundle, device=device, threads=threads, verify=verify, trust=list(trust) or None, engines=engines
+        )
     on_token = (lambda s: click.echo(s, nl=False)) if stream and not as_json else None
-    ans = pipe.generate(
-        list(images), prompt, max_new_tokens=max_new_tokens, sampling=sampling, expert=expert, on_token=on_token
-    )
+    with _onnxruntime_errors(bundle):
+        ans = pipe.generate(
+            list(images), prompt, max_new_tokens=max_new_tokens, sampling=sampling, expert=expert, on_token=on_token
+        )
     out = ans.to_json()
     if overlay is not None:
-        drawn = write_overlay(ans, list(images), overlay)
+        drawn = write_overlay(ans, list(images), overlay, overwrite=force)
         out["overlay"] = str(drawn) if drawn else None
     if as_json:
         click.echo(json.dumps(out, indent=2))
@@ -222,6 +299,57 @@ def run_cmd(
         click.echo("" if stream else ans.text)
         if overlay is not None:
             click.echo(f"overlay: {out['overlay'] or 'nothing to draw (no box or mask in the answer)'}", err=True)
+
+
+@contextmanager
+def _bundle_load_errors(bundle: Path, verify: str) -> Iterator[None]:
+    """A bundle file its reader refuses (a truncated tokenizer.json) as one line; with --verify none, which skipped
+    the checks that would have named the damaged file, say how to find it."""
+    try:
+        yield
+    except (RsedgeError, OSError):
+        raise
+    except Exception as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        hint = "; it was opened with --verify none: run with --verify size or sha256 to find a damaged file"
+        raise BundleError(
+            f"{bundle}: cannot load the bundle ({type(e).__name__}: {first}){hint if verify == 'none' else ''}"
+        ) from None
+
+
+@contextmanager
+def _onnxruntime_errors(bundle: Path) -> Iterator[None]:
+    """onnxruntime's own refusals (a graph's external data outside its folder, a malformed graph) as one line."""
+    try:
+        yield
+    except Exception as e:
+        if not type(e).__module__.startswith("onnxruntime."):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise BundleError(f"{bundle}: onnxruntime refused a graph: {first}") from None
+
+
+@main.command("keygen")
+@click.argument("prefix", type=click.Path(path_type=Path))
+def keygen_cmd(prefix: Path) -> None:
+    """Write an Ed25519 key pair: PREFIX.key (private, mode 0600; keep it off the drone) and PREFIX.pub."""
+    from rsedge.runtime.bundle import signing_module
+
+    signing = signing_module()
+    private, public = signing.keygen(prefix)
+    fp = signing.fingerprint(signing.load_public_key(public))
+    click.echo(f"wrote {private} (private) and {public} (public, fingerprint {fp})")
+
+
+@main.command("sign")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--key", "key", type=click.Path(path_type=Path), required=True, help="private key (rsedge keygen)")
+def sign_cmd(bundle: Path, key: Path) -> None:
+    """Check every file of a bundle against its sha256, then sign its manifest (writes manifest.sig)."""
+    from rsedge.runtime.bundle import signing_module
+
+    signature, fp = signing_module().sign_bundle(bundle, key)
+    click.echo(f"signed {bundle}: {signature} (key fingerprint {fp})")
 
 
 @main.group("calibrate")
@@ -234,10 +362,15 @@ def calibrate_group() -> None:
 @click.option("-o", "--output", "out", type=click.Path(path_type=Path), required=True)
 @click.option("--size", type=click.IntRange(3, 100000), default=96, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-def calibrate_build_cmd(sources: tuple[str, ...], out: Path, size: int, seed: int) -> None:
+@click.option("--max-pixels", type=int, default=None, help="largest image to take, in pixels [default: 50000000]")
+def calibrate_build_cmd(sources: tuple[str, ...], out: Path, size: int, seed: int, max_pixels: int | None) -> None:
     """Build a balanced calibration set from local RS datasets (DIOR-RSVG, RSVQA, LEVIR-CC/CD, AID, ...)."""
     from rsedge.calibration.calibset import calibrate_build_command
 
+    if max_pixels is not None:  # the runtime's image checks apply here too; for this command only
+        from rsedge.runtime.images import pixel_limit
+
+        click.get_current_context().with_resource(pixel_limit(max_pixels))
     click.echo(calibrate_build_command(list(sources), out, size, seed))
 
 
@@ -274,6 +407,7 @@ def build_engines_cmd(
     )
     for graph, engine in engines.items():
         click.echo(f"{graph} -> {engine}")
+    click.echo(f"wrote {out / 'engines.json'} (rsedge run {bundle} --engines {out} checks it before use)")
 
 
 @main.command("bench-decode")
@@ -307,6 +441,62 @@ def bench_decode_cmd(
         )
     Console(stderr=True).print(table)
     text = json.dumps(res, indent=2)
+    click.echo(text)
+    if json_out is not None:
+        json_out.write_text(text + "\n")
+
+
+@main.command("bench")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="default: a DIOR sample")
+@click.option("--prompt", default="[VG] Where is the storage tank?", show_default=True)
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=click.IntRange(1, 256), default=None)
+@click.option("--new-tokens", type=click.IntRange(2, 4096), default=64, show_default=True)
+@click.option("--depth", type=click.IntRange(1, 32000), default=None, help="decode after this many prompt tokens")
+@click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="warm requests")
+@click.option("--warmup", is_flag=True, help="create and run every session before the first request")
+@verify_option
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write JSON here")
+def bench_cmd(
+    bundle: Path,
+    images: tuple[Path, ...],
+    prompt: str,
+    device: str,
+    threads: int | None,
+    new_tokens: int,
+    depth: int | None,
+    repeats: int,
+    warmup: bool,
+    verify: str,
+    json_out: Path | None,
+) -> None:
+    """Time a bundle on this machine: open, first and warm request, vision, prefill, decode, memory."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from rsedge.bench.bench import run, table_rows
+    from rsedge.demo import SAMPLES
+
+    res = run(
+        bundle,
+        list(images) or [SAMPLES / "dior_05863.png"],
+        prompt,
+        device=device,
+        threads=threads,
+        new_tokens=new_tokens,
+        depth=depth,
+        repeats=repeats,
+        verify=verify,
+        warmup=warmup,
+    )
+    table = Table(title="rsedge bench")
+    table.add_column("what")
+    table.add_column("figure")
+    for row in table_rows(res):
+        table.add_row(*row)
+    Console(stderr=True).print(table)
+    text = json.dumps(res.to_json(), indent=2)
     click.echo(text)
     if json_out is not None:
         json_out.write_text(text + "\n")
@@ -412,6 +602,25 @@ def demo_cmd(workdir: Path, model: Path | None, precision: str, max_new_tokens: 
     from rsedge.demo import run_demo
 
     run_demo(workdir, model, precision, max_new_tokens)
+
+
+@main.command("estimate")
+@click.argument("bundle", type=click.Path(path_type=Path))
+@click.option("--target", required=True, help="orin-nano-8gb, orin-nano-super, orin-nx-16gb or agx-orin-64gb")
+@click.option("--context", type=int, default=1024, show_default=True, help="tokens a request holds (prefill, KV depth)")
+@click.option("--experts", multiple=True, help="experts the mission loads (repeatable or comma-separated; default all)")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write JSON here")
+def estimate_cmd(bundle: Path, target: str, context: int, experts: tuple[str, ...], json_out: Path | None) -> None:
+    """Will BUNDLE fit on a Jetson module, and how fast will it run (memory, vision, prefill, decode)."""
+    from rsedge.bench.estimate import estimate, load_facts, parse_experts, read_bundle, render, target_facts
+
+    facts = load_facts()
+    target_facts(target, facts)  # an unknown target is refused before the bundle is read
+    info = read_bundle(bundle)
+    result = estimate(info, target, context, parse_experts(experts, info.manifest), facts)
+    render(result)
+    if json_out is not None:
+        json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":

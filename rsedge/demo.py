@@ -85,7 +85,8 @@ def run_demo(workdir: Path, model: Path | None, precision: str, max_new_tokens: 
         ans = pipe.generate(images, task.prompt, max_new_tokens=max_new_tokens)
         row = {"task": task.name, "images": list(task.images), "prompt": task.prompt, **ans.to_json()}
         if ans.boxes or ans.mask is not None:
-            row["overlay"] = str(write_overlay(ans, images, overlays / f"{task.name.replace(' ', '_')}.png"))
+            drawn = write_overlay(ans, images, overlays / f"{task.name.replace(' ', '_')}.png", overwrite=True)
+            row["overlay"] = str(drawn)  # the demo's own output folder: a rerun replaces its overlays
         rows.append(row)
         short = ans.text if len(ans.text) < 60 else ans.text[:57] + "..."
         table.add_row(task.name, str(ans.expert), short.replace("\n", " | "), f"{ans.timings['total']:.0f}")

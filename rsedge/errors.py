@@ -31,3 +31,11 @@ class ExportValidationError(RsedgeError):
 
 class OptionError(RsedgeError):
     """An option is out of its allowed range."""
+
+
+class OutputError(OptionError):
+    """An output path cannot be written: it exists, lies under a file, its folder is read-only, or the disk is full."""
+
+
+class SignatureError(BundleError):
+    """A bundle run with trusted keys is unsigned, or its signature matches none of them."""

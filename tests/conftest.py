@@ -9,6 +9,16 @@ import pytest
 from rsedge.demo import SAMPLES
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_home(tmp_path_factory) -> Path:
+    """Every test's per-user caches (verified hashes, TensorRT engines) under a temporary folder, never the real
+    home's; set for the whole run, so subprocesses the tests start inherit it."""
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("XDG_CACHE_HOME", str(cache))
+        yield cache
+
+
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     from rsedge.models.rsunivlm.checkpoint import make_checkpoint

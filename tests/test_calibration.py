@@ -375,3 +375,73 @@ def test_rs_default(tmp_path: Path) -> None:
     assert rs_default.__wrapped__().content_hash == cs.content_hash
     saved = cs.save(tmp_path / "rs")
     assert CalibrationSet.load(tmp_path / "rs").content_hash == saved.content_hash == cs.content_hash
+
+
+# -- what a calibration source may not do ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("filename", ["../../outside.jpg", "/{tmp}/outside.jpg", "sub/../../outside.jpg"])
+def test_dior_filename_outside_the_dataset_is_refused(dior: Path, filename: str) -> None:
+    outside = _image(dior.parent / "outside.jpg", (80, 80))
+    name = filename.replace("/{tmp}", str(outside.parent))
+    objs = [("vehicle", (8, 8, 16, 24), "The vehicle")]
+    (dior / "Annotations" / "00001.xml").write_text(_voc(name, (80, 80), objs))
+    with pytest.raises(CalibrationError, match=r"00001\.xml.*outside"):
+        list(read_source(dior))
+
+
+def test_malformed_dior_xml_is_an_error_not_a_plain_set(dior: Path, tmp_path: Path) -> None:
+    (dior / "Annotations" / "00001.xml").write_text("<annotation><filename>00001.jpg</filename><object>")
+    with pytest.raises(CalibrationError, match=r"00001\.xml"):
+        detect_format(dior)
+    with pytest.raises(CalibrationError, match=r"00001\.xml"):
+        build_calibration_set([dior], tmp_path / "set", size=3, seed=0)
+    assert not (tmp_path / "set").exists()
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A PNG of a few bytes whose header claims ``width`` x ``height`` 8-bit RGB: a decompression bomb."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    idat = zlib.compress(b"\0" * 64)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+    return path
+
+
+@pytest.mark.parametrize(
+    "make,needle",
+    [
+        (lambda p: Image.new("RGBA", (32, 32), (1, 2, 3, 100)).save(p / "x.png"), "alpha"),
+        (lambda p: Image.fromarray(np.full((32, 32), 40000, np.uint16)).save(p / "x.png"), "8-bit"),
+        (lambda p: _png_claiming(p / "x.png", 20000, 20000), "too large"),
+        (lambda p: _png_claiming(p / "x.png", 9000, 9000), "--max-pixels"),
+    ],
+    ids=["alpha", "16-bit", "bomb", "over-the-cap"],
+)
+def test_images_the_runtime_refuses_are_refused(make, needle, tmp_path: Path) -> None:
+    from tests.test_bad_input import assert_one_error_line, run
+
+    src = tmp_path / "src"
+    src.mkdir()
+    make(src)
+    with pytest.raises(CalibrationError, match=needle):
+        build_calibration_set([src], tmp_path / "set", size=3, seed=0)
+    res = run("calibrate", "build", src, "-o", tmp_path / "cli", "--size", "3")
+    assert_one_error_line(res, "x.png", needle)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_calibrate_build_takes_max_pixels(plain: Path, tmp_path: Path, monkeypatch) -> None:
+    from rsedge.runtime import images
+    from tests.test_bad_input import assert_one_error_line, run
+
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)  # the fixture's 64x64 images are 4,096 pixels
+    assert_one_error_line(run("calibrate", "build", plain, "-o", tmp_path / "a", "--size", "3"), "--max-pixels")
+    res = run("calibrate", "build", plain, "-o", tmp_path / "b", "--size", "3", "--max-pixels", "400000")
+    assert res.exit_code == 0, res.output
+    assert images.MAX_PIXELS == 1000

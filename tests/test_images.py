@@ -165,3 +165,167 @@ def test_validate_image_in_memory() -> None:
         validate_image(Image.new("RGB", (1, 4)))
     with pytest.raises(ImageError, match="PIL image"):
         validate_image(np.zeros((4, 4, 3), np.uint8))  # type: ignore[arg-type]
+
+
+# -- EXIF orientation, the pixel cap, multi-band rasters -------------------------------------------------------
+
+
+def _write_tiff(path: Path, arr: np.ndarray, photometric: int, extra: tuple[int, ...] = ()) -> None:
+    """A minimal little-endian baseline TIFF (one uncompressed strip, interleaved samples), of layouts Pillow
+    cannot write: N-band and multi-band 16-bit rasters such as a satellite scene's."""
+    arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+    height, width = arr.shape[:2]
+    samples = 1 if arr.ndim == 2 else arr.shape[2]
+    data = arr.tobytes()
+    fmt = {"u": 1, "i": 2, "f": 3}[arr.dtype.kind]
+    tags = [
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [arr.dtype.itemsize * 8] * samples),
+        (259, 3, [1]),
+        (262, 3, [photometric]),
+        (273, 4, [0]),  # strip offset, filled in below
+        (277, 3, [samples]),
+        (278, 4, [height]),
+        (279, 4, [len(data)]),
+        (284, 3, [1]),
+        *([(338, 3, list(extra))] if extra else []),
+        (339, 3, [fmt] * samples),
+    ]
+    blobs_at = 8 + 2 + 12 * len(tags) + 4
+    blobs = b""
+    entries = []
+    for tag, kind, values in tags:
+        payload = struct.pack("<" + ("H" if kind == 3 else "I") * len(values), *values)
+        if len(payload) <= 4:
+            entries.append([tag, kind, len(values), payload.ljust(4, b"\0")])
+        else:
+            entries.append([tag, kind, len(values), struct.pack("<I", blobs_at + len(blobs))])
+            blobs += payload
+    next(e for e in entries if e[0] == 273)[3] = struct.pack("<I", blobs_at + len(blobs))
+    ifd = struct.pack("<H", len(tags)) + b"".join(struct.pack("<HHI", *e[:3]) + e[3] for e in entries) + b"\0" * 4
+    path.write_bytes(b"II*\0" + struct.pack("<I", 8) + ifd + blobs + data)
+
+
+def _rotated_jpeg(path: Path) -> None:
+    """A 40x20 JPEG stored sideways: red left half, blue right half, EXIF orientation 6 (turn 90 degrees
+    clockwise to view), so a viewer shows it 20 wide and 40 high, red on top."""
+    pixels = np.zeros((20, 40, 3), np.uint8)
+    pixels[:, :20] = (255, 0, 0)
+    pixels[:, 20:] = (0, 0, 255)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.fromarray(pixels).save(path, quality=95, exif=exif)
+
+
+def test_exif_orientation_is_honoured(tmp_path: Path) -> None:
+    path = tmp_path / "sideways.jpg"
+    _rotated_jpeg(path)
+    img = load_image(path)
+    assert img.size == (20, 40)
+    top, bottom = np.asarray(img)[5, 10].astype(int), np.asarray(img)[35, 10].astype(int)
+    assert top[0] > 200 and top[2] < 60 and bottom[2] > 200 and bottom[0] < 60
+    with Image.open(path) as opened:  # an already-open image is turned the same way
+        assert validate_image(opened).size == (20, 40)
+
+
+def test_boxes_and_overlays_use_the_frame_a_viewer_shows(tmp_path: Path, tiny_bundle) -> None:
+    from rsedge.runtime.outputs import Box
+    from rsedge.runtime.overlay import write_overlay
+    from rsedge.runtime.pipeline import Answer, Pipeline
+
+    path = tmp_path / "sideways.jpg"
+    _rotated_jpeg(path)
+    ans = Pipeline.load(tiny_bundle).generate([path], "[VG] Where is the field?", max_new_tokens=2)
+    assert ans.image_sizes == [(20, 40)]  # the size [VG] boxes are scaled to
+    boxed = Answer(text="[0, 0, 50, 50]", tokens=[1], tag="[VG]", expert=1, boxes=[Box(0, 0, 10, 20)])
+    out = write_overlay(boxed, [path], tmp_path / "overlay.png")
+    assert out is not None
+    with Image.open(out) as drawn:
+        assert drawn.size == (20, 40)
+
+
+def _jpeg_claiming(path: Path, width: int, height: int) -> None:
+    """A tiny JPEG whose frame header claims ``width`` x ``height``: what a decompression bomb looks like."""
+    Image.new("RGB", (16, 16), (40, 80, 120)).save(path, quality=90)
+    data = bytearray(path.read_bytes())
+    sof = data.index(b"\xff\xc0")
+    data[sof + 5 : sof + 9] = struct.pack(">HH", height, width)
+    path.write_bytes(bytes(data))
+
+
+def test_pixel_cap_refuses_before_decoding(tmp_path: Path, monkeypatch) -> None:
+    import warnings
+
+    from PIL import ImageFile
+
+    path = tmp_path / "bomb.jpg"
+    _jpeg_claiming(path, 12000, 12000)
+    assert path.stat().st_size < 60_000
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        with Image.open(path) as im:
+            assert im.size == (12000, 12000)
+
+    def no_decoding(self):
+        raise AssertionError("the image was decoded")
+
+    monkeypatch.setattr(ImageFile.ImageFile, "load", no_decoding)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Pillow's own bomb warning would be a second stderr line
+        _assert_refused(path, "12000x12000", "pixels", "--max-pixels")
+
+
+def test_pixel_cap_is_a_module_setting_and_a_context(tmp_path: Path, monkeypatch) -> None:
+    from rsedge.runtime import images
+
+    path = tmp_path / "small.png"
+    Image.fromarray(_rgb_array(40, 40)).save(path)  # 1,600 pixels
+    assert images.MAX_PIXELS == 50_000_000
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    _assert_refused(path, "40x40", "--max-pixels")
+    with images.pixel_limit(2000):
+        assert load_image(path).size == (40, 40)
+    assert images.MAX_PIXELS == 1000  # restored
+    pillow = Image.MAX_IMAGE_PIXELS
+    with images.pixel_limit(400_000_000):  # above Pillow's own bomb limit: Pillow must not refuse first
+        assert Image.MAX_IMAGE_PIXELS is None or Image.MAX_IMAGE_PIXELS >= 400_000_000
+    assert pillow == Image.MAX_IMAGE_PIXELS  # restored
+
+
+def test_pixel_cap_on_the_command_line(tmp_path: Path, tiny_bundle, monkeypatch) -> None:
+    from rsedge.runtime import images
+    from tests.test_bad_input import assert_one_error_line, run
+
+    path = tmp_path / "small.png"
+    Image.fromarray(_rgb_array(40, 40)).save(path)
+    args = ("run", tiny_bundle, "--image", path, "--prompt", "[CAP] Describe it.", "--max-new-tokens", "2")
+    assert_one_error_line(run(*args, "--max-pixels", "1000"), "small.png", "--max-pixels")
+    monkeypatch.setattr(images, "MAX_PIXELS", 1000)
+    assert run(*args, "--max-pixels", "2000").exit_code == 0
+    assert images.MAX_PIXELS == 1000
+    assert_one_error_line(run(*args, "--max-pixels", "0"), "max-pixels")
+
+
+@pytest.mark.parametrize(
+    "name,pixels,photometric,extra,words",
+    [
+        ("five_band.tif", np.full((6, 8, 5), 50, np.uint8), 1, (0, 0, 0, 0), ("5-band", "gdal_translate -b")),
+        ("rgb_nir.tif", np.full((6, 8, 4), 50, np.uint8), 2, (0,), ("4-band", "gdal_translate -b")),
+        ("two_band.tif", np.full((6, 8, 2), 50, np.uint8), 1, (0,), ("2-band", "gdal_translate -b")),
+        ("rgb_nir16.tif", np.full((6, 8, 4), 5000, np.uint16), 2, (0,), ("4-band", "-ot byte -scale")),
+        ("rgb16.tif", np.full((6, 8, 3), 5000, np.uint16), 2, (), ("16-bit", "-ot byte -scale")),
+        ("gray16.tif", np.full((6, 8), 5000, np.uint16), 1, (), ("8-bit", "-ot byte -scale")),
+        ("float.tif", np.full((6, 8), 0.5, np.float32), 1, (), ("8-bit", "-ot byte -scale")),
+    ],
+)
+def test_multiband_and_deep_rasters_say_how_to_convert(tmp_path, name, pixels, photometric, extra, words) -> None:
+    path = tmp_path / name
+    _write_tiff(path, pixels, photometric, extra)
+    _assert_refused(path, *words)
+
+
+def test_cmyk_tiff_is_converted(tmp_path: Path) -> None:
+    path = tmp_path / "cmyk.tif"
+    Image.new("CMYK", (8, 8), (0, 0, 0, 0)).save(path)
+    assert load_image(path).getpixel((4, 4)) == (255, 255, 255)

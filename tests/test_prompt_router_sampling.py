@@ -73,3 +73,9 @@ def test_greedy_and_seeded_sampling():
     assert np.allclose(counts, p, atol=0.03)
     nucleus = Sampler(Sampling(temperature=1.0, top_p=0.3, seed=0))
     assert {nucleus(logits) for _ in range(200)} == {1}  # the top token alone carries 0.4 >= 0.3
+
+
+@pytest.mark.parametrize("seed", [-5, True, 1.5])
+def test_sampling_seed_is_checked(seed):
+    with pytest.raises(OptionError, match="seed"):
+        Sampling(temperature=1.0, seed=seed)

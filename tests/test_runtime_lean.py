@@ -76,6 +76,7 @@ def test_runtime_sources_target_python_310():
             "rsedge/runtime",
             "rsedge/cli.py",
             "rsedge/errors.py",
+            "rsedge/fsutil.py",  # the runtime writes overlays and signatures through it
         ],
         capture_output=True,
         text=True,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -222,10 +223,13 @@ def test_frozen_vision_and_steered_pointer_run(two_runs, tmp_path):
         pointer_centre=True,
         pointer_force=1.0,
         freeze_vision=True,
+        log_every=1,
         **MICRO,
     )
     record = train(cfg, tmp_path / "f", log=lambda m: None)
-    assert record["loss_history"] == [] or record["loss_history"][-1]["pointer_loss"] is not None
+    history = record["loss_history"]
+    assert [h["step"] for h in history] == [1, 2, 3]  # every step recorded: the pointer loss cannot go unchecked
+    assert all(math.isfinite(h["pointer_loss"]) and h["pointer_loss"] > 0 for h in history)
     before, after = (load_file(str(p / "model.safetensors")) for p in (root / "run0", tmp_path / "f"))
     tower = [k for k in before if k.startswith("model.vision_tower.")]
     assert tower and all(torch.equal(before[k], after[k]) for k in tower)

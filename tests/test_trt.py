@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -24,6 +25,7 @@ from rsedge.export.trt_support import (
     resolve_version,
 )
 from rsedge.runtime.trt_session import TRT_MISSING, TensorRTUnavailable, TrtSession
+from tests.trt_fakes import FakeGpu
 
 BUNDLES = {
     "fp32": {"precision": "fp32"},
@@ -141,8 +143,6 @@ def test_format_report_folds_repeated_findings(bundles):
 
 
 def test_default_profiles_from_manifest(bundles):
-    import json
-
     manifest = json.loads((bundles["fp16"] / "manifest.json").read_text())
     prof = default_profiles(manifest, max_prompt=32, max_total=96, max_images=3)
     assert set(prof) == {"vision.onnx", *DECODERS}
@@ -344,6 +344,7 @@ def test_build_bundle_calls_with_a_stand_in_tensorrt(bundles, tmp_path, monkeypa
 
     fake = _FakeTrt(version)
     monkeypatch.setitem(sys.modules, "tensorrt", fake)
+    FakeGpu("Orin", (8, 7)).install(monkeypatch)  # build_bundle records the GPU it builds on
     built = build_bundle(bundles["int4-qdq-64"], tmp_path / "e", max_prompt=8, max_total=32, max_images=2,
                          graphs=["vision.onnx", "decoder_expert0.onnx"], timing_cache=tmp_path / "t.cache")  # fmt: skip
     assert [p.read_bytes() for p in built.values()] == [b"engine", b"engine"]
@@ -356,3 +357,12 @@ def test_build_bundle_calls_with_a_stand_in_tensorrt(bundles, tmp_path, monkeypa
     assert vision == {"pixel_values": ((1, 3, 64, 64), (1, 3, 64, 64), (2, 3, 64, 64))}
     assert decoder["past_key_values.0.key"] == ((1, 2, 0, 16), (1, 2, 16, 16), (1, 2, 31, 16))
     assert len(decoder) == 2 + 4  # embeds, position ids, 2 layers x key/value
+    record = json.loads((tmp_path / "e" / "engines.json").read_text())
+    assert record["tensorrt"] == version and record["gpu"] == {"name": "Orin", "compute_capability": "8.7"}
+    engines = record["engines"]
+    assert set(engines) == {"vision.onnx", "decoder_expert0.onnx"}
+    assert engines["vision.onnx"]["precision"] == {"fp16": True, "int8": False, "strongly_typed": False}
+    assert engines["decoder_expert0.onnx"]["precision"] == {"fp16": False, "int8": False, "strongly_typed": True}
+    assert engines["decoder_expert0.onnx"]["profile"]["past_key_values.0.key"] == {
+        "min": [1, 2, 0, 16], "opt": [1, 2, 16, 16], "max": [1, 2, 31, 16]
+    }  # fmt: skip

@@ -31,15 +31,15 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
     pipe = Pipeline.load(bundle, threads=threads, verify="size")
     dec = pipe.decoder(expert)
     embeds = pipe.embed_rows(prompt_ids)[None].astype(dec.dtype)
-    cache = dec.new_cache(pipe.kv_heads, pipe.head_dim, embeds.shape[1] + steps + 1)
+    state = dec.new_state(embeds.shape[1] + steps + 1)
     t0 = time.perf_counter()
-    logits = dec.step(embeds, cache)
+    logits = dec.step(embeds, state)
     prefill = time.perf_counter() - t0
     times = []
     for _ in range(steps):
         tok = int(np.argmax(logits))
         t = time.perf_counter()
-        logits = dec.step(pipe.embed_rows([tok])[None].astype(dec.dtype), cache)
+        logits = dec.step(pipe.embed_rows([tok])[None].astype(dec.dtype), state)
         times.append(time.perf_counter() - t)
     return _summary("rsedge runtime (onnxruntime)", prefill, times)
 

@@ -44,8 +44,9 @@ from rsedge.calibration.readers import (
     parse_source,
     rotation_items,
 )
-from rsedge.errors import OptionError
-from rsedge.fsutil import atomic_folder
+from rsedge.errors import ImageError, OptionError
+from rsedge.fsutil import atomic_folder, refuse_existing
+from rsedge.runtime.images import load_image
 from rsedge.runtime.outputs import format_box
 from rsedge.runtime.router import route
 from rsedge.synth.real import CATEGORY_WORDS, REAL_DIR, read_manifest, real_samples
@@ -107,12 +108,12 @@ class CalibrationItem:
 
 
 def prepare_image(path: Path) -> Image.Image:
-    """The image as stored in a set: RGB, downscaled (Lanczos) to at most MAX_SIDE on the long side."""
+    """The image as stored in a set: as the runtime loads it (checked, upright, RGB; what it refuses is refused
+    here), downscaled (Lanczos) to at most MAX_SIDE on the long side."""
     try:
-        with Image.open(path) as im:
-            img = im.convert("RGB")
-    except OSError as e:
-        raise CalibrationError(f"cannot read image {path}: {e}") from None
+        img = load_image(path)
+    except ImageError as e:
+        raise CalibrationError(str(e)) from None
     w, h = img.size
     if max(w, h) > MAX_SIDE:
         f = MAX_SIDE / max(w, h)
@@ -436,8 +437,7 @@ def build_calibration_set(sources: Sequence[str | Path], out: str | Path, size: 
     """Read the datasets at ``sources`` (layouts detected; ``FORMAT=PATH`` forces one), pick a balanced set of
     ``size`` items with ``seed`` and write it to the new folder ``out`` atomically."""
     out = Path(out)
-    if out.exists():
-        raise OptionError(f"{out} already exists; remove it or choose another output folder")
+    refuse_existing(out)  # before reading any source (a symlink or a path under a file included)
     if not sources:
         raise OptionError("give at least one calibration source (a dataset folder or a folder of images)")
     streams = []

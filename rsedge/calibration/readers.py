@@ -47,12 +47,12 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 import numpy as np
-from PIL import Image
 
-from rsedge.errors import RsedgeError
+from rsedge.errors import ImageError, RsedgeError
+from rsedge.runtime.images import opened_image
 from rsedge.runtime.outputs import format_box, format_rle
 from rsedge.runtime.router import task_tag
 from rsedge.synth.scenes import mask_grid
@@ -267,19 +267,21 @@ def _referent(text: str) -> str:
 
 def _image_size(path: Path) -> tuple[int, int]:
     try:
-        with Image.open(path) as im:  # reads the header only
+        with opened_image(path) as im:  # reads the header only; a bomb is refused, not decoded
             return im.size
-    except OSError as e:
-        raise CalibrationError(f"cannot read image {path}: {e}") from None
+    except ImageError as e:
+        raise CalibrationError(str(e)) from None
 
 
 def _mask_array(path: Path) -> np.ndarray:
     """A single-band mask as an integer array (class indices, or 0/255 for binary masks)."""
     try:
-        with Image.open(path) as im:
+        with opened_image(path) as im:  # the runtime's pixel cap, checked before decoding
             if im.mode in ("RGB", "RGBA"):  # some LEVIR-CD copies store labels as grey RGB
                 im = im.convert("L")
             return np.asarray(im).astype(np.int64)
+    except ImageError as e:
+        raise CalibrationError(f"mask {e}") from None
     except OSError as e:
         raise CalibrationError(f"cannot read mask {path}: {e}") from None
 
@@ -309,8 +311,10 @@ def _dior_detect(root: Path) -> bool:
         return False
     try:
         tree = ET.parse(first).getroot()
-    except (ET.ParseError, OSError):
+    except OSError:
         return False
+    except ET.ParseError as e:  # the DIOR layout with a broken annotation: not a plain image folder
+        raise CalibrationError(f"cannot read {first}: malformed XML ({e})") from None
     # Plain DIOR detection annotations share the layout but carry no referring expressions.
     return any(obj.find("description") is not None for obj in tree.iter("object"))
 
@@ -365,7 +369,10 @@ def _dior_records(root: Path) -> list[Record]:
                 continue
             objects.append((index, [float(v) for v in box], description))
         if objects:
-            image = root / "JPEGImages" / (tree.findtext("filename") or f"{xml.stem}.jpg").strip()
+            name = (tree.findtext("filename") or f"{xml.stem}.jpg").strip()
+            if PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                raise CalibrationError(f"{xml}: <filename> {name} points outside the dataset's JPEGImages folder")
+            image = root / "JPEGImages" / name
             source = f"dior-rsvg:Annotations/{xml.name}"
             records.append(Record(xml.name, partial(_dior_items, image, size, objects, source)))
     return records

@@ -29,19 +29,20 @@ from rsedge.errors import OptionError
 from rsedge.export.decoder_graph import (
     DECODER_SHARED_BIN,
     EMBED_TOKENS,
-    ROPE_CACHE_POSITIONS,
     build_decoder_graph,
+    max_positions,
     store_embedding_table,
 )
 from rsedge.export.onnx_builder import OPSET, save_graph
+from rsedge.export.ort_requirements import bundle_runtime
 from rsedge.export.validate import apply_fake_quant, checks_to_json, validate_bundle
 from rsedge.export.vision_graph import build_vision_graph
 from rsedge.export.weight_store import WeightStore
-from rsedge.fsutil import atomic_folder
+from rsedge.fsutil import atomic_folder, refuse_existing
 from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
-from rsedge.models.rsunivlm.weights import checkpoint_files, load_checkpoint_tensors
-from rsedge.quantize.calibrate import calibration_stats
+from rsedge.models.rsunivlm.weights import check_finite, checkpoint_files, load_checkpoint_tensors
+from rsedge.quantize.calibrate import calibration_routing, calibration_stats
 from rsedge.quantize.recipes import QuantPlan, make_recipe
 from rsedge.quantize.vision_int8 import quantize_vision
 from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
@@ -107,7 +108,9 @@ def parse_router(table: Mapping[str, int] | None, cfg: RSUniVLMConfig) -> dict[s
     for tag, expert in table.items():
         if tag not in TASK_TAGS:
             raise OptionError(f"router tag {tag!r} is not a task tag ({' '.join(TASK_TAGS)})")
-        if not 0 <= int(expert) < cfg.text.num_experts:
+        if isinstance(expert, bool) or not isinstance(expert, int):
+            raise OptionError(f"router sends {tag} to {expert!r}, which is not an expert index (an integer)")
+        if not 0 <= expert < cfg.text.num_experts:
             raise OptionError(f"router sends {tag} to expert {expert}; the model has {cfg.text.num_experts}")
     return {k: int(v) for k, v in table.items()}
 
@@ -148,9 +151,7 @@ def write_graphs(
     graphs["decoder"] = {
         "experts": experts,
         "attention": attention,
-        "max_positions": min(ROPE_CACHE_POSITIONS, cfg.text.max_position_embeddings)
-        if attention != "standard"
-        else cfg.text.max_position_embeddings,
+        "max_positions": max_positions(cfg),  # portable graphs too: their prefill's scores grow with its square
         "kv_layout": "[batch, kv_heads, seq, head_dim]",
         "logits": "last position only",
     }
@@ -205,7 +206,8 @@ def export_bundle(
     ``precision`` is the weights' (fp32, fp16, int8, int4); ``compute`` the graph's activation dtype (fp32 or
     fp16; quantized bundles default to fp32 for the onnxruntime form, fp16 for the TensorRT qdq form).
     ``form`` picks the quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10).
-    ``algorithm`` "awq" calibrates INT4 scales on ``calibration`` ("rs-default": the shipped RS images).
+    ``algorithm`` "awq" calibrates INT4/INT8 scales on ``calibration`` ("rs-default": the shipped RS images),
+    each item on the expert ``router`` sends it to.
     ``vision`` "int8" quantizes the vision graph with static Q/DQ (the int8 default), "model" keeps it.
     ``keep``: regexes of decoder weight names kept unquantized (recorded in the manifest's recipe).
     ``attention`` "gqa-shared" (onnxruntime's fused GroupQueryAttention over one preallocated KV buffer; the
@@ -228,32 +230,33 @@ def export_bundle(
         raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
     attention = attention or ("gqa-shared" if recipe is not None and form == "ort" else "standard")
     checkpoint, out = Path(checkpoint), Path(out)
-    if out.exists():
-        raise OptionError(f"{out} already exists; remove it or choose another output folder")
+    refuse_existing(out)
     t_start = time.perf_counter()
     cfg = RSUniVLMConfig.from_checkpoint(checkpoint)
     table = parse_router(router, cfg)
-    progress("reading checkpoint")
-    tensors = load_checkpoint_tensors(checkpoint, cfg)
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out) as tmp:  # entered first: an unwritable output fails before the checkpoint is read
+        progress("reading checkpoint")
+        tensors = load_checkpoint_tensors(checkpoint, cfg)
+        check_finite(tensors)  # --no-validate too: NaN weights make every answer garbage
+        source_hash = checkpoint_hash(checkpoint)  # once: the AWQ cache key and the manifest's record
         plan = QuantPlan(recipe) if recipe is not None else None
         model = None
         calib = resolve_calibration(calibration) if recipe is not None and recipe.needs_calibration else None
         calib_record = None
         if calib is not None:
+            # Each item goes to the expert this bundle's router picks, which --router may move.
+            routing = calibration_routing(calib, table, cfg.default_expert)
             calib_record = {
                 "name": calib.name,
                 "sha256": calib.content_hash,
                 "items": len(calib.items),
-                "per_expert": {str(e): len(calib.items_for_expert(e)) for e in range(cfg.text.num_experts)},
+                "per_expert": {str(e): routing.count(e) for e in range(cfg.text.num_experts)},
             }
         if plan is not None and recipe.algorithm == "awq":
             progress("collecting calibration statistics")
             model = RSUniVLMForCausalLM.from_tensors(cfg, tensors)
             tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
-            plan.stats, calib_record["statistics_cached"] = calibration_stats(
-                model, tok, calib, checkpoint_hash(checkpoint)
-            )
+            plan.stats, calib_record["statistics_cached"] = calibration_stats(model, tok, calib, source_hash, routing)
         graphs, arrays, store = write_graphs(
             tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress, attention
         )
@@ -275,13 +278,14 @@ def export_bundle(
             "compute_dtype": compute,
             "quantization": recipe.to_json() if recipe is not None else None,
             "calibration": calib_record,
-            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": checkpoint_hash(checkpoint)},
+            "source": {"checkpoint": str(checkpoint.resolve()), "sha256": source_hash},
             "model": cfg.to_manifest(),
             "router": {
                 "table": table,
                 "default": cfg.default_expert,
                 "tags": list(TASK_TAGS),
-                "rule": "first table tag contained in the prompt, else default",
+                "rule": "the prompt's task tag, anywhere in it, picks its table entry, else default; "
+                "two different tags or a tag in lower case are refused",
             },
             "preprocess": _preprocess_spec(cfg),
             "prompt": {
@@ -295,6 +299,9 @@ def export_bundle(
             "graphs": graphs,
             "tools": tool_versions(),
         }
+        # The oldest onnxruntime that runs these graphs (the runtime refuses an older one with that reason).
+        graph_files = [graphs["vision"]["file"], *(e["file"] for e in graphs["decoder"]["experts"].values())]
+        manifest["runtime"] = bundle_runtime(tmp / f for f in graph_files)
         if plan is not None and plan.awq:
             manifest["awq"] = plan.summary()
         if validate:

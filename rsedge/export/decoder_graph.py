@@ -41,12 +41,25 @@ CAPACITY = "kv_capacity"
 # anyres images stays well inside). The manifest records it and the runtime refuses longer requests.
 ROPE_CACHE_POSITIONS = 8192
 EMBED_TOKENS = "model.embed_tokens.weight"
+LM_HEAD_T = "lm_head.weight.t"  # the quantized head's [H, V] weight, whether or not the checkpoint ties it
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
 LOGITS = "logits"
 
 # Symbolic dimension names of the graph I/O.
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
+
+
+def max_positions(cfg: RSUniVLMConfig | TextConfig) -> int:
+    """The longest prompt + answer a bundle serves, either attention form: the manifest's ``max_positions``.
+
+    Fused graphs: the rows of their rotary tables. Portable graphs: a decoder call computes its attention
+    scores whole, 4 bytes per (query, key, head), and onnxruntime holds Softmax's input and output at once,
+    so a prompt prefilled in one call of S tokens holds ~8 x heads x S^2 bytes of scores (Qwen2-0.5B, 14
+    heads: 7.5 GB at 8192, 120 GB at the 32768 of ``max_position_embeddings``). The same bound keeps that
+    within a workstation's memory; a runtime that prefills in chunks of C tokens needs 8 x heads x C x T.
+    """
+    return min(ROPE_CACHE_POSITIONS, _text(cfg).max_position_embeddings)
 
 
 def expert_bin(expert: int) -> str:
@@ -131,7 +144,7 @@ def build_decoder_graph(
             with b.scope("rotary_emb"):
                 rope = _rotary_tables(b, pos, text)
             with b.scope("attn_mask"):
-                mask = _causal_mask(b, x, pasts[0][0], text.num_attention_heads // kv)
+                mask = _causal_mask(b, x, pasts[0][0], kv, text.num_attention_heads // kv)
             ctx = {"rope": rope, "mask": mask}
         presents = []
         pending: str | None = None  # fused graphs: the MLP output whose residual Add joins the next norm
@@ -186,9 +199,13 @@ def _rotary_tables(b: GraphBuilder, pos: str, text: TextConfig) -> dict[str, str
 
 #   S = shape(inputs_embeds)[1], P = shape(past_key_values.0.key)[2], T = P + S
 #   q_pos = Range(P, T) [S], k_pos = Range(0, T) [T]
-#   Less(q_pos[:,None], k_pos[None,:]) --Where(min_f32, 0)--> [S,T] --Tile(group,1)--> mask [group*S, T] f32
-#   (rows of a query group are head-major: row r is head r // S of the group, query r % S)
-def _causal_mask(b: GraphBuilder, embeds: str, past_key0: str, group: int) -> str:
+#   Less(q_pos[:,None], k_pos[None,:]) --Where(min_f32, 0)--> mask [S, T] f32, built once, read by every layer
+#   by_head = [0, kv, group, -1, T], by_group = [0, kv, -1, T]: Reshape targets that view a query group's scores
+#   [B, kv, group*S, T] as [B, kv, group, S, T] and back (rows of a group are head-major: row r is head r // S,
+#   query r % S), so the one [S, T] mask broadcasts over batch, kv heads and group. Nothing of heads x S x T is
+#   built for the mask (a Tile to [group*S, T] was 7x it). The layers Add it: onnxruntime runs that Add in place
+#   on the scores and the Reshapes as views (a Where on the scores cost one more scores-sized buffer, measured).
+def _causal_mask(b: GraphBuilder, embeds: str, past_key0: str, kv: int, group: int) -> dict[str, str]:
     s = b.op("Shape", [embeds], out="seq_len", start=1, end=2)
     p = b.op("Shape", [past_key0], out="past_len", start=2, end=3)
     t = b.op("Add", [p, s], out="total_len")
@@ -200,12 +217,12 @@ def _causal_mask(b: GraphBuilder, embeds: str, past_key0: str, group: int) -> st
     k_pos = b.op("Range", [zero, t0, one], name="Range_k", out="k_pos")
     q_col = b.op("Unsqueeze", [q_pos, b.ints([1], "axes_1")], out="q_pos_col")
     k_row = b.op("Unsqueeze", [k_pos, zero_d], out="k_pos_row")
-    hidden = b.op("Less", [q_col, k_row], out="future")
+    future = b.op("Less", [q_col, k_row], out="future")
     neg = b.scalar(float(np.finfo(np.float32).min), "mask_min", np.float32)
-    mask = b.op("Where", [hidden, neg, b.scalar(0.0, "zero_f32", np.float32)], out="mask")
-    if group == 1:
-        return mask
-    return b.op("Tile", [mask, b.ints([group, 1], "mask_tile")], out="mask_grouped")
+    mask = b.op("Where", [future, neg, b.scalar(0.0, "zero_f32", np.float32)], out="mask")
+    by_head = b.op("Concat", [b.ints([0, kv, group, -1], "by_head_prefix"), t], out="scores_by_head_shape", axis=0)
+    by_group = b.op("Concat", [b.ints([0, kv, -1], "by_group_prefix"), t], out="scores_by_group_shape", axis=0)
+    return {"mask": mask, "by_head": by_head, "by_group": by_group}
 
 
 #   x --RMSNorm--> --Attention--> + x --RMSNorm--> --MLP[expert]--> + --> out
@@ -280,14 +297,19 @@ def _rms_norm(b: GraphBuilder, x: str, wname: str, weights: Mapping[str, np.ndar
 
 #   x --MatMul W_qkv [H,(nh+2kv)hd] + b--> Split --> q, k, v --Reshape/Transpose--> [B,heads,S,hd]
 #   q, k --RoPE (f32; q also scaled)--> ; present_k/v = Concat(past_k/v, k/v, axis 2)  [B,kv,T,hd]
-#   q --Reshape [B,kv,g*S,hd]--MatMul(present_k^T)--> scores [B,kv,g*S,T] --+mask, Softmax (f32)-->
-#   --MatMul(present_v)--Reshape [B,nh,S,hd]--Transpose--Reshape [B,S,nh*hd]--MatMul W_o--> out
+#   q --Reshape [B,kv,g*S,hd]--MatMul(present_k^T)--> scores [B,kv,g*S,T] (a group's g query heads stacked on
+#   one K/V head, never repeated; one GEMM per KV head, which a decode step needs) --Cast f32--Reshape
+#   [B,kv,g,S,T]--+mask [S,T]--Softmax--Reshape [B,kv,g*S,T]--Cast model--MatMul(present_v)--> [B,kv,g*S,hd]
+#   --Reshape [B,nh,S,hd]--Transpose--Reshape [B,S,nh*hd]--MatMul W_o--> out
+#   The scores are 4 bytes per (query, key, head): S x T per head is inherent to a prefill of S tokens in one
+#   call. onnxruntime holds two such tensors at once (Softmax's input and output), ~8 x nh x S x T bytes;
+#   a caller bounds it by prefilling in chunks of S (the graph takes any past length P).
 def _attention(
     b: GraphBuilder,
     x: str,
     past: tuple[str, str],
     rope: dict[str, str],
-    mask: str,
+    mask: dict[str, str],
     weights: Mapping[str, np.ndarray],
     text: TextConfig,
     i: int,
@@ -313,13 +335,13 @@ def _attention(
     present_k = b.op("Concat", [past[0], k], name="present_key/Concat", out="present_key", axis=2)
     present_v = b.op("Concat", [past[1], v], name="present_value/Concat", out="present_value", axis=2)
 
-    grouped = b.ints([0, kv, -1, hd], "q_grouped_shape")
-    qg = b.op("Reshape", [q, grouped], name="q_grouped/Reshape", out="q_grouped")
+    qg = b.op("Reshape", [q, b.ints([0, kv, -1, hd], "q_grouped_shape")], name="q_grouped/Reshape", out="q_grouped")
     kt = b.op("Transpose", [present_k], name="key_t/Transpose", out="key_t", perm=[0, 1, 3, 2])
     scores = b.op("MatMul", [qg, kt], name="scores/MatMul", out="scores")
-    scores = b.op("Add", [b.to_float(scores), mask], name="scores_masked/Add", out="scores_masked")
-    probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
-    ctx = b.op("MatMul", [probs, present_v], name="context/MatMul", out="context_grouped")
+    scores = b.op("Reshape", [b.to_float(scores), mask["by_head"]], name="scores/Reshape", out="scores_by_head")
+    scores = b.op("Add", [scores, mask["mask"]], name="scores_masked/Add", out="scores_masked")
+    probs = b.op("Reshape", [b.op("Softmax", [scores], out="probs", axis=-1), mask["by_group"]], out="probs_grouped")
+    ctx = b.op("MatMul", [b.to_model(probs), present_v], name="context/MatMul", out="context_grouped")
     ctx = b.op("Reshape", [ctx, b.ints([0, nh, -1, hd], "heads_shape")], name="context/Reshape", out="context_heads")
     ctx = b.op("Transpose", [ctx], name="context/Transpose", out="context_bshd", perm=perm)
     ctx = b.op(
@@ -474,9 +496,10 @@ def _lm_head(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: T
         h = _rms_norm(b, last, "model.norm.weight", weights, text)
     wname = EMBED_TOKENS if text.tie_word_embeddings else "lm_head.weight"
     with b.scope("lm_head"):
-        if b.quant is not None and b.quant.weight_quant(f"{wname}.t") is not None:
-            # Quantized lm_head: its own codes; the embedding table itself stays in the model dtype.
-            logits = b.linear(h, f"{wname}.t", lambda: get_weight(weights, wname, (V, H)).T, out="logits_model")
+        if b.quant is not None and b.quant.weight_quant(LM_HEAD_T) is not None:
+            # Quantized lm_head: its own codes, named LM_HEAD_T tied or not, so its calibration statistics, AWQ
+            # scales and the validation reference find it under one name; the table itself is not touched.
+            logits = b.linear(h, LM_HEAD_T, lambda: get_weight(weights, wname, (V, H)).T, out="logits_model")
         else:
             w = b.weight(wname, get_weight(weights, wname, (V, H)))
             logits = b.op("Gemm", [h, w], out="logits_model", transB=1)

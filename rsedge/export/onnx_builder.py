@@ -244,7 +244,7 @@ class GraphBuilder:
                 block_size=q.block_size,
                 accuracy_level=q.accuracy_level,
             )
-        self._qdq = q.bits == 4
+        self._qdq |= q.bits == 4  # any one blocked INT4 DequantizeLinear needs opset 21, whatever follows
         raw, shape, scales = qdq_tensors(bq)
         codes = f"{name}.q{q.bits}"
         if codes not in self._weights:

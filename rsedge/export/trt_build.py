@@ -7,6 +7,7 @@ with ``rsedge.export.trt_support.check_bundle``: it names what a JetPack target'
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -17,7 +18,11 @@ from pathlib import Path
 from typing import Any
 
 from rsedge.errors import BundleError, OptionError, RsedgeError
-from rsedge.runtime.trt_session import import_tensorrt
+from rsedge.runtime.bundle import Bundle
+from rsedge.runtime.engines import ENGINES_JSON, bundle_graphs, manifest_sha256
+from rsedge.runtime.engines import FORMAT as ENGINES_FORMAT
+from rsedge.runtime.engines import FORMAT_VERSION as ENGINES_FORMAT_VERSION
+from rsedge.runtime.trt_session import gpu_identity, import_tensorrt
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +135,24 @@ def build_engine(
     Q/DQ is built strongly typed (``strongly_typed=None`` detects it), where the graph's own dtypes decide and the
     precision flags are not set. ``timing_cache`` is read if present and written back after the build.
     """
+    return _build_engine(
+        onnx_path, engine_path, profile, fp16=fp16, int8=int8, workspace_gb=workspace_gb,
+        timing_cache=timing_cache, strongly_typed=strongly_typed,
+    )["path"]  # fmt: skip
+
+
+def _build_engine(
+    onnx_path: str | Path,
+    engine_path: str | Path,
+    profile: Mapping[str, tuple[Shape, Shape, Shape]],
+    *,
+    fp16: bool,
+    int8: bool,
+    workspace_gb: float,
+    timing_cache: Path | None,
+    strongly_typed: bool | None,
+) -> dict[str, Any]:
+    """build_engine's work; returns the engine's path, sha256 and size, the profile and the precision flags set."""
     trt = import_tensorrt()
     onnx_path, engine_path = Path(onnx_path), Path(engine_path)
     if not onnx_path.is_file():
@@ -166,14 +189,18 @@ def build_engine(
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, int(workspace_gb * (1 << 30)))
+    flags_set = {"fp16": False, "int8": False, "strongly_typed": bool(strongly_typed)}
     if not strongly_typed:  # strongly typed networks take their precisions from the graph, not from flags
         if fp16:
             config.set_flag(trt.BuilderFlag.FP16)
+            flags_set["fp16"] = True
         if int8:
             config.set_flag(trt.BuilderFlag.INT8)
+            flags_set["int8"] = True
 
     opt_profile = builder.create_optimization_profile()
     dynamic = []
+    used: dict[str, dict[str, list[int]]] = {}
     for i in range(network.num_inputs):
         t = network.get_input(i)
         if any(int(d) < 0 for d in t.shape):
@@ -182,6 +209,7 @@ def build_engine(
                 raise OptionError(f"{onnx_path.name}: dynamic input {t.name} {tuple(t.shape)} has no profile entry")
             lo, opt, hi = (tuple(int(d) for d in s) for s in profile[t.name])
             opt_profile.set_shape(t.name, lo, opt, hi)
+            used[t.name] = {"min": list(lo), "opt": list(opt), "max": list(hi)}
     if dynamic:
         config.add_optimization_profile(opt_profile)
 
@@ -196,10 +224,17 @@ def build_engine(
     serialized = builder.build_serialized_network(network, config)
     if serialized is None:
         raise EngineBuildError(f"TensorRT {trt.__version__} failed to build {onnx_path.name} (see its log above)")
-    _atomic_write(engine_path, serialized)
+    data = memoryview(serialized)
+    _atomic_write(engine_path, data)
     if cache is not None:
         _atomic_write(timing_cache, config.get_timing_cache().serialize())
-    return engine_path
+    return {
+        "path": engine_path,
+        "bytes": data.nbytes,
+        "sha256": hashlib.sha256(data).hexdigest(),
+        "profile": used,
+        "precision": flags_set,
+    }
 
 
 def build_bundle(
@@ -214,13 +249,26 @@ def build_bundle(
     timing_cache: Path | None = None,
     graphs: list[str] | None = None,
 ) -> dict[str, Path]:
-    """Build one engine per graph of a bundle (``<graph>.engine`` in ``out_dir``); returns graph file -> engine."""
+    """Build one engine per graph of a bundle (``<graph>.engine`` in ``out_dir``); returns graph file -> engine.
+
+    Writes ``out_dir/engines.json`` last (``rsedge.runtime.engines``): the bundle's manifest sha256 and graph
+    sha256s, the TensorRT version, the GPU's name and compute capability, and each engine's file, sha256, profile
+    and precision flags. The runtime checks all of them before it runs an engine. An older engines.json in
+    ``out_dir`` is removed first, so a build that fails halfway leaves no record naming half-replaced engines.
+    """
     root, out = Path(bundle_dir), Path(out_dir)
-    mpath = root / "manifest.json"
-    if not mpath.is_file():
-        raise BundleError(f"{root}: not a bundle (no manifest.json)")
-    manifest = json.loads(mpath.read_text())
+    # Every graph and weight file checked against its sha256 first: an engine built from a damaged file would
+    # carry the damage past every later check.
+    bundle = Bundle.open(root)
+    manifest = bundle.manifest
     profiles = default_profiles(manifest, max_prompt, max_total, max_images)
+    for name in graphs or []:
+        if name not in profiles:
+            raise OptionError(f"{root} has no graph {name}; it has {', '.join(profiles)}")
+    trt = import_tensorrt()
+    gpu = gpu_identity()  # before minutes of building: the record needs it, and the runtime checks it
+    out.mkdir(parents=True, exist_ok=True)
+    (out / ENGINES_JSON).unlink(missing_ok=True)
     quant = manifest.get("quantization") or {}
     int4_qdq = any(
         isinstance(q, dict) and q.get("form") == "qdq" and q.get("bits") == 4
@@ -231,13 +279,12 @@ def build_bundle(
         for q in (quant.get("decoder"), quant.get("lm_head"))
     )
     built: dict[str, Path] = {}
+    entries: dict[str, dict[str, Any]] = {}
     for name in graphs or list(profiles):
-        if name not in profiles:
-            raise OptionError(f"{root} has no graph {name}; it has {', '.join(profiles)}")
         decoder = name != manifest["graphs"].get("vision", {}).get("file")
         engine = out / (Path(name).stem + ".engine")
-        built[name] = build_engine(
-            root / name,
+        info = _build_engine(
+            bundle.path(name),
             engine,
             profiles[name],
             fp16=fp16,
@@ -246,4 +293,25 @@ def build_bundle(
             timing_cache=timing_cache,
             strongly_typed=decoder and int4_qdq,  # the vision graph stays in the model dtype (recipe.vision)
         )
+        built[name] = info.pop("path")
+        entries[name] = {"file": engine.name, "graph_sha256": bundle.files[name].sha256, **info}
+    record = {
+        "format": ENGINES_FORMAT,
+        "format_version": ENGINES_FORMAT_VERSION,
+        "bundle": {
+            "manifest_sha256": manifest_sha256(bundle),
+            "graphs": {g: bundle.files[g].sha256 for g in bundle_graphs(manifest)},
+        },
+        "tensorrt": trt.__version__,
+        "gpu": gpu,
+        "build": {
+            "max_prompt": max_prompt,
+            "max_total": max_total,
+            "max_images": max_images,
+            "fp16": fp16,
+            "workspace_gb": workspace_gb,
+        },
+        "engines": entries,
+    }
+    _atomic_write(out / ENGINES_JSON, (json.dumps(record, indent=2) + "\n").encode())
     return built

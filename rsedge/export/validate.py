@@ -18,7 +18,9 @@ import torch
 
 from rsedge.errors import ExportValidationError
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
-from rsedge.runtime.sessions import DecoderSession, SessionConfig
+from rsedge.runtime.backends import DecoderSpec
+from rsedge.runtime.backends.ort_cpu import OrtCpuDecoder
+from rsedge.runtime.sessions import SessionConfig
 
 # max|graph - reference| <= atol + rtol * max|reference|, and cosine >= min_cosine
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -78,6 +80,7 @@ def apply_fake_quant(model: RSUniVLMForCausalLM, cache: dict) -> None:
     """Give the reference the dequantized weights the quantized graphs carry (fused weights split back)."""
     t = model.cfg.text
     q_rows, kv_rows = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
+    untie_lm_head(model)
     params = dict(model.named_parameters())
     for key, value in cache.items():
         if key[0] == "embed_rows":
@@ -103,10 +106,23 @@ def apply_fake_quant(model: RSUniVLMForCausalLM, cache: dict) -> None:
             gate, up = w.split(t.intermediate_size)
             params[f"lm.{mlp}.gate_proj.weight"].copy_(gate)
             params[f"lm.{mlp}.up_proj.weight"].copy_(up)
-        elif base == "lm_head" or base == "model.embed_tokens":
+        elif base == "lm_head":
             params["lm.lm_head.weight"].copy_(w)
         else:
             params[f"lm.{base}.weight"].copy_(w)
+
+
+@torch.no_grad()
+def untie_lm_head(model: RSUniVLMForCausalLM) -> None:
+    """Give a tied reference its own lm_head Parameter (a copy of the embedding table).
+
+    A tied model has one Parameter for both, listed once (as the embedding). A quantized bundle gives them
+    different values: the runtime looks up per-row INT8 rows, the graph's head multiplies by its own block
+    codes (or, with ``--keep lm_head``, by the float table). Untied, the reference can carry each.
+    """
+    lm = model.lm
+    if lm.lm_head.weight is lm.model.embed_tokens.weight:
+        lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone(), requires_grad=False)
 
 
 @contextmanager
@@ -184,10 +200,10 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
 
 def _run_decoder(path: Path, cfg: Any, shared: bool, step_embeds: list[torch.Tensor]) -> tuple[np.ndarray, np.dtype]:
     """Logits of a prefill and decode steps through the runtime's own session and KV cache, and its dtype."""
-    dec = DecoderSession(path, SessionConfig(), cfg.text.num_hidden_layers, shared)
-    capacity = sum(int(emb.shape[1]) for emb in step_embeds)
-    cache = dec.new_cache(cfg.text.num_key_value_heads, cfg.text.head_dim, capacity)
-    return np.stack([dec.step(emb.numpy(), cache).copy() for emb in step_embeds]), dec.dtype
+    spec = DecoderSpec(cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim, shared)
+    dec = OrtCpuDecoder(path, spec, SessionConfig())
+    state = dec.new_state(sum(int(emb.shape[1]) for emb in step_embeds))
+    return np.stack([dec.step(emb.numpy(), state).copy() for emb in step_embeds]), dec.dtype
 
 
 @contextmanager

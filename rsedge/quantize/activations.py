@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from rsedge.export.decoder_graph import LM_HEAD_T
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 
 STATS_VERSION = 1
@@ -39,8 +40,8 @@ class LinearStats:
 
 def graph_name(module_name: str) -> str | None:
     """The decoder-graph weight a reference Linear's input feeds (fused q/k/v and gate/up share inputs)."""
-    if module_name == "lm.lm_head":
-        return "lm_head.weight.t"
+    if module_name == "lm.lm_head":  # tied or not: the graph names its quantized head LM_HEAD_T either way
+        return LM_HEAD_T
     if not module_name.startswith("lm.model.layers."):
         return None
     base = module_name.removeprefix("lm.")
@@ -88,9 +89,13 @@ def collect_stats(
     return stats
 
 
-def cache_path(checkpoint_hash: str, calibration_hash: str) -> Path:
+def cache_path(checkpoint_hash: str, calibration_hash: str, experts: Sequence[int]) -> Path:
+    """Where the statistics of a checkpoint on a calibration set, each item routed to ``experts[i]``, live.
+
+    The routing is part of the key: the same set under another router calibrates other experts."""
     root = Path(os.environ.get("RSEDGE_CACHE", Path.home() / ".cache" / "rsedge"))
-    key = hashlib.sha256(f"{checkpoint_hash}:{calibration_hash}:{STATS_VERSION}".encode()).hexdigest()[:24]
+    routing = ",".join(str(int(e)) for e in experts)
+    key = hashlib.sha256(f"{checkpoint_hash}:{calibration_hash}:{routing}:{STATS_VERSION}".encode()).hexdigest()[:24]
     return root / "calibration-stats" / f"{key}.npz"
 
 

@@ -37,15 +37,17 @@ def search_scales(w_kn: np.ndarray, stats: LinearStats, q: WeightQuantConfig, se
         w = w[:, np.sort(cols)]
     ref = x @ w
     mean = np.maximum(stats.mean_abs.astype(np.float32), 1e-8)
+    # Search with the blocks the graph will use: the TensorRT INT8 form is per output channel (one block of K).
+    block = w.shape[0] if (q.form == "qdq" and q.bits == 8) else q.block_size
     errors: dict[float, tuple[float, np.ndarray | None]] = {}
     for alpha in ALPHAS:
         if alpha == 0.0:
             s = None
-            w_eff = quantize_blockwise(w, q.bits, q.block_size, q.symmetric).dequantize()
+            w_eff = quantize_blockwise(w, q.bits, block, q.symmetric).dequantize()
         else:
             s = mean**alpha
             s = s / np.sqrt(s.max() * s.min())  # keep the scaled weight's range centred
-            w_eff = quantize_blockwise(w * s[:, None], q.bits, q.block_size, q.symmetric).dequantize() / s[:, None]
+            w_eff = quantize_blockwise(w * s[:, None], q.bits, block, q.symmetric).dequantize() / s[:, None]
         errors[alpha] = (float(np.mean((x @ w_eff - ref) ** 2)), s)
     best = min(errors, key=lambda a: errors[a][0])
     return AwqResult(

@@ -108,15 +108,18 @@ def make_recipe(
         if keep:
             raise OptionError(f"--keep applies to quantized exports; {precision} quantizes nothing")
         return None
+    if precision in ("int8", "int4") and algorithm not in ("rtn", "awq"):
+        raise OptionError(f"unknown quantization algorithm {algorithm!r}; choose rtn or awq")
     if precision == "int8":
         w8 = WeightQuantConfig(bits=8, block_size=block_size, form=form, accuracy_level=accuracy_level)
         return Recipe(
-            "int8-w8",
+            "int8-w8" if algorithm == "rtn" else "int8-w8-awq",  # the RTN name predates AWQ at INT8
             1,
             decoder=w8,
             lm_head=w8,
             embeddings="int8-rows",
             vision=vision or "int8",
+            algorithm=algorithm,
             vision_calibration=vision_calibration,
             exclude=tuple(keep),
         )
@@ -124,8 +127,6 @@ def make_recipe(
         w4 = WeightQuantConfig(bits=4, block_size=block_size, form=form, accuracy_level=accuracy_level)
         # lm_head is 27% of a Qwen2-0.5B decoder's weights: INT4 too (as onnxruntime-genai does), unless
         # a parity report shows it is the sensitive part; then set lm_head to INT8 here.
-        if algorithm not in ("rtn", "awq"):
-            raise OptionError(f"unknown INT4 algorithm {algorithm!r}; choose rtn or awq")
         return Recipe(
             f"int4-w4-{algorithm}",
             1,

@@ -11,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -75,28 +73,27 @@ def quantize_vision(src: Path, dst: Path, calib: CalibrationSet, image_size: int
     }
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
-    with tempfile.TemporaryDirectory(dir=dst.parent) as work:
-        cwd = os.getcwd()
-        os.chdir(work)  # onnxruntime writes its augmented calibration model to the working directory
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # its pre-processing advice and histogram chatter are not for our users
-        try:
-            with contextlib.redirect_stdout(io.StringIO()):
-                quantize_static(
-                    str(src),
-                    str(dst),
-                    ImageReader(calib, image_size, inp.name, dtype),
-                    quant_format=QuantFormat.QDQ,
-                    op_types_to_quantize=["MatMul", "Conv"],
-                    per_channel=True,
-                    activation_type=QuantType.QInt8,
-                    weight_type=QuantType.QInt8,
-                    use_external_data_format=True,
-                    calibrate_method=METHODS[method],
-                    extra_options=extra,
-                )
-        finally:
-            root.setLevel(level)
-            os.chdir(cwd)
+    # Absolute paths, and no chdir: the working directory is the whole process's, not this function's.
+    # (onnxruntime writes its augmented calibration model to a temporary folder of its own.)
+    src, dst = Path(src).resolve(), Path(dst).resolve()
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # its pre-processing advice and histogram chatter are not for our users
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            quantize_static(
+                str(src),
+                str(dst),
+                ImageReader(calib, image_size, inp.name, dtype),
+                quant_format=QuantFormat.QDQ,
+                op_types_to_quantize=["MatMul", "Conv"],
+                per_channel=True,
+                activation_type=QuantType.QInt8,
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,
+                calibrate_method=METHODS[method],
+                extra_options=extra,
+            )
+    finally:
+        root.setLevel(level)
     return dst

@@ -13,9 +13,7 @@ Runtime module: numpy, Pillow and the stdlib only.
 from __future__ import annotations
 
 import math
-import os
 import re
-import tempfile
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
+
+from rsedge.fsutil import write_file_atomic
 
 # The demo's own pattern: a bracket holding only digits, dots, commas and spaces.
 BOX_PATTERN = re.compile(r"\[([0-9., ]+)\]")
@@ -189,18 +189,12 @@ def mask_for_image(rle: RleMask, width: int, height: int, label: str | None = No
     return np.asarray(small.resize((width, height), Image.NEAREST)) > 0
 
 
-def _save_atomic(img: Image.Image, path: str | Path) -> Path:
-    """Write a PNG via a temp file in the same folder, so readers never see a half-written file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            img.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+def _save_atomic(img: Image.Image, path: str | Path, overwrite: bool = True) -> Path:
+    """Write a PNG via a temp file in the same folder, so readers never see a half-written file.
+
+    The file gets the usual permissions (0666 less the umask); ``overwrite=False`` refuses an existing path.
+    """
+    return write_file_atomic(Path(path), lambda handle: img.save(handle, format="PNG"), overwrite=overwrite)
 
 
 def draw_boxes(
@@ -208,6 +202,7 @@ def draw_boxes(
     boxes: Sequence[Box],
     path: str | Path,
     labels: Sequence[str] | None = None,
+    overwrite: bool = True,
 ) -> Path:
     """Draw box outlines (3 px) with a label each (default "1", "2", ...) and write a PNG."""
     canvas = img.convert("RGB")  # convert() copies, so the caller's image is untouched
@@ -222,7 +217,7 @@ def draw_boxes(
         tag_y = box.y1 - (bottom - top) - 4 if box.y1 >= (bottom - top) + 4 else box.y1
         draw.rectangle([box.x1, tag_y, box.x1 + (right - left) + 4, tag_y + (bottom - top) + 4], fill=colour)
         draw.text((box.x1 + 2 - left, tag_y + 2 - top), text, fill=(255, 255, 255), font=font)
-    return _save_atomic(canvas, path)
+    return _save_atomic(canvas, path, overwrite)
 
 
 def draw_mask(
@@ -231,6 +226,7 @@ def draw_mask(
     path: str | Path,
     colour: tuple[int, int, int] = (255, 0, 0),
     opacity: float = 0.45,
+    overwrite: bool = True,
 ) -> Path:
     """Blend ``colour`` over the masked pixels at ``opacity`` and write a PNG."""
     if not 0.0 <= opacity <= 1.0:
@@ -241,4 +237,4 @@ def draw_mask(
     base = img.convert("RGB")
     fill = Image.new("RGB", base.size, tuple(colour))
     alpha = Image.fromarray(mask_bool.astype(np.uint8) * np.uint8(round(255 * opacity)))
-    return _save_atomic(Image.composite(fill, base, alpha), path)
+    return _save_atomic(Image.composite(fill, base, alpha), path, overwrite)

@@ -6,6 +6,7 @@ over :class:`Pipeline`.
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -18,18 +19,24 @@ from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
 from rsedge.errors import OptionError, PromptError
+from rsedge.runtime import ort_support
+from rsedge.runtime.backends import DecoderBackend, DecoderSpec, backend_class
 from rsedge.runtime.bundle import Bundle
+from rsedge.runtime.engines import EngineSet
 from rsedge.runtime.features import merge_anyres, merge_square
 from rsedge.runtime.images import load_image, validate_image
 from rsedge.runtime.outputs import Box, RleMask, parse_boxes, parse_rle_mask
 from rsedge.runtime.preprocess import preprocess_anyres, preprocess_square
 from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
-from rsedge.runtime.router import route, task_tag
+from rsedge.runtime.router import check_image_count, route, task_tag
 from rsedge.runtime.sampling import Sampler, Sampling
-from rsedge.runtime.sessions import ORT_DTYPES, DecoderSession, SessionConfig, make_session
+from rsedge.runtime.sessions import ORT_DTYPES, SessionConfig, make_session
 
 ImageInput = str | Path | Image.Image
 MAX_NEW_TOKENS_LIMIT = 32000  # upstream demo's budget
+# Portable graphs hold one call's attention scores whole (4 bytes x heads x S x (P+S)): a long prompt goes
+# in calls of this many tokens, so memory grows linearly with it (8k tokens, full size: 12.1 -> 4.7 GB).
+PREFILL_CHUNK = 1024
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Answer:
             "tag": self.tag,
             "expert": self.expert,
             "tokens": len(self.tokens),
+            "token_ids": [int(t) for t in self.tokens],  # scripts compare runs by ids, not by decoded text
             "prompt_tokens": self.prompt_tokens,
             "stopped_by": self.stopped_by,
             "image_sizes": [list(s) for s in self.image_sizes],
@@ -65,9 +73,11 @@ class Answer:
 
 
 class Pipeline:
-    def __init__(self, bundle: Bundle, session: SessionConfig | None = None) -> None:
+    def __init__(self, bundle: Bundle, session: SessionConfig | None = None, engines: EngineSet | None = None) -> None:
         self.bundle = bundle
         self.session_cfg = session or SessionConfig()
+        if engines is None:  # onnxruntime runs the graphs: one too old for them is refused before any session
+            ort_support.check_onnxruntime(bundle.manifest, str(bundle.root), self.session_cfg.device)
         root = bundle.root
         self.tokenizer = Tokenizer.from_file(str(root / bundle.manifest["tokenizer"]["file"]))
         self.stop_ids = set(bundle.manifest["tokenizer"]["stop_token_ids"])
@@ -79,13 +89,62 @@ class Pipeline:
         self.layers, self.kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
         self.head_dim = text["hidden_size"] // text["num_attention_heads"]
         self._vision = None
-        self._decoders: dict[int, DecoderSession] = {}
+        self._decoders: dict[int, DecoderBackend] = {}
+        # Sessions are created on first use; the lock makes two threads' first requests create one, not two.
+        self._load_lock = threading.Lock()
+        # Checked TensorRT engines of this bundle (rsedge build-engines) run every graph when given.
+        self.engines = engines
+        self.backend = backend_class("tensorrt-engine" if engines is not None else self.session_cfg.device)
 
     @classmethod
     def load(
-        cls, path: str | Path, device: str = "cpu", threads: int | None = None, verify: str = "sha256"
+        cls,
+        path: str | Path,
+        device: str = "cpu",
+        threads: int | None = None,
+        verify: str = "sha256",
+        trust: Sequence[str | Path | bytes] | None = None,
+        warmup: bool = False,
+        engines: str | Path | None = None,
     ) -> Pipeline:
-        return cls(Bundle.open(path, verify=verify), SessionConfig(device=device, threads=threads))
+        """``trust``: public keys (files or bytes); when given, only a bundle one of them signed loads.
+        ``warmup``: create every session now and run each once (see :meth:`warmup`).
+        ``engines``: a folder from ``rsedge build-engines`` of this bundle, checked (bundle, TensorRT version, GPU,
+        engine hashes) before use; its engines then run the vision graph and every decoder."""
+        bundle, cfg = Bundle.open(path, verify=verify, trust=trust), SessionConfig(device=device, threads=threads)
+        checked = None if engines is None else EngineSet.open(engines, bundle, device_id=cfg.device_id)
+        pipe = cls(bundle, cfg, engines=checked)
+        if warmup:
+            pipe.warmup()
+        return pipe
+
+    def warmup(self, experts: Sequence[int] | None = None, prompt_tokens: int | None = None) -> dict[str, float]:
+        """Create the vision session and the decoders of ``experts`` (default: every expert the router can
+        pick) and run each once on a blank input: a prefill of ``prompt_tokens`` (default: one image's visual
+        tokens and a short question) and a decode step after it.
+
+        Session creation and a provider's first-run set-up (kernel loading, the memory arena grown to a real
+        prompt's size, cuDNN and cuBLAS handles) then happen here instead of inside a service's first request.
+        Returns ms per part.
+        """
+        took: dict[str, float] = {}
+        t0 = time.perf_counter()
+        side = int(self.bundle.preprocess["image_size"])
+        visual = self.image_tokens(Image.new("RGB", (side, side), (128, 128, 128)))
+        took["vision"] = (time.perf_counter() - t0) * 1e3
+        if experts is None:
+            r = self.bundle.router
+            experts = sorted({int(e) for e in r["table"].values()} | {int(r["default"])})
+        n = prompt_tokens or int(visual.shape[0]) + 48
+        hidden = int(self.bundle.model["text"]["hidden_size"])
+        for e in experts:
+            t0 = time.perf_counter()
+            dec = self.decoder(e)
+            state = dec.new_state(n + 1)
+            dec.step(np.zeros((1, n, hidden), dtype=dec.dtype), state)
+            dec.step(np.zeros((1, 1, hidden), dtype=dec.dtype), state)
+            took[f"decoder_expert{e}"] = (time.perf_counter() - t0) * 1e3
+        return took
 
     # -- pieces ------------------------------------------------------------------------------------
 
@@ -93,18 +152,40 @@ class Pipeline:
     def num_experts(self) -> int:
         return len(self.bundle.graph("decoder")["experts"])
 
-    def decoder(self, expert: int) -> DecoderSession:
-        """The expert's decoder session, loaded on first use (a mission may need only one)."""
-        if expert not in self._decoders:
-            rel = self.bundle.graph("decoder")["experts"][str(expert)]["file"]
-            shared = self.bundle.graph("decoder").get("attention") == "gqa-shared"
-            self._decoders[expert] = DecoderSession(self.bundle.path(rel), self.session_cfg, self.layers, shared)
-        return self._decoders[expert]
+    def decoder(self, expert: int) -> DecoderBackend:
+        """The expert's decoder on this pipeline's backend, loaded on first use (a mission may need only one)."""
+        dec = self._decoders.get(expert)
+        if dec is None:
+            with self._load_lock:
+                dec = self._decoders.get(expert)
+                if dec is None:
+                    rel = self.bundle.graph("decoder")["experts"][str(expert)]["file"]
+                    spec = DecoderSpec(
+                        self.layers,
+                        self.kv_heads,
+                        self.head_dim,
+                        shared_kv=self.bundle.graph("decoder").get("attention") == "gqa-shared",
+                    )
+                    path = self.bundle.path(rel) if self.engines is None else self.engines.engine(rel)
+                    dec = self.backend(path, spec, self.session_cfg, cache_key=self._sha(rel))
+                    self._decoders[expert] = dec
+        return dec
 
     def vision(self):
+        """The vision graph's session on this pipeline's device, created on first use."""
         if self._vision is None:
-            self._vision = make_session(self.bundle.path(self.bundle.graph("vision")["file"]), self.session_cfg)
+            with self._load_lock:
+                if self._vision is None:
+                    rel = self.bundle.graph("vision")["file"]
+                    if self.engines is not None:
+                        self._vision = self.engines.vision_session(rel)
+                    else:
+                        self._vision = make_session(self.bundle.path(rel), self.session_cfg, cache_key=self._sha(rel))
         return self._vision
+
+    def _sha(self, rel: str) -> str:
+        """A graph file's sha256 prefix from the manifest: the key of its TensorRT engine cache."""
+        return str(self.bundle.manifest["files"].get(rel, {}).get("sha256", ""))[:16]
 
     def choose_expert(self, prompt: str, expert: int | None = None) -> int:
         if expert is not None:
@@ -168,7 +249,7 @@ class Pipeline:
         keep_logits: bool = False,
         ignore_eos: bool = False,
     ) -> Answer:
-        """Answer ``prompt`` about ``images`` (0, 1, or a before/after pair).
+        """Answer ``prompt`` about ``images``: one, or a before/after pair for [CCD] and a change [SEG].
 
         ``ignore_eos`` decodes the whole budget (benchmarks, parity runs); ``keep_logits`` keeps each
         step's last-position logits on the answer.
@@ -177,6 +258,7 @@ class Pipeline:
             raise OptionError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
         if not prompt.strip():
             raise PromptError("the prompt is empty")
+        check_image_count(prompt, len(images))  # before any image is read
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
         tag = task_tag(prompt)
@@ -195,12 +277,12 @@ class Pipeline:
                 f"prompt ({embeds.shape[1]} tokens) + max_new_tokens ({max_new_tokens}) exceed this bundle's "
                 f"{limit} positions"
             )
-        cache = dec.new_cache(self.kv_heads, self.head_dim, embeds.shape[1] + max_new_tokens)
+        state = dec.new_state(embeds.shape[1] + max_new_tokens)
         sampler = Sampler(sampling or Sampling())
         stream = DecodeStream(skip_special_tokens=True)
         tokens: list[int] = []
         seen: list[np.ndarray] = []
-        logits = dec.step(embeds, cache)
+        logits = self.prefill(dec, embeds, state)
         t3 = time.perf_counter()
         stopped_by = "max_new_tokens"
         while True:
@@ -217,7 +299,7 @@ class Pipeline:
                     on_token(piece)
             if len(tokens) >= max_new_tokens:
                 break
-            logits = dec.step(self.embed_rows([tok])[None].astype(dec.dtype, copy=False), cache)
+            logits = dec.step(self.embed_rows([tok])[None].astype(dec.dtype, copy=False), state)
         t4 = time.perf_counter()
         answer_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         timings.update(
@@ -243,6 +325,17 @@ class Pipeline:
         )
         self._parse(ans, pil)
         return ans
+
+    def prefill(self, dec: DecoderBackend, embeds: np.ndarray, state: Any) -> np.ndarray:
+        """The prompt through ``dec``: one call, or calls of PREFILL_CHUNK tokens for the portable graphs.
+        Returns the last position's logits."""
+        n = int(embeds.shape[1])
+        portable = self.bundle.graph("decoder").get("attention", "standard") == "standard"
+        chunk = PREFILL_CHUNK if portable and n > PREFILL_CHUNK else n
+        logits = None
+        for start in range(0, n, chunk):
+            logits = dec.step(embeds[:, start : start + chunk], state)
+        return logits
 
     def _parse(self, ans: Answer, images: list[Image.Image]) -> None:
         if ans.tag == "[VG]" and images:

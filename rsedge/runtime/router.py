@@ -1,4 +1,8 @@
-"""The static, training-free router: a task tag in the prompt picks the decoder expert."""
+"""The static, training-free router: a task tag in the prompt picks the decoder expert.
+
+Routing and answer parsing read the tag with one rule, :func:`task_tag`: a tag anywhere in the prompt counts
+(upstream's router is a substring test), so the expert that runs and the parser that reads its answer agree.
+"""
 
 from __future__ import annotations
 
@@ -6,27 +10,53 @@ import re
 from collections.abc import Mapping
 
 from rsedge.errors import PromptError
+from rsedge.runtime.prompt import IMAGE_PLACEHOLDER
 
 TASK_TAGS = ("[CAP]", "[VQA]", "[CLS]", "[VG]", "[REF]", "[SEG]", "[CCD]")
-# A leading all-caps bracket word is a task tag; a [REF] box like "[1, 20, 9, 30]" is not.
-_LEADING_TAG = re.compile(r"^\s*(\[[A-Z][A-Z0-9_]*\])")
+# Images per request each task was trained on; any other tag, or none, looks at exactly one image.
+IMAGE_COUNTS: dict[str, tuple[int, ...]] = {"[CCD]": (2,), "[SEG]": (1, 2)}
+_COUNT_WORDS = {"[CCD]": "2 images (before, after)", "[SEG]": "1 image, or 2 for a change mask"}
+# A bracketed word; a [REF] box like "[1, 20, 9, 30]" is not one.
+_BRACKET_WORD = re.compile(r"\[[A-Za-z][A-Za-z0-9_]*\]")
+_LEADING_WORD = re.compile(r"^\s*(\[[A-Za-z][A-Za-z0-9_]*\])")
 
 
 def task_tag(prompt: str) -> str | None:
-    """The prompt's leading task tag, None when it has none; an unknown tag is an error."""
-    m = _LEADING_TAG.match(prompt)
-    if m is None:
-        return None
-    tag = m.group(1)
-    if tag not in TASK_TAGS:
-        raise PromptError(f"unknown task tag {tag}; known tags: {' '.join(TASK_TAGS)}")
-    return tag
+    """The prompt's task tag, wherever it stands; None when it has none.
+
+    A tag in the wrong letter case, two different tags, or a leading bracket word that is no tag is an error:
+    upstream would route ``[vg]`` as a caption and ``[CAP] [SEG]`` to the [SEG] expert, answering garbage.
+    """
+    tags: list[str] = []
+    for word in _BRACKET_WORD.findall(prompt):
+        if word in TASK_TAGS:
+            tags.append(word)
+        elif word.upper() in TASK_TAGS:
+            raise PromptError(f"task tag {word} must be written in capitals: {word.upper()}")
+    lead = _LEADING_WORD.match(prompt)
+    if lead is not None and lead.group(1) not in TASK_TAGS:
+        raise PromptError(f"unknown task tag {lead.group(1)}; known tags: {' '.join(TASK_TAGS)}")
+    distinct = list(dict.fromkeys(tags))
+    if len(distinct) > 1:
+        raise PromptError(f"the prompt has {len(distinct)} task tags ({', '.join(distinct)}); give one")
+    return distinct[0] if distinct else None
 
 
 def route(prompt: str, table: Mapping[str, int], default: int) -> int:
-    """Expert index for a prompt, as upstream: the first table tag contained in the prompt, else default."""
-    task_tag(prompt)
-    for tag, expert in table.items():
-        if tag in prompt:
-            return int(expert)
-    return int(default)
+    """Expert index for a prompt: its task tag's entry in the router table, else ``default``."""
+    tag = task_tag(prompt)
+    return int(table[tag]) if tag in table else int(default)
+
+
+def check_image_count(prompt: str, num_images: int) -> None:
+    """Refuse a request whose image count its task cannot take ([CCD] 2, [SEG] 1 or 2, anything else 1).
+
+    A prompt that places ``<image>`` itself lays out its own images; build_prompt matches them to the count.
+    """
+    if IMAGE_PLACEHOLDER in prompt:
+        return
+    tag = task_tag(prompt)
+    allowed = IMAGE_COUNTS.get(tag or "", (1,))
+    if num_images not in allowed:
+        name = tag or "a prompt without a task tag"
+        raise PromptError(f"{name} takes {_COUNT_WORDS.get(tag or '', '1 image')}, got {num_images}")

@@ -20,6 +20,9 @@ class Sampling:
             raise OptionError(f"temperature must be in [0, 10], got {self.temperature}")
         if not 0.0 < self.top_p <= 1.0:
             raise OptionError(f"top-p must be in (0, 1], got {self.top_p}")
+        # numpy's generators take non-negative integer seeds only
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0):
+            raise OptionError(f"seed must be a non-negative integer, got {self.seed}")
 
 
 class Sampler:

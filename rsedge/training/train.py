@@ -88,6 +88,7 @@ class TrainConfig:
     pointer_force: float = 0.0
     force_fraction: float = 0.6
     freeze_vision: bool = False  # keep the vision tower fixed (the connector still trains)
+    log_every: int = 50  # steps per loss_history entry (and log line); logging only, the weights do not change
 
 
 def tokenizer_text(seed: int, n: int = 4000) -> list[str]:
@@ -234,7 +235,7 @@ def train(
         opt.step()
         window.append(float(out_.loss.detach()))
         steps_done = step + 1
-        if steps_done % 50 == 0:
+        if steps_done % cfg.log_every == 0:
             aux_mean = float(np.mean(aux_window)) if aux_window else None
             ptr_mean = float(np.mean(ptr_window)) if ptr_window else None
             history.append(

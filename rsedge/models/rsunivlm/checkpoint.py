@@ -73,8 +73,12 @@ def checkpoint_config_dict(
     dtype: str = "float32",
     aspect: str = "square",
     pinpoints: list[list[int]] | None = None,
+    tied: bool = False,
 ) -> dict[str, Any]:
-    """config.json with the released fields; ``vision`` None means the tower is known by its hub id."""
+    """config.json with the released fields; ``vision`` None means the tower is known by its hub id.
+
+    ``tied``: lm_head reads the embedding table (Qwen2-0.5B's own ``tie_word_embeddings: true``).
+    """
     cfg: dict[str, Any] = {
         "architectures": ["LlavaQwenGMoeForCausalLM"],
         "model_type": MODEL_TYPE,
@@ -84,7 +88,7 @@ def checkpoint_config_dict(
         "max_window_layers": text["num_hidden_layers"],
         "rms_norm_eps": 1e-6,
         "rope_theta": 1000000.0,
-        "tie_word_embeddings": False,
+        "tie_word_embeddings": tied,
         "use_sliding_window": False,
         "torch_dtype": dtype,
         "bos_token_id": special["<|endoftext|>"],
@@ -106,7 +110,9 @@ def checkpoint_config_dict(
     return cfg
 
 
-def checkpoint_config(size: str, vocab_size: int, special: dict[str, int], aspect: str) -> dict[str, Any]:
+def checkpoint_config(
+    size: str, vocab_size: int, special: dict[str, int], aspect: str, tied: bool = False
+) -> dict[str, Any]:
     spec = SIZES[size]
     if aspect != "square" and size != "tiny":
         raise OptionError("anyres checkpoints are made at size tiny only")
@@ -119,6 +125,7 @@ def checkpoint_config(size: str, vocab_size: int, special: dict[str, int], aspec
         dtype="bfloat16" if spec["dtype"] == torch.bfloat16 else "float32",
         aspect=aspect,
         pinpoints=TINY_ANYRES_PINPOINTS if aspect != "square" else None,
+        tied=tied,
     )
 
 
@@ -179,8 +186,13 @@ def _save_sharded(tensors: dict[str, torch.Tensor], out: Path, shard_bytes: int 
     )
 
 
-def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, aspect: str = "square") -> Path:
-    """Write a random-weight checkpoint to ``out`` (atomically: a temp folder moved into place)."""
+def make_checkpoint(
+    out: str | Path, size: str = "tiny", seed: int = 0, aspect: str = "square", tied: bool = False
+) -> Path:
+    """Write a random-weight checkpoint to ``out`` (atomically: a temp folder moved into place).
+
+    ``tied``: no ``lm_head.weight``; the decoder's head reads ``model.embed_tokens.weight``.
+    """
     if size not in SIZES:
         raise OptionError(f"unknown checkpoint size {size!r}; choose from {', '.join(SIZES)}")
     spec = SIZES[size]
@@ -189,7 +201,7 @@ def make_checkpoint(out: str | Path, size: str = "tiny", seed: int = 0, aspect: 
         tok = train_tokenizer(spec["tokenizer_vocab"])
         special = write_tokenizer_files(tok, tmp)
         vocab = spec.get("vocab_size", tok.get_vocab_size())
-        cfg_dict = checkpoint_config(size, vocab, special, aspect)
+        cfg_dict = checkpoint_config(size, vocab, special, aspect, tied)
         write_config_files(tmp, cfg_dict)
         cfg = RSUniVLMConfig.from_dict(cfg_dict)
         _save_sharded(random_tensors(cfg, seed, spec["dtype"]), tmp, spec["shard_bytes"])

@@ -154,13 +154,13 @@ class RSUniVLMForCausalLM(nn.Module):
         for tok in input_ids:
             if tok == IMAGE_TOKEN_INDEX:
                 if chunk:
-                    pieces.append(embed(torch.tensor(chunk)))
+                    pieces.append(embed(torch.tensor(chunk, device=embed.weight.device)))
                     chunk = []
                 pieces.append(next(images).to(embed.weight.dtype))
             else:
                 chunk.append(tok)
         if chunk:
-            pieces.append(embed(torch.tensor(chunk)))
+            pieces.append(embed(torch.tensor(chunk, device=embed.weight.device)))
         return torch.cat(pieces, dim=0)[None]
 
     @torch.no_grad()
@@ -173,7 +173,7 @@ class RSUniVLMForCausalLM(nn.Module):
         self.last_expert = expert
         cache = cache if cache is not None else DynamicCache()
         past = cache.get_seq_length()
-        positions = torch.arange(past, past + inputs_embeds.shape[1])[None]
+        positions = torch.arange(past, past + inputs_embeds.shape[1], device=inputs_embeds.device)[None]
         out = self.lm(inputs_embeds=inputs_embeds, position_ids=positions, past_key_values=cache, use_cache=True)
         return StepOutput(out.logits.float(), out.past_key_values)
 
@@ -192,9 +192,10 @@ class RSUniVLMForCausalLM(nn.Module):
         Returns the new tokens and each step's last-position logits.
         """
         stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
-        dtype = self.lm.model.embed_tokens.weight.dtype
+        weight = self.lm.model.embed_tokens.weight
         images = [
-            self.image_tokens(torch.from_numpy(p).to(dtype), s) for p, s in zip(pixel_values, image_sizes, strict=False)
+            self.image_tokens(torch.from_numpy(p).to(weight.device, weight.dtype), s)
+            for p, s in zip(pixel_values, image_sizes, strict=False)
         ]
         embeds = self.embed_prompt(input_ids, images)
         tokens: list[int] = []
@@ -202,10 +203,10 @@ class RSUniVLMForCausalLM(nn.Module):
         out = self.step(embeds, expert)
         for _ in range(max_new_tokens):
             last = out.logits[0, -1]
-            logits_seen.append(last.numpy().copy())
+            logits_seen.append(last.cpu().numpy().copy())
             tok = int(torch.argmax(last))
             tokens.append(tok)
             if tok in stops:
                 break
-            out = self.step(self.lm.model.embed_tokens(torch.tensor([[tok]])), expert, out.cache)
+            out = self.step(self.lm.model.embed_tokens(torch.tensor([[tok]], device=weight.device)), expert, out.cache)
         return tokens, logits_seen

@@ -8,12 +8,12 @@ or misshapen tensor, naming it: a silently skipped tensor is how a VLM ends up a
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 
 from rsedge.errors import CheckpointError
 from rsedge.models.rsunivlm.config import RSUniVLMConfig
@@ -243,7 +243,7 @@ def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
             with safe_open(str(f), framework="pt") as sf:
                 for name in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, sf.get_tensor(name)
-        except (OSError, ValueError, RuntimeError) as e:  # safetensors raises SafetensorError (a ValueError)
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated, garbage, unknown dtype...
             raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
 
 
@@ -264,3 +264,13 @@ def load_checkpoint_tensors(path: str | Path, cfg: RSUniVLMConfig) -> dict[str, 
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise CheckpointError(f"{path}: missing tensor {missing[0]!r}{more}")
     return tensors
+
+
+def check_finite(tensors: Mapping[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint with NaN or infinite weights, naming the first such tensor: nothing exported from it
+    could answer, and validation (when run) would only report the graphs' outputs as NaN."""
+    for name, t in tensors.items():
+        if t.is_floating_point():
+            bad = t.numel() - int(torch.isfinite(t).sum())
+            if bad:
+                raise CheckpointError(f"tensor {name!r} has {bad} NaN or infinite values; the checkpoint is broken")

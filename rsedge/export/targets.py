@@ -1,0 +1,121 @@
+"""Export targets: what graph form, compute dtype and attention each deployment target runs.
+
+``rsedge export MODEL --target T --precision P`` picks the options below instead of a user knowing them;
+an explicit option still wins where the target allows it, and a precision the target cannot run is
+refused before anything is read. TensorRT targets are checked with the static JetPack check as part of
+the export (a bundle that fails it is not left behind).
+
+Why these choices (measured, see the README):
+- ``cuda``: onnxruntime's CUDA GroupQueryAttention and MatMulNBits take FP16 activations only; its
+  shared-buffer GroupQueryAttention disagreed with the CPU kernel on an H200 (onnxruntime-gpu 1.31.1:
+  logits cosine 0.18-0.98 from the first step) while past/present as separate tensors matched, so the CUDA
+  form binds separate device buffers ("gqa"). The vision tower stays FP16: static INT8 Q/DQ runs on that
+  provider as dequantize + FP16 matmul, slower than FP16 and less exact.
+- ``cpu``: MatMulNBits with int8 activations and the shared-buffer attention (the fastest CPU form), and
+  the vision tower as static INT8 Q/DQ for INT4 too: in FP32 it was 2.7 s of a 6.1 s INT4 request.
+- JetPack: static INT8 vision as well; TensorRT fuses the Q/DQ into INT8 kernels, and on an 8 GB Orin the
+  FP16 tower would be most of the memory.
+- JetPack: TensorRT consumes explicit Q/DQ; INT4 weight-only DequantizeLinear needs TensorRT 10 (JetPack
+  6.1+), so JetPack 5.1 and 6.0 take FP16 and INT8 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from rsedge.errors import OptionError
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    engine: str  # "onnxruntime" or "tensorrt"
+    precisions: tuple[str, ...]
+    form: str  # quantized graph form: "ort" (MatMulNBits) or "qdq" (DequantizeLinear)
+    compute: str  # activation dtype of quantized graphs
+    attention: str  # decoder attention implementation (rsedge.export.decoder_graph.ATTENTION_IMPLS)
+    vision: dict[str, str] = field(default_factory=dict)  # precision -> vision graph choice
+    jetpack: str | None = None  # the static TensorRT check this target passes (rsedge check-trt --target)
+
+    def options(self, precision: str) -> dict[str, Any]:
+        """export_bundle keyword arguments for ``precision`` on this target."""
+        if precision not in self.precisions:
+            raise OptionError(
+                f"target {self.name} cannot run {precision} bundles (it runs {', '.join(self.precisions)})"
+            )
+        quantized = precision in ("int8", "int4")
+        opts: dict[str, Any] = {"precision": precision}
+        if quantized:
+            opts.update(form=self.form, compute=self.compute, attention=self.attention)
+            if precision in self.vision:
+                opts["vision"] = self.vision[precision]
+        return opts
+
+
+_JETPACK_PRECISIONS = {"jp5.1": ("fp32", "fp16", "int8"), "jp6.0": ("fp32", "fp16", "int8")}
+
+TARGETS: dict[str, Target] = {
+    "cpu": Target(
+        "cpu",
+        "onnxruntime",
+        ("fp32", "fp16", "int8", "int4"),
+        form="ort",
+        compute="fp32",
+        attention="gqa-shared",
+        vision={"int8": "int8", "int4": "int8"},
+    ),
+    "cuda": Target(
+        "cuda",
+        "onnxruntime",
+        ("fp32", "fp16", "int8", "int4"),
+        form="ort",
+        compute="fp16",
+        attention="gqa",
+        vision={"int8": "model", "int4": "model"},
+    ),
+    **{
+        jp: Target(
+            jp,
+            "tensorrt",
+            _JETPACK_PRECISIONS.get(jp, ("fp32", "fp16", "int8", "int4")),
+            form="qdq",
+            compute="fp16",
+            attention="standard",
+            vision={"int8": "int8", "int4": "int8"},
+            jetpack=jp,
+        )
+        for jp in ("jp5.1", "jp6.0", "jp6.1", "jp6.2")
+    },
+}
+
+
+def target(name: str) -> Target:
+    if name not in TARGETS:
+        raise OptionError(f"unknown target {name!r}; choose from {', '.join(TARGETS)}")
+    return TARGETS[name]
+
+
+def export_options(name: str, precision: str, explicit: dict[str, Any]) -> dict[str, Any]:
+    """The target's options for ``precision``, with the user's explicit (non-None) ones on top; an explicit
+    option the target cannot run (e.g. ``--form ort`` for a JetPack) is refused."""
+    t = target(name)
+    opts = t.options(precision)
+    for key, value in explicit.items():
+        if value is None:
+            continue
+        if t.engine == "tensorrt" and key == "form" and value != t.form:
+            raise OptionError(f"target {name} runs TensorRT, which takes --form {t.form}, not {value}")
+        opts[key] = value
+    return opts
+
+
+def check_for_target(bundle_dir: Any, name: str) -> list[str]:
+    """Problems the static TensorRT check finds for a TensorRT target (empty: passes, or not TensorRT)."""
+    t = target(name)
+    if t.jetpack is None:
+        return []
+    from rsedge.export.trt_support import check_bundle, passes
+
+    report = check_bundle(bundle_dir, t.jetpack)
+    return [f"{graph}: {issue}" for graph, issues in report.items() if not passes(issues) for issue in issues]
