@@ -140,6 +140,12 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architectu
     help="activation dtype of quantized graphs (default fp32 for ort, fp16 for qdq)",
 )
 @click.option(
+    "--attention",
+    type=click.Choice(["standard", "gqa", "gqa-shared", "scatter-shared"]),
+    default=None,
+    help="decoder attention form (default: the target's, or portable for fp32/fp16 and gqa-shared for int8/int4)",
+)
+@click.option(
     "--router", "router_json", default=None, help='router table as JSON, e.g. \'{"[SEG]": 2, "[VG]": 1, "[REF]": 1}\''
 )
 @click.option(
@@ -158,6 +164,7 @@ def export_cmd(
     out: Path,
     precision: str,
     target: str | None,
+    attention: str | None,
     block_size: str,
     form: str | None,
     compute: str | None,
@@ -196,7 +203,10 @@ def export_cmd(
     if target is not None:
         from rsedge.export.targets import export_options
 
-        options.update(export_options(target, precision, {"form": form, "compute": compute, "vision": vision}))
+        explicit = {"form": form, "compute": compute, "vision": vision, "attention": attention}
+        options.update(export_options(target, precision, explicit))
+    elif attention is not None:
+        options["attention"] = attention
     console = Console(stderr=True)
     if console.is_terminal:  # a spinner for people; logs and pipes get only the result and errors
         with console.status("exporting") as status:

@@ -45,6 +45,9 @@ SAMPLES = REPO / "rsedge" / "data" / "samples"
 # The CUDA target's bundles (rsedge.export.targets: FP16 activations, separate past/present attention,
 # FP16 vision tower).
 RECIPES = {p: ["--target", "cuda", "--precision", p] for p in ("fp16", "int8", "int4")}
+# The shared-buffer form with plain MatMul attention (constant shapes, what CUDA graphs need): checked on the GPU
+# beside the target's form, since the GroupQueryAttention shared-buffer form disagreed there.
+RECIPES["int4-scatter"] = ["--target", "cuda", "--precision", "int4", "--attention", "scatter-shared"]
 PAIR = ("levircc_test_000289_A.png", "levircc_test_000289_B.png")
 CASES = [
     (("dior_05863.png",), "[VG] Where is the storage tank?"),

@@ -48,6 +48,8 @@ FORMS: dict[str, dict] = {
     "int4-ort": {"precision": "int4"},  # MatMulNBits bits 4, gqa-shared, vision in fp32
     "int4-ort-standard": {"precision": "int4", "attention": "standard"},
     "int4-ort-fp16-gqa": {"precision": "int4", "compute": "fp16", "attention": "gqa"},  # --target cuda
+    "fp32-scatter-shared": {"precision": "fp32", "attention": "scatter-shared"},  # RotaryEmbedding, ScatterElements
+    "fp16-scatter-shared": {"precision": "fp16", "attention": "scatter-shared"},
     "int8-qdq": {"precision": "int8", "form": "qdq"},  # per-channel DequantizeLinear, fp16
     "int4-qdq": {"precision": "int4", "form": "qdq"},  # blocked INT4 DequantizeLinear, opset 21, fp16
 }

@@ -31,6 +31,9 @@ def test_every_target_names_a_runnable_form() -> None:
             export_options(jp, "int4", {})
     with pytest.raises(OptionError, match="takes --form qdq"):
         export_options("jp6.1", "int8", {"form": "ort"})
+    with pytest.raises(OptionError, match="portable attention"):
+        export_options("jp6.2", "fp16", {"attention": "gqa"})
+    assert export_options("cuda", "int4", {"attention": "scatter-shared"})["attention"] == "scatter-shared"
 
 
 def test_cuda_target_bundle(tiny_checkpoint, tmp_path) -> None:

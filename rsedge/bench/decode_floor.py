@@ -16,13 +16,14 @@ class StepTiming:
     prefill_ms: float
     decode_step_ms_median: float
     decode_step_ms_p90: float
+    decode_step_ms_mean: float
     tokens_per_s: float
 
 
 def _summary(engine: str, prefill_s: float, steps_s: list[float]) -> StepTiming:
     med = statistics.median(steps_s)
     p90 = sorted(steps_s)[int(0.9 * (len(steps_s) - 1))]
-    return StepTiming(engine, prefill_s * 1e3, med * 1e3, p90 * 1e3, 1.0 / med)
+    return StepTiming(engine, prefill_s * 1e3, med * 1e3, p90 * 1e3, statistics.fmean(steps_s) * 1e3, 1.0 / med)
 
 
 def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:

@@ -431,6 +431,8 @@ def estimate(
     entries = graph_entries(m)
     decoder = m["graphs"]["decoder"]
     attention = decoder.get("attention", "standard")
+    shared_kv = decoder.get("kv_cache", "shared" if attention == "gqa-shared" else "past-present") == "shared"
+    holds_scores = attention in ("standard", "scatter-shared")  # plain MatMul attention keeps S x T scores
     compute = m.get("compute_dtype", m.get("precision"))
     item = _dtype_bytes(compute, "compute_dtype")
     first = entries[f"expert{experts[0]}"]
@@ -489,7 +491,7 @@ def estimate(
             ),
         }
     )
-    buffers = 1 if attention == "gqa-shared" else 2
+    buffers = 1 if shared_kv else 2
     kv = kv_cache_bytes(t, context, item, buffers)
     terms.append(
         {
@@ -516,7 +518,7 @@ def estimate(
             ),
         }
     )
-    pre_one = prefill_activation_bytes(t, context, item, logits_item, attention == "standard")
+    pre_one = prefill_activation_bytes(t, context, item, logits_item, holds_scores)
     terms.append(
         {
             "term": f"activations: prefill of {context} tokens x {len(experts)} expert session(s)",
@@ -525,7 +527,7 @@ def estimate(
                 "bytes",
                 "model",
                 f"{context} x (2 x {t.hidden} + 4 x {t.intermediate}) x {item}"
-                + (f" + 2 x {t.heads} x {context}^2 x {item}" if attention == "standard" else "")
+                + (f" + 2 x {t.heads} x {context}^2 x {item}" if holds_scores else "")
                 + f" + {t.vocab} logits x {logits_item}, per loaded expert (each session keeps its own arena)",
             ),
         }
@@ -628,7 +630,7 @@ def estimate(
         context / prefill["ms"]["value"] * 1e3, "tok/s", "model", f"{context} tokens / prefill ms"
     )
 
-    kv_read = kv_cache_bytes(t, context, item, 1) * (1 if attention == "gqa-shared" else 2)
+    kv_read = kv_cache_bytes(t, context, item, 1) * (1 if shared_kv else 2)
     table_read = arrays["embed_tokens"].nbytes if table_in_graph else 0
     step_bytes = dec_bytes[e_max] + kv_read
     decode = _phase(
@@ -639,7 +641,7 @@ def estimate(
                 f"({dec_bytes[e_max]} bytes of one expert's decoder weights"
                 + (f", the tied head's {table_read}-byte table among them" if table_read else "")
                 + f" + {kv_read} bytes of KV at depth {context}"
-                + ("" if attention == "gqa-shared" else ", read and written again")
+                + ("" if shared_kv else ", read and written again")
                 + f") / ({bw / 1e9} GB/s, {bw_src}, x {eff_bw}: bandwidth-rule)",
             ),
             "launch": ("h200-check", f"{nodes.get(key)} nodes: {launch_how}"),

@@ -29,6 +29,7 @@ from rsedge.errors import OptionError
 from rsedge.export.decoder_graph import (
     DECODER_SHARED_BIN,
     EMBED_TOKENS,
+    SHARED_KV,
     build_decoder_graph,
     max_positions,
     store_embedding_table,
@@ -153,6 +154,9 @@ def write_graphs(
         "attention": attention,
         "max_positions": max_positions(cfg),  # portable graphs too: their prefill's scores grow with its square
         "kv_layout": "[batch, kv_heads, seq, head_dim]",
+        # "shared": past and present are one [B, kv, capacity, hd] buffer per layer and kind, bound as both;
+        # "past-present": present = past + the new rows, a second buffer (the runtime ping-pongs two)
+        "kv_cache": "shared" if attention in SHARED_KV else "past-present",
         "logits": "last position only",
     }
     # image_newline is read by the runtime, not by a graph: it lives with the decoder's shared weights, so a

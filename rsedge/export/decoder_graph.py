@@ -35,7 +35,11 @@ from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
 DECODER_SHARED_BIN = "decoder_shared.bin"
 # "gqa-shared": the same fused attention with past and present in ONE preallocated buffer per layer
 # ([B, kv, capacity, hd]); the kernel writes only the new tokens instead of copying the whole cache.
-ATTENTION_IMPLS = ("standard", "gqa", "gqa-shared")
+ATTENTION_IMPLS = ("standard", "gqa", "gqa-shared", "scatter-shared")
+# Forms whose past and present are one preallocated [B, kv, capacity, hd] buffer per layer and kind, bound as
+# both: "scatter-shared" writes the new rows with ScatterElements (onnxruntime runs it in place when input and
+# output are one buffer) and attends over the whole buffer with plain MatMuls and a mask of the positions.
+SHARED_KV = ("gqa-shared", "scatter-shared")
 CAPACITY = "kv_capacity"
 # Rows of GroupQueryAttention's cos/sin tables: the longest prompt + answer such a bundle takes (a pair of
 # anyres images stays well inside). The manifest records it and the runtime refuses longer requests.
@@ -117,8 +121,9 @@ def build_decoder_graph(
     """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``.
 
     ``quant`` gives each weight's quantization (None: everything stays in the model dtype). ``attention`` is
-    "standard" (portable ONNX ops, TensorRT) or "gqa" (onnxruntime's fused GroupQueryAttention with rotary:
-    one kernel per layer instead of ~30 small ops, for the onnxruntime-only MatMulNBits form).
+    "standard" (portable ONNX ops, TensorRT), "gqa" / "gqa-shared" (onnxruntime's fused GroupQueryAttention with
+    rotary, past and present apart or one shared buffer: the onnxruntime-only forms) or "scatter-shared" (one
+    shared buffer written with ScatterElements, plain MatMul attention over it, onnxruntime's RotaryEmbedding).
     """
     if attention not in ATTENTION_IMPLS:
         raise OptionError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
@@ -132,12 +137,17 @@ def build_decoder_graph(
 
     x = b.input(INPUTS_EMBEDS, b.elem_type, [BATCH, SEQ, H])
     pos = b.input(POSITION_IDS, TensorProto.INT64, [BATCH, SEQ])
-    shared = attention == "gqa-shared"
+    shared = attention in SHARED_KV
     past_len = CAPACITY if shared else PAST
     pasts = [tuple(b.input(n, b.elem_type, [BATCH, kv, past_len, hd]) for n in past_names(i)) for i in range(L)]
 
     with b.scope("model"):
-        if attention != "standard":
+        if attention == "scatter-shared":
+            rope = _rope_caches(b, text)
+            with b.scope("attn_mask"):
+                mask = _position_mask(b, pos, pasts[0][0], kv, text.num_attention_heads // kv)
+            ctx = {"rope": rope, "mask": mask, "positions": pos}
+        elif attention != "standard":
             with b.scope("attn_lengths"):
                 ctx = _gqa_inputs(b, x, pos if shared else pasts[0][0], text, shared)
         else:
@@ -225,6 +235,27 @@ def _causal_mask(b: GraphBuilder, embeds: str, past_key0: str, kv: int, group: i
     return {"mask": mask, "by_head": by_head, "by_group": by_group}
 
 
+#   position_ids [B,S] -> q_pos [S] (row 0), k_pos = Range(0, C) over the buffer's capacity C
+#   Less(q_pos[:,None], k_pos[None,:]) --Where(min_f32, 0)--> mask [S, C]: a query sees the positions up to its
+#   own, so the rows not yet written (and any stale ones) beyond it are masked; by_head/by_group as below.
+#   scatter_rows [B,1,S,1] = position_ids: where each new K/V row goes (Expand to [B,kv,S,hd] per layer)
+def _position_mask(b: GraphBuilder, pos: str, past_key0: str, kv: int, group: int) -> dict[str, str]:
+    c = b.op("Shape", [past_key0], out="capacity", start=2, end=3)
+    zero_d = b.ints([0], "axes_0")
+    c0 = b.op("Squeeze", [c, zero_d], out="capacity_scalar")
+    q_pos = b.op("Gather", [pos, b.const(0, np.int64, "row_0")], out="q_pos", axis=0)
+    k_pos = b.op("Range", [b.const(0, np.int64, "zero_i64"), c0, b.const(1, np.int64, "one_i64")], out="k_pos")
+    q_col = b.op("Unsqueeze", [q_pos, b.ints([1], "axes_1")], out="q_pos_col")
+    k_row = b.op("Unsqueeze", [k_pos, zero_d], out="k_pos_row")
+    future = b.op("Less", [q_col, k_row], out="future")
+    neg = b.scalar(float(np.finfo(np.float32).min), "mask_min", np.float32)
+    mask = b.op("Where", [future, neg, b.scalar(0.0, "zero_f32", np.float32)], out="mask")
+    by_head = b.op("Concat", [b.ints([0, kv, group, -1], "by_head_prefix"), c], out="scores_by_head_shape", axis=0)
+    by_group = b.op("Concat", [b.ints([0, kv, -1], "by_group_prefix"), c], out="scores_by_group_shape", axis=0)
+    rows = b.op("Unsqueeze", [pos, b.ints([1, 3], "axes_1_3")], out="scatter_rows")
+    return {"mask": mask, "by_head": by_head, "by_group": by_group, "scatter_rows": rows}
+
+
 #   x --RMSNorm--> --Attention--> + x --RMSNorm--> --MLP[expert]--> + --> out
 #                    |  past_k/v in, present_k/v out
 #   Fused-attention graphs (onnxruntime only) also fuse each residual Add into the RMSNorm after it
@@ -249,7 +280,9 @@ def _decoder_layer(
         else:
             h, x = _skip_rms_norm(b, x, pending, f"{pre}.input_layernorm.weight", weights, text)
     with b.scope("attn"):
-        if fused:
+        if attention == "scatter-shared":
+            h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i, ctx["positions"])
+        elif fused:
             h, present = _attention_gqa(b, h, past, ctx, weights, text, i)
         else:
             h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i)
@@ -313,12 +346,23 @@ def _attention(
     weights: Mapping[str, np.ndarray],
     text: TextConfig,
     i: int,
+    positions: str | None = None,
 ) -> tuple[str, tuple[str, str]]:
+    """Portable attention; with ``positions`` (the scatter-shared form) the new K/V rows are written into the
+    capacity-long past buffers at those positions instead of concatenated after the past."""
     nh, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
-    qkv = _qkv_projection(b, x, weights, text, pre)
+    # scatter-shared: the attention scale lives in q's weights and onnxruntime's RotaryEmbedding rotates q and
+    # k in one kernel each (the portable graphs rotate with ~8 standard ops per tensor, which TensorRT fuses)
+    qkv = _qkv_projection(b, x, weights, text, pre, q_scale=float(hd**-0.5) if positions is not None else 1.0)
     splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
     q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
+    if positions is not None:
+        q, k = (
+            b.op("RotaryEmbedding", [t, positions, rope["cos"], rope["sin"]], name=f"{t_name}/RotaryEmbedding",
+                 out=f"{t_name}_rotated", domain="com.microsoft", num_heads=heads, interleaved=0)
+            for t, t_name, heads in ((q, "q", nh), (k, "k", kv))
+        )  # fmt: skip
     perm = [0, 2, 1, 3]
     q = b.op("Reshape", [q, b.ints([0, 0, nh, hd], "q_heads_shape")], name="q/Reshape", out="q_bshd")
     q = b.op("Transpose", [q], name="q/Transpose", out="q", perm=perm)
@@ -327,13 +371,21 @@ def _attention(
     v = b.op("Reshape", [v, b.ints([0, 0, kv, hd], "kv_heads_shape")], name="v/Reshape", out="v_bshd")
     v = b.op("Transpose", [v], name="v/Transpose", out="v", perm=perm)
 
-    with b.scope("q_rotary"):
-        q = _apply_rotary(b, q, rope["cos_q"], rope["sin_q"], hd)
-    with b.scope("k_rotary"):
-        k = _apply_rotary(b, k, rope["cos"], rope["sin"], hd)
+    if positions is None:
+        with b.scope("q_rotary"):
+            q = _apply_rotary(b, q, rope["cos_q"], rope["sin_q"], hd)
+        with b.scope("k_rotary"):
+            k = _apply_rotary(b, k, rope["cos"], rope["sin"], hd)
 
-    present_k = b.op("Concat", [past[0], k], name="present_key/Concat", out="present_key", axis=2)
-    present_v = b.op("Concat", [past[1], v], name="present_value/Concat", out="present_value", axis=2)
+    if positions is None:
+        present_k = b.op("Concat", [past[0], k], name="present_key/Concat", out="present_key", axis=2)
+        present_v = b.op("Concat", [past[1], v], name="present_value/Concat", out="present_value", axis=2)
+    else:
+        rows = b.op("Expand", [mask["scatter_rows"], b.op("Shape", [k], out="kv_new_shape")], out="kv_rows")
+        present_k = b.op("ScatterElements", [past[0], rows, k], name="present_key/Scatter", out="present_key", axis=2)
+        present_v = b.op(
+            "ScatterElements", [past[1], rows, v], name="present_value/Scatter", out="present_value", axis=2
+        )
 
     qg = b.op("Reshape", [q, b.ints([0, kv, -1, hd], "q_grouped_shape")], name="q_grouped/Reshape", out="q_grouped")
     kt = b.op("Transpose", [present_k], name="key_t/Transpose", out="key_t", perm=[0, 1, 3, 2])
@@ -374,13 +426,18 @@ def _gqa_inputs(b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared
     seqlens = b.op("Sub", [total, b.const([1], np.int32, "one_i32")], out="seqlens_k_1")
     batch = b.op("Shape", [x], out="batch", start=0, end=1)
     seqlens = b.op("Expand", [seqlens, batch], out="seqlens_k")
+    return {"seqlens_k": seqlens, "total": total_scalar, **_rope_caches(b, text)}
+
+
+#   cos/sin [positions, hd/2] tables (rotate-half, Qwen2's convention) for onnxruntime's rotary kernels
+def _rope_caches(b: GraphBuilder, text: TextConfig) -> dict[str, str]:
     hd = text.head_dim
     rows = min(ROPE_CACHE_POSITIONS, text.max_position_embeddings)
     inv_freq = 1.0 / (text.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float64) / hd))
     freqs = np.outer(np.arange(rows, dtype=np.float64), inv_freq)
     cos = b.weight("model.rotary_emb.cos_cache", lambda: np.cos(freqs).astype(np.float32))
     sin = b.weight("model.rotary_emb.sin_cache", lambda: np.sin(freqs).astype(np.float32))
-    return {"seqlens_k": seqlens, "total": total_scalar, "cos": cos, "sin": sin}
+    return {"cos": cos, "sin": sin}
 
 
 #   x --MatMul W_qkv [H,(nh+2kv)hd] (q, k, v weights side by side) + bias--> packed qkv

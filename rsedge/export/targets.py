@@ -106,6 +106,8 @@ def export_options(name: str, precision: str, explicit: dict[str, Any]) -> dict[
             continue
         if t.engine == "tensorrt" and key == "form" and value != t.form:
             raise OptionError(f"target {name} runs TensorRT, which takes --form {t.form}, not {value}")
+        if t.engine == "tensorrt" and key == "attention" and value != t.attention:
+            raise OptionError(f"target {name} runs TensorRT, which takes the portable attention, not {value}")
         opts[key] = value
     return opts
 

@@ -171,7 +171,7 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
     next_ids = rng.integers(0, cfg.text.vocab_size, size=2).tolist()
     model.step(embeds[:, :4], 0)  # a throwaway first pass: lazy set-up happens outside the compared ones
     # Decoders run through the runtime's own session and KV cache: what is validated is what will run.
-    shared = manifest["graphs"]["decoder"].get("attention") == "gqa-shared"
+    shared = manifest["graphs"]["decoder"]["kv_cache"] == "shared"
     step_embeds = [embeds] + [model.lm.model.embed_tokens(torch.tensor([[t]])) for t in next_ids]
     for expert, entry in sorted(manifest["graphs"]["decoder"]["experts"].items(), key=lambda kv: int(kv[0])):
         e = int(expert)

@@ -295,6 +295,14 @@ class Bundle:
     def graph(self, key: str) -> dict[str, Any]:
         return self.manifest["graphs"][key]
 
+    @property
+    def shared_kv(self) -> bool:
+        """Whether the decoders read and append one capacity-long KV buffer per layer (bound as past and
+        present) rather than taking a past and returning past + new. Bundles before the ``kv_cache`` field
+        had one such form, gqa-shared."""
+        dec = self.graph("decoder")
+        return dec.get("kv_cache", "shared" if dec.get("attention") == "gqa-shared" else "past-present") == "shared"
+
     def path(self, rel: str) -> Path:
         """Where a file of the bundle is, for any loader: only files the manifest hashes, resolved in the folder."""
         real = self._real.get(rel) if isinstance(rel, str) else None

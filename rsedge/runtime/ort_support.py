@@ -46,6 +46,9 @@ FEATURES: dict[str, tuple[str, str]] = {
     # 1.17's CPU kernel takes float16 only; older ones lack the rotary cos/sin inputs
     "gqa": ("float32 GroupQueryAttention", "1.18.0"),
     "gqa-fp16": ("float16 GroupQueryAttention (CPU)", "1.18.0"),
+    # 1.16.3 rejects the node (no such schema), 1.17.3 runs it (scripts/ort_versions.py, scatter-shared forms)
+    "rotary-embedding": ("float32 RotaryEmbedding", "1.17.0"),
+    "rotary-embedding-fp16": ("float16 RotaryEmbedding", "1.17.0"),
     "skip-simplified-layernorm": ("SkipSimplifiedLayerNormalization", MIN_SUPPORTED),
     "skip-simplified-layernorm-fp16": ("float16 SkipSimplifiedLayerNormalization", MIN_SUPPORTED),
 }

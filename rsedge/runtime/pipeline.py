@@ -164,7 +164,7 @@ class Pipeline:
                         self.layers,
                         self.kv_heads,
                         self.head_dim,
-                        shared_kv=self.bundle.graph("decoder").get("attention") == "gqa-shared",
+                        shared_kv=self.bundle.shared_kv,
                     )
                     path = self.bundle.path(rel) if self.engines is None else self.engines.engine(rel)
                     dec = self.backend(path, spec, self.session_cfg, cache_key=self._sha(rel))
@@ -327,11 +327,12 @@ class Pipeline:
         return ans
 
     def prefill(self, dec: DecoderBackend, embeds: np.ndarray, state: Any) -> np.ndarray:
-        """The prompt through ``dec``: one call, or calls of PREFILL_CHUNK tokens for the portable graphs.
-        Returns the last position's logits."""
+        """The prompt through ``dec``: one call, or calls of PREFILL_CHUNK tokens where the graph's attention
+        holds a whole call's scores. Returns the last position's logits."""
         n = int(embeds.shape[1])
-        portable = self.bundle.graph("decoder").get("attention", "standard") == "standard"
-        chunk = PREFILL_CHUNK if portable and n > PREFILL_CHUNK else n
+        # plain-MatMul attention (the portable and scatter-shared forms) holds one call's S x T scores
+        holds_scores = self.bundle.graph("decoder").get("attention", "standard") in ("standard", "scatter-shared")
+        chunk = PREFILL_CHUNK if holds_scores and n > PREFILL_CHUNK else n
         logits = None
         for start in range(0, n, chunk):
             logits = dec.step(embeds[:, start : start + chunk], state)

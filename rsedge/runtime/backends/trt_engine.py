@@ -54,8 +54,8 @@ class TrtEngineDecoder(DecoderBackend):
         the onnxruntime backends' and unused here; ``engine``: an already loaded one."""
         if spec.shared_kv:
             raise OptionError(
-                "TensorRT engines are built from the portable (standard attention) graphs; this bundle's fused "
-                "gqa-shared decoders run only on onnxruntime"
+                "TensorRT engines are built from the portable (standard attention) graphs; this bundle's "
+                "shared-KV-buffer decoders run only on onnxruntime"
             )
         self.spec, self.cfg = spec, cfg
         self.trt = engine if engine is not None else TrtEngine(path, device_id=cfg.device_id)
