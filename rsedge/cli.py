@@ -140,6 +140,13 @@ def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architectu
     help="activation dtype of quantized graphs (default fp32 for ort, fp16 for qdq)",
 )
 @click.option(
+    "--prefill",
+    type=click.Choice(["same", "int8"]),
+    default=None,
+    help="int8: add an INT8 prefill twin of each INT8/INT4 decoder (onnxruntime's INT8 GEMM runs the prompt; "
+    "the cpu target's default); same: prefill with the decoder",
+)
+@click.option(
     "--attention",
     type=click.Choice(["standard", "gqa", "gqa-shared", "scatter-shared"]),
     default=None,
@@ -165,6 +172,7 @@ def export_cmd(
     precision: str,
     target: str | None,
     attention: str | None,
+    prefill: str | None,
     block_size: str,
     form: str | None,
     compute: str | None,
@@ -203,10 +211,10 @@ def export_cmd(
     if target is not None:
         from rsedge.export.targets import export_options
 
-        explicit = {"form": form, "compute": compute, "vision": vision, "attention": attention}
+        explicit = {"form": form, "compute": compute, "vision": vision, "attention": attention, "prefill": prefill}
         options.update(export_options(target, precision, explicit))
-    elif attention is not None:
-        options["attention"] = attention
+    else:
+        options.update({k: v for k, v in (("attention", attention), ("prefill", prefill)) if v is not None})
     console = Console(stderr=True)
     if console.is_terminal:  # a spinner for people; logs and pipes get only the result and errors
         with console.status("exporting") as status:

@@ -47,6 +47,7 @@ FORMS: dict[str, dict] = {
     "int8-ort-standard": {"precision": "int8", "attention": "standard", "vision": "model"},
     "int4-ort": {"precision": "int4"},  # MatMulNBits bits 4, gqa-shared, vision in fp32
     "int4-ort-standard": {"precision": "int4", "attention": "standard"},
+    "int4-ort-prefill-int8": {"precision": "int4", "prefill": "int8"},  # --target cpu: DynamicQuantizeMatMul twin
     "int4-ort-fp16-gqa": {"precision": "int4", "compute": "fp16", "attention": "gqa"},  # --target cuda
     "fp32-scatter-shared": {"precision": "fp32", "attention": "scatter-shared"},  # RotaryEmbedding, ScatterElements
     "fp16-scatter-shared": {"precision": "fp16", "attention": "scatter-shared"},

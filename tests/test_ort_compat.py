@@ -34,6 +34,7 @@ FORMS: dict[str, dict] = {
     "fp16": {"precision": "fp16"},
     "fp32-gqa-shared": {"precision": "fp32", "attention": "gqa-shared"},
     "int4": {"precision": "int4"},  # MatMulNBits bits 4 + fused attention: the CPU default
+    "int4-prefill-int8": {"precision": "int4", "prefill": "int8"},  # --target cpu: a DynamicQuantizeMatMul twin
     "int8": {"precision": "int8"},  # MatMulNBits bits 8, static INT8 vision
 }
 REQUESTS = (
@@ -125,6 +126,7 @@ def test_every_form_records_what_it_needs(compat):
         "fp16": ort_support.MIN_SUPPORTED,
         "fp32-gqa-shared": "1.18.0",
         "int4": "1.19.0",
+        "int4-prefill-int8": "1.19.0",
         "int8": "1.22.0",
     }
     assert need["int8"]["needs"] == "INT8 MatMulNBits"

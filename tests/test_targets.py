@@ -24,6 +24,8 @@ def test_every_target_names_a_runnable_form() -> None:
         "precision": "int4", "form": "ort", "compute": "fp16", "attention": "gqa", "vision": "model"
     }  # fmt: skip
     assert export_options("cpu", "int4", {})["vision"] == "int8"
+    assert export_options("cpu", "int4", {})["prefill"] == "int8"
+    assert "prefill" not in export_options("cuda", "int4", {})
     assert export_options("jp6.1", "int4", {})["form"] == "qdq"
     assert export_options("cpu", "int4", {"vision": "model", "form": None})["vision"] == "model"
     for jp in ("jp5.1", "jp6.0"):

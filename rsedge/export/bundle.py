@@ -36,6 +36,8 @@ from rsedge.export.decoder_graph import (
 )
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.ort_requirements import bundle_runtime
+from rsedge.export.prefill_graph import FORM as PREFILL_FORM
+from rsedge.export.prefill_graph import build_prefill_graph, prefill_onnx
 from rsedge.export.validate import apply_fake_quant, checks_to_json, validate_bundle
 from rsedge.export.vision_graph import build_vision_graph
 from rsedge.export.weight_store import WeightStore
@@ -132,8 +134,10 @@ def write_graphs(
     plan: QuantPlan | None,
     progress: Callable[[str], None],
     attention: str = "standard",
+    prefill: str = "same",
 ) -> tuple[dict[str, Any], dict[str, Any], WeightStore]:
-    """Vision graph, one decoder graph per expert, and the raw arrays the runtime reads (embedding, newline)."""
+    """Vision graph, one decoder graph per expert (and its INT8 prefill twin with ``prefill="int8"``), and the
+    raw arrays the runtime reads (embedding, newline)."""
     store = WeightStore(tmp)
     progress("building vision graph")
     # A vision graph headed for static INT8 is calibrated in float32 (onnxruntime's histogram calibrators fail on
@@ -143,12 +147,16 @@ def write_graphs(
     save_graph(vision, tmp / "vision.onnx")
     graphs: dict[str, Any] = {"vision": {"file": "vision.onnx", **graph_io(vision)}}
     experts: dict[str, Any] = {}
+    memo: dict[str, Any] = {}
     for e in range(cfg.text.num_experts):
         progress(f"building decoder graph, expert {e}")
         opset = plan.recipe.opset if plan is not None else OPSET
         dec = build_decoder_graph(cfg, weights, e, store, dtype, quant=plan, opset=opset, attention=attention)
         save_graph(dec, tmp / f"decoder_expert{e}.onnx")
         experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
+        if prefill == "int8":
+            save_graph(build_prefill_graph(dec, store, e, memo), tmp / prefill_onnx(e))
+            experts[str(e)]["prefill_file"] = prefill_onnx(e)
     graphs["decoder"] = {
         "experts": experts,
         "attention": attention,
@@ -159,6 +167,8 @@ def write_graphs(
         "kv_cache": "shared" if attention in SHARED_KV else "past-present",
         "logits": "last position only",
     }
+    if prefill == "int8":
+        graphs["decoder"]["prefill"] = PREFILL_FORM
     # image_newline is read by the runtime, not by a graph: it lives with the decoder's shared weights, so a
     # re-quantized vision graph can replace vision.bin whole.
     store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file=DECODER_SHARED_BIN)
@@ -204,6 +214,7 @@ def export_bundle(
     vision_calibration: str = "percentile",
     attention: str | None = None,
     keep: tuple[str, ...] = (),
+    prefill: str = "same",
 ) -> dict[str, Any]:
     """Export a checkpoint to a bundle folder; returns the manifest.
 
@@ -217,6 +228,9 @@ def export_bundle(
     ``attention`` "gqa-shared" (onnxruntime's fused GroupQueryAttention over one preallocated KV buffer; the
     default of the MatMulNBits form, which only onnxruntime runs anyway), "gqa" (the same, past and present
     as separate tensors) or "standard" (portable ops; the default everywhere else).
+    ``prefill`` "int8" adds to each expert an INT8 prefill twin of its MatMulNBits decoder
+    (``rsedge.export.prefill_graph``: the prompt runs through onnxruntime's INT8 GEMM, the answer through the
+    decoder); "same" (the default) prefills with the decoder itself.
     """
     if precision not in PRECISIONS:
         raise OptionError(f"unknown precision {precision!r}; this export writes {', '.join(PRECISIONS)}")
@@ -233,6 +247,13 @@ def export_bundle(
     if compute not in GRAPH_DTYPES or (recipe is None and compute != precision):
         raise OptionError(f"compute dtype {compute!r} does not fit precision {precision!r}")
     attention = attention or ("gqa-shared" if recipe is not None and form == "ort" else "standard")
+    if prefill not in ("same", "int8"):
+        raise OptionError(f"prefill must be same or int8, got {prefill!r}")
+    if prefill == "int8" and (recipe is None or form != "ort" or compute != "fp32"):
+        raise OptionError(
+            "an INT8 prefill twin needs an INT8/INT4 bundle of the onnxruntime form (--form ort) with fp32 compute "
+            "(onnxruntime's DynamicQuantizeMatMul takes float32 activations)"
+        )
     checkpoint, out = Path(checkpoint), Path(out)
     refuse_existing(out)
     t_start = time.perf_counter()
@@ -262,7 +283,7 @@ def export_bundle(
             tok = Tokenizer.from_file(str(checkpoint / "tokenizer.json"))
             plan.stats, calib_record["statistics_cached"] = calibration_stats(model, tok, calib, source_hash, routing)
         graphs, arrays, store = write_graphs(
-            tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress, attention
+            tmp, cfg, NumpyView(tensors), GRAPH_DTYPES[compute], plan, progress, attention, prefill
         )
         if recipe is not None and recipe.vision == "int8":
             progress(f"quantizing the vision graph to INT8 ({recipe.vision_calibration} calibration)")
@@ -304,7 +325,9 @@ def export_bundle(
             "tools": tool_versions(),
         }
         # The oldest onnxruntime that runs these graphs (the runtime refuses an older one with that reason).
-        graph_files = [graphs["vision"]["file"], *(e["file"] for e in graphs["decoder"]["experts"].values())]
+        graph_files = [graphs["vision"]["file"]]
+        for entry in graphs["decoder"]["experts"].values():
+            graph_files += [entry["file"], *([entry["prefill_file"]] if "prefill_file" in entry else [])]
         manifest["runtime"] = bundle_runtime(tmp / f for f in graph_files)
         if plan is not None and plan.awq:
             manifest["awq"] = plan.summary()

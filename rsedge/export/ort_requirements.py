@@ -48,6 +48,8 @@ def graph_features(model: onnx.ModelProto) -> set[str]:
                     found.add("matmulnbits-fp16")
             elif node.op_type == "GroupQueryAttention":
                 found.add("gqa-fp16" if fp16 else "gqa")
+            elif node.op_type == "DynamicQuantizeMatMul":
+                found.add("dynamic-quantize-matmul")
             elif node.op_type == "RotaryEmbedding":
                 found.add("rotary-embedding-fp16" if fp16 else "rotary-embedding")
             elif node.op_type == "SkipSimplifiedLayerNormalization":

@@ -13,6 +13,9 @@ Why these choices (measured, see the README):
   provider as dequantize + FP16 matmul, slower than FP16 and less exact.
 - ``cpu``: MatMulNBits with int8 activations and the shared-buffer attention (the fastest CPU form), and
   the vision tower as static INT8 Q/DQ for INT4 too: in FP32 it was 2.7 s of a 6.1 s INT4 request.
+  It adds an INT8 prefill twin of each decoder: a 765-token prefill of the full-size INT4 decoder took
+  2.5-2.7 s through MatMulNBits and 1.0-1.5 s through DynamicQuantizeMatMul on an AMX Xeon (MLAS runs the
+  dense INT8 GEMM on AMX tiles); decode steps stay on the INT4 decoder, the fewest bytes a token.
 - JetPack: static INT8 vision as well; TensorRT fuses the Q/DQ into INT8 kernels, and on an 8 GB Orin the
   FP16 tower would be most of the memory.
 - JetPack: TensorRT consumes explicit Q/DQ; INT4 weight-only DequantizeLinear needs TensorRT 10 (JetPack
@@ -36,6 +39,7 @@ class Target:
     compute: str  # activation dtype of quantized graphs
     attention: str  # decoder attention implementation (rsedge.export.decoder_graph.ATTENTION_IMPLS)
     vision: dict[str, str] = field(default_factory=dict)  # precision -> vision graph choice
+    prefill: str = "same"  # "int8": an INT8 prefill twin of each quantized decoder (rsedge.export.prefill_graph)
     jetpack: str | None = None  # the static TensorRT check this target passes (rsedge check-trt --target)
 
     def options(self, precision: str) -> dict[str, Any]:
@@ -50,6 +54,8 @@ class Target:
             opts.update(form=self.form, compute=self.compute, attention=self.attention)
             if precision in self.vision:
                 opts["vision"] = self.vision[precision]
+            if self.prefill != "same":
+                opts["prefill"] = self.prefill
         return opts
 
 
@@ -64,6 +70,7 @@ TARGETS: dict[str, Target] = {
         compute="fp32",
         attention="gqa-shared",
         vision={"int8": "int8", "int4": "int8"},
+        prefill="int8",
     ),
     "cuda": Target(
         "cuda",
@@ -106,6 +113,8 @@ def export_options(name: str, precision: str, explicit: dict[str, Any]) -> dict[
             continue
         if t.engine == "tensorrt" and key == "form" and value != t.form:
             raise OptionError(f"target {name} runs TensorRT, which takes --form {t.form}, not {value}")
+        if key == "prefill" and value == "int8" and t.name != "cpu":
+            raise OptionError(f"an INT8 prefill twin runs on the CPU provider; target {name} would not use it")
         if t.engine == "tensorrt" and key == "attention" and value != t.attention:
             raise OptionError(f"target {name} runs TensorRT, which takes the portable attention, not {value}")
         opts[key] = value

@@ -188,6 +188,10 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
                 bound = "fp32" if dtype == np.float32 else "fp16"  # the compute dtype's bound, as unquantized
                 checks.append(compare(f"decoder_expert{e}-weights", got, ref, bound))
         checks.append(compare(f"decoder_expert{e}", _run_decoder(path, cfg, shared, step_embeds)[0], ref, precision))
+        if "prefill_file" in entry:  # the prompt through the INT8 twin, the next tokens through the decoder
+            twin = root / entry["prefill_file"]
+            got = _run_decoder(path, cfg, shared, step_embeds, prefill=twin)[0]
+            checks.append(compare(f"decoder_prefill_expert{e}", got, ref, precision))
     failed = [c for c in checks if not c.passed]
     if failed:
         c = failed[0]
@@ -198,10 +202,13 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
     return checks
 
 
-def _run_decoder(path: Path, cfg: Any, shared: bool, step_embeds: list[torch.Tensor]) -> tuple[np.ndarray, np.dtype]:
-    """Logits of a prefill and decode steps through the runtime's own session and KV cache, and its dtype."""
+def _run_decoder(
+    path: Path, cfg: Any, shared: bool, step_embeds: list[torch.Tensor], prefill: Path | None = None
+) -> tuple[np.ndarray, np.dtype]:
+    """Logits of a prefill and decode steps through the runtime's own session and KV cache, and its dtype
+    (the prefill through ``prefill``, an INT8 twin, where given)."""
     spec = DecoderSpec(cfg.text.num_hidden_layers, cfg.text.num_key_value_heads, cfg.text.head_dim, shared)
-    dec = OrtCpuDecoder(path, spec, SessionConfig())
+    dec = OrtCpuDecoder(path, spec, SessionConfig(), prefill=prefill)
     state = dec.new_state(sum(int(emb.shape[1]) for emb in step_embeds))
     return np.stack([dec.step(emb.numpy(), state).copy() for emb in step_embeds]), dec.dtype
 

@@ -46,6 +46,9 @@ FEATURES: dict[str, tuple[str, str]] = {
     # 1.17's CPU kernel takes float16 only; older ones lack the rotary cos/sin inputs
     "gqa": ("float32 GroupQueryAttention", "1.18.0"),
     "gqa-fp16": ("float16 GroupQueryAttention (CPU)", "1.18.0"),
+    # A twin exists only beside an INT4/INT8 MatMulNBits decoder, so its floor was measured with that: the
+    # int4-ort-prefill-int8 form runs on 1.19.0 with the 1.23.2 tokens (scripts/ort_versions.py, 2026-11-30)
+    "dynamic-quantize-matmul": ("DynamicQuantizeMatMul with a bias (INT8 prefill twins)", "1.19.0"),
     # 1.16.3 rejects the node (no such schema), 1.17.3 runs it (scripts/ort_versions.py, scatter-shared forms)
     "rotary-embedding": ("float32 RotaryEmbedding", "1.17.0"),
     "rotary-embedding-fp16": ("float16 RotaryEmbedding", "1.17.0"),

@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -91,7 +92,8 @@ class Pipeline:
         self._vision = None
         self._decoders: dict[int, DecoderBackend] = {}
         # Sessions are created on first use; the lock makes two threads' first requests create one, not two.
-        self._load_lock = threading.Lock()
+        self._load_lock = threading.Lock()  # decoders
+        self._vision_lock = threading.Lock()  # apart: a decoder may load while the vision graph loads and runs
         # Checked TensorRT engines of this bundle (rsedge build-engines) run every graph when given.
         self.engines = engines
         self.backend = backend_class("tensorrt-engine" if engines is not None else self.session_cfg.device)
@@ -167,14 +169,18 @@ class Pipeline:
                         shared_kv=self.bundle.shared_kv,
                     )
                     path = self.bundle.path(rel) if self.engines is None else self.engines.engine(rel)
-                    dec = self.backend(path, spec, self.session_cfg, cache_key=self._sha(rel))
+                    extra = {}
+                    twin = self.bundle.graph("decoder")["experts"][str(expert)].get("prefill_file")
+                    if twin is not None and self.session_cfg.device == "cpu" and self.engines is None:
+                        extra["prefill"] = self.bundle.path(twin)  # INT8 GEMMs for the prompt, on a CPU
+                    dec = self.backend(path, spec, self.session_cfg, cache_key=self._sha(rel), **extra)
                     self._decoders[expert] = dec
         return dec
 
     def vision(self):
         """The vision graph's session on this pipeline's device, created on first use."""
         if self._vision is None:
-            with self._load_lock:
+            with self._vision_lock:
                 if self._vision is None:
                     rel = self.bundle.graph("vision")["file"]
                     if self.engines is not None:
@@ -267,9 +273,18 @@ class Pipeline:
         text = build_prompt(prompt, len(pil))
         ids = tokenize(self.tokenizer, text)
         t1 = time.perf_counter()
-        visual = [self.image_tokens(im) for im in pil]
-        t2 = time.perf_counter()
-        dec = self.decoder(chosen)
+        # A first request creates the expert's decoder session (graph optimization, weight prepacking: mostly
+        # one core) while the vision graph loads and runs, instead of after it.
+        if chosen not in self._decoders and pil:
+            with ThreadPoolExecutor(1) as pool:
+                loading = pool.submit(self.decoder, chosen)
+                visual = [self.image_tokens(im) for im in pil]
+                t2 = time.perf_counter()
+                dec = loading.result()
+        else:
+            visual = [self.image_tokens(im) for im in pil]
+            t2 = time.perf_counter()
+            dec = self.decoder(chosen)
         embeds = self.embed(ids, visual, dec.dtype)
         limit = self.bundle.graph("decoder").get("max_positions")
         if limit is not None and embeds.shape[1] + max_new_tokens > limit:

@@ -64,12 +64,20 @@ class OrtDecoder(DecoderBackend):
     """Common onnxruntime decoder: subclasses give ``memory_device`` and ``_allocate``."""
 
     def __init__(
-        self, path: Path, spec: DecoderSpec, cfg: SessionConfig, session: Any = None, cache_key: str = ""
+        self,
+        path: Path,
+        spec: DecoderSpec,
+        cfg: SessionConfig,
+        session: Any = None,
+        cache_key: str = "",
+        prefill: Path | None = None,
     ) -> None:
         """``session``: an existing InferenceSession of ``path``; ``cache_key`` names the graph's engine
-        cache (the TensorRT provider), normally its sha256 from the manifest."""
+        cache (the TensorRT provider), normally its sha256 from the manifest; ``prefill``: the decoder's INT8
+        prefill twin (same I/O and KV layout), which then runs every step of more than one token."""
         self.spec, self.cfg = spec, cfg
         self.session = session if session is not None else make_session(path, cfg, cache_key=cache_key)
+        self.prefill_session = make_session(prefill, cfg) if prefill is not None else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.dtype(ORT_DTYPES[inputs[INPUTS_EMBEDS].type])
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
@@ -89,23 +97,25 @@ class OrtDecoder(DecoderBackend):
     def step(self, embeds: np.ndarray, state: DecodeState) -> np.ndarray:
         new = int(embeds.shape[1])
         state.reserve(new)
-        io = state.bindings.get("io")
+        session = self.prefill_session if new > 1 and self.prefill_session is not None else self.session
+        key = f"io:{id(session)}"
+        io = state.bindings.get(key)
         if io is None or not self.spec.shared_kv:
-            io = self._bind(state, new)
-            if self.spec.shared_kv:  # the shared buffers never move: bound once per request
-                state.bindings["io"] = io
+            io = self._bind(session, state, new)
+            if self.spec.shared_kv:  # the shared buffers never move: bound once per request and graph
+                state.bindings[key] = io
         # Only the new tokens' embeddings and positions go in from the host; onnxruntime moves them to
         # the device a GPU provider needs them on.
         io.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=self.dtype))
         io.bind_cpu_input(POSITION_IDS, np.arange(state.length, state.length + new, dtype=np.int64)[None])
-        self.session.run_with_iobinding(io)
+        session.run_with_iobinding(io)
         state.length += new
         state.cache.advance()
         return state.logits[0]
 
-    def _bind(self, state: DecodeState, new: int) -> Any:
-        """A binding of every KV buffer (on ``memory_device``) and the host logits row."""
-        io = self.session.io_binding()
+    def _bind(self, session: Any, state: DecodeState, new: int) -> Any:
+        """A binding of ``session``'s every KV buffer (on ``memory_device``) and the host logits row."""
+        io = session.io_binding()
         cache: KVMemory = state.cache
         dev, dev_id = self.memory_device, self.cfg.device_id if self.memory_device != "cpu" else 0
         for i in range(self.spec.layers):
