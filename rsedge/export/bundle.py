@@ -49,7 +49,14 @@ from rsedge.quantize.calibrate import calibration_routing, calibration_stats
 from rsedge.quantize.recipes import QuantPlan, make_recipe
 from rsedge.quantize.vision_int8 import quantize_vision
 from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
-from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, SYSTEM_PROMPT
+from rsedge.runtime.prompt import (
+    CHAT_TEMPLATE,
+    IMAGE_PLACEHOLDER,
+    IMAGE_TOKEN_INDEX,
+    SYSTEM_PROMPT,
+    TEMPLATE_SPECIALS,
+)
+from rsedge.runtime.router import IMAGE_COUNTS
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GRAPH_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -309,6 +316,7 @@ def export_bundle(
                 "table": table,
                 "default": cfg.default_expert,
                 "tags": list(TASK_TAGS),
+                "image_counts": {tag: list(n) for tag, n in IMAGE_COUNTS.items()},  # others: one image
                 "rule": "the prompt's task tag, anywhere in it, picks its table entry, else default; "
                 "two different tags or a tag in lower case are refused",
             },
@@ -316,8 +324,9 @@ def export_bundle(
             "prompt": {
                 "template": CHAT_TEMPLATE,
                 "system": SYSTEM_PROMPT,
+                "specials": list(TEMPLATE_SPECIALS),  # only these become special ids; user text stays text
                 "image_placeholder": IMAGE_PLACEHOLDER,
-                "image_token_index": -200,
+                "image_token_index": IMAGE_TOKEN_INDEX,
             },
             "tokenizer": copy_tokenizer(checkpoint, tmp, cfg),
             "arrays": arrays,

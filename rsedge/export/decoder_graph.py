@@ -28,6 +28,7 @@ import onnx
 from onnx import TensorProto
 
 from rsedge.errors import OptionError
+from rsedge.export.decoder_spec import DecoderSpec, qwen2_experts
 from rsedge.export.onnx_builder import OPSET, GraphBuilder, QuantPlanLike, get_weight
 from rsedge.export.weight_store import WeightRecord, WeightStore
 from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
@@ -54,7 +55,7 @@ LOGITS = "logits"
 BATCH, SEQ, PAST, TOTAL = "batch_size", "sequence_length", "past_sequence_length", "total_sequence_length"
 
 
-def max_positions(cfg: RSUniVLMConfig | TextConfig) -> int:
+def max_positions(cfg: RSUniVLMConfig | TextConfig | DecoderSpec) -> int:
     """The longest prompt + answer a bundle serves, either attention form: the manifest's ``max_positions``.
 
     Fused graphs: the rows of their rotary tables. Portable graphs: a decoder call computes its attention
@@ -90,8 +91,13 @@ def decoder_output_names(num_layers: int) -> list[str]:
     return [LOGITS, *(n for i in range(num_layers) for n in present_names(i))]
 
 
-def _text(cfg: RSUniVLMConfig | TextConfig) -> TextConfig:
-    return cfg.text if isinstance(cfg, RSUniVLMConfig) else cfg
+def _text(cfg: RSUniVLMConfig | TextConfig | DecoderSpec) -> TextConfig:
+    return cfg.text if isinstance(cfg, RSUniVLMConfig | DecoderSpec) else cfg
+
+
+def as_spec(cfg: RSUniVLMConfig | TextConfig | DecoderSpec) -> DecoderSpec:
+    """A spec as given, else RSUniVLM's (Qwen2 with experts): what a config or text config means here."""
+    return cfg if isinstance(cfg, DecoderSpec) else qwen2_experts(_text(cfg))
 
 
 def store_embedding_table(
@@ -109,7 +115,7 @@ def store_embedding_table(
 
 
 def build_decoder_graph(
-    cfg: RSUniVLMConfig | TextConfig,
+    cfg: RSUniVLMConfig | TextConfig | DecoderSpec,
     weights: Mapping[str, np.ndarray],
     expert: int,
     store: WeightStore,
@@ -120,6 +126,9 @@ def build_decoder_graph(
 ) -> onnx.ModelProto:
     """The decoder with every layer's MLP set to expert ``expert``; weights go to ``store``.
 
+    ``cfg``: a :class:`DecoderSpec` (which family of decoder: biases, MLP names, experts), or an RSUniVLM
+    config / text config, which mean RSUniVLM's Qwen2 with experts.
+
     ``quant`` gives each weight's quantization (None: everything stays in the model dtype). ``attention`` is
     "standard" (portable ONNX ops, TensorRT), "gqa" / "gqa-shared" (onnxruntime's fused GroupQueryAttention with
     rotary, past and present apart or one shared buffer: the onnxruntime-only forms) or "scatter-shared" (one
@@ -127,7 +136,8 @@ def build_decoder_graph(
     """
     if attention not in ATTENTION_IMPLS:
         raise OptionError(f"attention must be one of {', '.join(ATTENTION_IMPLS)}, got {attention!r}")
-    text = _text(cfg)
+    spec = as_spec(cfg)
+    text = spec.text
     if not 0 <= expert < text.num_experts:
         raise OptionError(f"expert {expert} is out of range 0..{text.num_experts - 1}")
     if text.num_attention_heads % text.num_key_value_heads:
@@ -160,7 +170,7 @@ def build_decoder_graph(
         pending: str | None = None  # fused graphs: the MLP output whose residual Add joins the next norm
         for i in range(L):
             with b.scope(f"layers.{i}"):
-                x, pending, present = _decoder_layer(b, x, pending, pasts[i], ctx, weights, text, i, expert, attention)
+                x, pending, present = _decoder_layer(b, x, pending, pasts[i], ctx, weights, spec, i, expert, attention)
             presents.append(present)
         if pending is not None:
             x = b.op("Add", [x, pending], name="residual_mlp/Add", out="hidden")
@@ -172,7 +182,7 @@ def build_decoder_graph(
             b.output(value, name, b.elem_type, [BATCH, kv, CAPACITY if shared else TOTAL, hd])
 
     doc = (
-        f"RSUniVLM Qwen2 decoder, expert {expert} of {text.num_experts}, {b.dtype.name}, opset 17. "
+        f"{spec.name} decoder, expert {expert} of {text.num_experts}, {b.dtype.name}, opset {opset}. "
         f"inputs: inputs_embeds[B,S,{H}], position_ids[B,S] int64, past_key_values.{{0..{L - 1}}}.key|value"
         f"[B,{kv},P,{hd}]; outputs: logits[B,{text.vocab_size}] float32 (last position), "
         f"present.{{i}}.key|value[B,{kv},P+S,{hd}]."
@@ -267,11 +277,12 @@ def _decoder_layer(
     past: tuple[str, str],
     ctx: dict[str, object],
     weights: Mapping[str, np.ndarray],
-    text: TextConfig,
+    spec: DecoderSpec,
     i: int,
     expert: int,
     attention: str,
 ) -> tuple[str, str | None, tuple[str, str]]:
+    text = spec.text
     pre = f"model.layers.{i}"
     fused = attention != "standard"
     with b.scope("input_layernorm"):
@@ -281,11 +292,11 @@ def _decoder_layer(
             h, x = _skip_rms_norm(b, x, pending, f"{pre}.input_layernorm.weight", weights, text)
     with b.scope("attn"):
         if attention == "scatter-shared":
-            h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i, ctx["positions"])
+            h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, spec, i, ctx["positions"])
         elif fused:
-            h, present = _attention_gqa(b, h, past, ctx, weights, text, i)
+            h, present = _attention_gqa(b, h, past, ctx, weights, spec, i)
         else:
-            h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, text, i)
+            h, present = _attention(b, h, past, ctx["rope"], ctx["mask"], weights, spec, i)
     with b.scope("post_attention_layernorm"):
         if fused:
             normed, x = _skip_rms_norm(b, x, h, f"{pre}.post_attention_layernorm.weight", weights, text)
@@ -293,7 +304,7 @@ def _decoder_layer(
             x = b.op("Add", [x, h], name="residual_attn/Add", out="residual_attn")
             normed = _rms_norm(b, x, f"{pre}.post_attention_layernorm.weight", weights, text)
     with b.scope("mlp"):
-        h = _mlp(b, normed, weights, text, i, expert)
+        h = _mlp(b, normed, weights, spec, i, expert)
     if fused:
         return x, h, present
     return b.op("Add", [x, h], name="residual_mlp/Add", out="hidden"), None, present
@@ -344,17 +355,18 @@ def _attention(
     rope: dict[str, str],
     mask: dict[str, str],
     weights: Mapping[str, np.ndarray],
-    text: TextConfig,
+    spec: DecoderSpec,
     i: int,
     positions: str | None = None,
 ) -> tuple[str, tuple[str, str]]:
     """Portable attention; with ``positions`` (the scatter-shared form) the new K/V rows are written into the
     capacity-long past buffers at those positions instead of concatenated after the past."""
+    text = spec.text
     nh, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
     # scatter-shared: the attention scale lives in q's weights and onnxruntime's RotaryEmbedding rotates q and
     # k in one kernel each (the portable graphs rotate with ~8 standard ops per tensor, which TensorRT fuses)
-    qkv = _qkv_projection(b, x, weights, text, pre, q_scale=float(hd**-0.5) if positions is not None else 1.0)
+    qkv = _qkv_projection(b, x, weights, spec, pre, q_scale=float(hd**-0.5) if positions is not None else 1.0)
     splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
     q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
     if positions is not None:
@@ -443,8 +455,9 @@ def _rope_caches(b: GraphBuilder, text: TextConfig) -> dict[str, str]:
 #   x --MatMul W_qkv [H,(nh+2kv)hd] (q, k, v weights side by side) + bias--> packed qkv
 #   (MatMulNBits takes the bias as an input: one node). ``q_scale`` multiplies q's weights and bias.
 def _qkv_projection(
-    b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, pre: str, q_scale: float = 1.0
+    b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], spec: DecoderSpec, pre: str, q_scale: float = 1.0
 ) -> str:
+    text = spec.text
     H, nh, kv, hd = text.hidden_size, text.num_attention_heads, text.num_key_value_heads, text.head_dim
     factors = (("q", nh, q_scale), ("k", kv, 1.0), ("v", kv, 1.0))
 
@@ -460,7 +473,8 @@ def _qkv_projection(
     if q_scale != 1.0:  # validation gives the reference these weights: it must know q's factor
         b.store.cache[("q_scale", name)] = q_scale
     with b.scope("qkv_proj"):
-        return b.linear(x, name, qkv_weight, out="qkv", bias=(f"{pre}.qkv_proj.bias", qkv_bias))
+        bias = (f"{pre}.qkv_proj.bias", qkv_bias) if spec.qkv_bias else None
+        return b.linear(x, name, qkv_weight, out="qkv", bias=bias)
 
 
 #   x --MatMul W_qkv + b--> packed qkv [B,S,(nh+2kv)hd] --GroupQueryAttention(past_k/v, seqlens, rotary)-->
@@ -471,15 +485,16 @@ def _attention_gqa(
     past: tuple[str, str],
     ctx: dict[str, object],
     weights: Mapping[str, np.ndarray],
-    text: TextConfig,
+    spec: DecoderSpec,
     i: int,
 ) -> tuple[str, tuple[str, str]]:
+    text = spec.text
     nh, kv, hd = text.num_attention_heads, text.num_key_value_heads, text.head_dim
     pre = f"model.layers.{i}.self_attn"
     # The attention scale lives in q's weights and the kernel runs with scale 1: onnxruntime's CPU kernel
     # takes MLAS's unpacked one-row GEMM for a decode step's Q.K^T only when alpha is 1 (otherwise it
     # repacks every head's K each step). For head_dim 64 the factor is 1/8, a power of two: exact.
-    qkv = _qkv_projection(b, x, weights, text, pre, q_scale=float(hd**-0.5))
+    qkv = _qkv_projection(b, x, weights, spec, pre, q_scale=float(hd**-0.5))
     inputs = [qkv, "", "", past[0], past[1], ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
     out, k, v = b.op(
         "GroupQueryAttention",
@@ -516,9 +531,9 @@ def _apply_rotary(b: GraphBuilder, x: str, cos: str, sin: str, hd: int) -> str:
 
 #   x --MatMul W_gate_up [H,2I]--Split--> gate, up;  gate * Sigmoid(gate) * up --MatMul W_down [I,H]--> out
 #   (expert e's weights, in decoder_expert{e}.bin)
-def _mlp(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], text: TextConfig, i: int, e: int) -> str:
-    H, inter = text.hidden_size, text.intermediate_size
-    pre = f"model.layers.{i}.mlp.{e}"
+def _mlp(b: GraphBuilder, x: str, weights: Mapping[str, np.ndarray], spec: DecoderSpec, i: int, e: int) -> str:
+    H, inter = spec.text.hidden_size, spec.text.intermediate_size
+    pre = spec.mlp_prefix(i, e)
     file = expert_bin(e)
 
     def gate_up() -> np.ndarray:

@@ -24,12 +24,9 @@ from rsedge.runtime import ort_support
 from rsedge.runtime.backends import DecoderBackend, DecoderSpec, backend_class
 from rsedge.runtime.bundle import Bundle
 from rsedge.runtime.engines import EngineSet
-from rsedge.runtime.features import merge_anyres, merge_square
+from rsedge.runtime.families import family_for
 from rsedge.runtime.images import load_image, validate_image
-from rsedge.runtime.outputs import Box, RleMask, parse_boxes, parse_rle_mask
-from rsedge.runtime.preprocess import preprocess_anyres, preprocess_square
-from rsedge.runtime.prompt import IMAGE_TOKEN_INDEX, build_prompt, tokenize
-from rsedge.runtime.router import check_image_count, route, task_tag
+from rsedge.runtime.outputs import Box, RleMask
 from rsedge.runtime.sampling import Sampler, Sampling
 from rsedge.runtime.sessions import ORT_DTYPES, SessionConfig, make_session
 
@@ -85,7 +82,8 @@ class Pipeline:
         self.embed_tokens = bundle.array("embed_tokens")
         # Quantized bundles keep the table as per-row INT8; only looked-up rows are dequantized.
         self.embed_scales = bundle.array("embed_scales") if "embed_scales" in bundle.manifest["arrays"] else None
-        self.image_newline = np.asarray(bundle.array("image_newline"))
+        # Prompt, images, routing and answers: the manifest's architecture picks who reads them.
+        self.family = family_for(bundle, self.tokenizer)
         text = bundle.model["text"]
         self.layers, self.kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
         self.head_dim = text["hidden_size"] // text["num_attention_heads"]
@@ -131,8 +129,7 @@ class Pipeline:
         """
         took: dict[str, float] = {}
         t0 = time.perf_counter()
-        side = int(self.bundle.preprocess["image_size"])
-        visual = self.image_tokens(Image.new("RGB", (side, side), (128, 128, 128)))
+        visual = self.image_tokens(self.family.blank_image())
         took["vision"] = (time.perf_counter() - t0) * 1e3
         if experts is None:
             r = self.bundle.router
@@ -197,27 +194,22 @@ class Pipeline:
         if expert is not None:
             if not 0 <= expert < self.num_experts:
                 raise OptionError(f"expert must be between 0 and {self.num_experts - 1}, got {expert}")
-            task_tag(prompt)
+            self.family.task(prompt)
             return expert
-        r = self.bundle.router
-        return route(prompt, r["table"], r["default"])
+        return self.family.route(prompt)
 
     def pixel_values(self, image: Image.Image) -> np.ndarray:
-        pre = self.bundle.preprocess
-        if pre["kind"] == "square":
-            return preprocess_square(image, pre["image_size"])
-        return preprocess_anyres(image, pre["image_size"], pre["pinpoints"])
+        return self.family.pixel_values(image)
+
+    def run_vision(self, pixels: np.ndarray) -> np.ndarray:
+        """The vision graph on ``pixels`` [views, 3, S, S] -> its features."""
+        sess = self.vision()
+        inp = sess.get_inputs()[0]
+        return sess.run(None, {inp.name: pixels.astype(ORT_DTYPES[inp.type], copy=False)})[0]
 
     def image_tokens(self, image: Image.Image) -> np.ndarray:
         """Visual tokens of one image, [N, H], exactly as the reference splices them."""
-        pre = self.bundle.preprocess
-        sess = self.vision()
-        inp = sess.get_inputs()[0]
-        feats = sess.run(None, {inp.name: self.pixel_values(image).astype(ORT_DTYPES[inp.type])})[0]
-        newline = self.image_newline.astype(feats.dtype)
-        if pre["kind"] == "square":
-            return merge_square(feats, newline)
-        return merge_anyres(feats, newline, image.size, pre["pinpoints"], pre["image_size"], pre["max_patches"])
+        return self.family.visual_tokens(self.run_vision(self.family.pixel_values(image)), image)
 
     def embed_rows(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Embedding rows [len(ids), H] of token ids."""
@@ -227,20 +219,8 @@ class Pipeline:
         return rows
 
     def embed(self, ids: list[int], images: list[np.ndarray], dtype: np.dtype) -> np.ndarray:
-        pieces: list[np.ndarray] = []
-        chunk: list[int] = []
-        it = iter(images)
-        for tok in ids:
-            if tok == IMAGE_TOKEN_INDEX:
-                if chunk:
-                    pieces.append(self.embed_rows(chunk))
-                    chunk = []
-                pieces.append(next(it))
-            else:
-                chunk.append(tok)
-        if chunk:
-            pieces.append(self.embed_rows(chunk))
-        return np.concatenate([p.astype(dtype, copy=False) for p in pieces])[None]
+        """[1, S, H] input embeddings: text rows, each image's visual tokens at its sentinel."""
+        return self.family.splice(ids, images, self.embed_rows, dtype)
 
     # -- the whole request ---------------------------------------------------------------------------
 
@@ -264,25 +244,24 @@ class Pipeline:
             raise OptionError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
         if not prompt.strip():
             raise PromptError("the prompt is empty")
-        check_image_count(prompt, len(images))  # before any image is read
+        self.family.check_request(prompt, len(images))  # before any image is read
         timings: dict[str, float] = {}
         t0 = time.perf_counter()
-        tag = task_tag(prompt)
+        tag = self.family.task(prompt)
         chosen = self.choose_expert(prompt, expert)
         pil = [validate_image(im) if isinstance(im, Image.Image) else load_image(im) for im in images]
-        text = build_prompt(prompt, len(pil))
-        ids = tokenize(self.tokenizer, text)
+        ids = self.family.prompt_ids(prompt, len(pil))
         t1 = time.perf_counter()
         # A first request creates the expert's decoder session (graph optimization, weight prepacking: mostly
         # one core) while the vision graph loads and runs, instead of after it.
         if chosen not in self._decoders and pil:
             with ThreadPoolExecutor(1) as pool:
                 loading = pool.submit(self.decoder, chosen)
-                visual = [self.image_tokens(im) for im in pil]
+                visual = self.family.images_to_tokens(pil, self.run_vision)
                 t2 = time.perf_counter()
                 dec = loading.result()
         else:
-            visual = [self.image_tokens(im) for im in pil]
+            visual = self.family.images_to_tokens(pil, self.run_vision)
             t2 = time.perf_counter()
             dec = self.decoder(chosen)
         embeds = self.embed(ids, visual, dec.dtype)
@@ -338,7 +317,7 @@ class Pipeline:
             timings=timings,
             step_logits=seen if keep_logits else None,
         )
-        self._parse(ans, pil)
+        self.family.parse(ans, pil)
         return ans
 
     def prefill(self, dec: DecoderBackend, embeds: np.ndarray, state: Any) -> np.ndarray:
@@ -352,9 +331,3 @@ class Pipeline:
         for start in range(0, n, chunk):
             logits = dec.step(embeds[:, start : start + chunk], state)
         return logits
-
-    def _parse(self, ans: Answer, images: list[Image.Image]) -> None:
-        if ans.tag == "[VG]" and images:
-            ans.boxes = parse_boxes(ans.text, *images[0].size)
-        elif ans.tag == "[SEG]":
-            ans.mask = parse_rle_mask(ans.text)

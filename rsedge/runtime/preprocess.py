@@ -18,6 +18,8 @@ import ast
 import math
 import re
 from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 from PIL import Image
@@ -25,30 +27,61 @@ from PIL import Image
 Pinpoints = Sequence[Sequence[int]] | str
 Size = tuple[int, int]  # (width, height)
 
-# Lookup table uint8 -> normalised float32, built with the same operation order as transformers'
-# rescale (float64 multiply by 1/255, cast to float32) and normalize (float32 (x - mean) / std), so
-# the table gives bit-identical values and is much faster than doing the arithmetic per pixel.
-_RESCALE = 1.0 / 255.0
-_MEAN = np.float32(0.5)
-_STD = np.float32(0.5)
-_LUT = ((np.arange(256, dtype=np.float64) * _RESCALE).astype(np.float32) - _MEAN) / _STD
+RESAMPLE = {"bicubic": Image.BICUBIC, "bilinear": Image.BILINEAR, "nearest": Image.NEAREST, "lanczos": Image.LANCZOS}
 
 
-def normalize(img: Image.Image, image_size: int) -> np.ndarray:
-    """Resize to (S, S) with bicubic and normalise to [-1, 1]; returns float32 [3, S, S]."""
+@dataclass(frozen=True)
+class Normalization:
+    """How pixels become the vision graph's input: the bundle's ``preprocess`` fields (rescale, mean, std,
+    resample), per channel. The default is SigLIP's: x / 255, then (x - 0.5) / 0.5, bicubic."""
+
+    rescale: float = 1.0 / 255.0
+    mean: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    std: tuple[float, float, float] = (0.5, 0.5, 0.5)
+    resample: str = "bicubic"
+
+    @cached_property
+    def lut(self) -> np.ndarray:
+        """[256, 3] uint8 -> normalised float32, built with the same operation order as transformers' rescale
+        (float64 multiply, cast to float32) and normalize (float32 (x - mean) / std): bit-identical values, much
+        faster than the arithmetic per pixel."""
+        scaled = (np.arange(256, dtype=np.float64) * self.rescale).astype(np.float32)[:, None]
+        return (scaled - np.asarray(self.mean, np.float32)) / np.asarray(self.std, np.float32)
+
+    @classmethod
+    def from_manifest(cls, pre: dict) -> Normalization:
+        """From a bundle's ``preprocess`` section; bundles before these fields were SigLIP's."""
+        d = cls()
+        out = cls(
+            float(pre.get("rescale", d.rescale)),
+            tuple(float(v) for v in pre.get("mean", d.mean)),  # type: ignore[arg-type]
+            tuple(float(v) for v in pre.get("std", d.std)),  # type: ignore[arg-type]
+            str(pre.get("resample", d.resample)),
+        )
+        if len(out.mean) != 3 or len(out.std) != 3 or not all(out.std) or out.resample not in RESAMPLE:
+            raise ValueError(f"preprocess mean/std need 3 values, std non-zero, resample one of {sorted(RESAMPLE)}")
+        return out
+
+
+SIGLIP = Normalization()
+
+
+def normalize(img: Image.Image, image_size: int, norm: Normalization = SIGLIP) -> np.ndarray:
+    """Resize to (S, S) and normalise; returns float32 [3, S, S]."""
     if img.mode != "RGB":
         img = img.convert("RGB")
     if img.size != (image_size, image_size):
         # Pillow returns a plain copy when the size already matches, so tiles pass through untouched,
         # exactly as they do in the upstream processor.
-        img = img.resize((image_size, image_size), Image.BICUBIC)
+        img = img.resize((image_size, image_size), RESAMPLE[norm.resample])
     pixels = np.asarray(img, dtype=np.uint8)
-    return np.ascontiguousarray(_LUT[pixels].transpose(2, 0, 1))
+    lut = norm.lut
+    return np.ascontiguousarray(np.stack([lut[pixels[..., c], c] for c in range(3)]))
 
 
-def preprocess_square(img: Image.Image, image_size: int) -> np.ndarray:
+def preprocess_square(img: Image.Image, image_size: int, norm: Normalization = SIGLIP) -> np.ndarray:
     """The ``square`` path: one image, float32 [1, 3, S, S]."""
-    return normalize(img, image_size)[None]
+    return normalize(img, image_size, norm)[None]
 
 
 def possible_resolutions(
@@ -131,11 +164,13 @@ def anyres_grid_shape(image_size_wh: Size, pinpoints: Pinpoints, tile_size: int)
     return width // tile_size, height // tile_size
 
 
-def preprocess_anyres(img: Image.Image, image_size: int, pinpoints: Pinpoints) -> np.ndarray:
+def preprocess_anyres(
+    img: Image.Image, image_size: int, pinpoints: Pinpoints, norm: Normalization = SIGLIP
+) -> np.ndarray:
     """The ``anyres`` path: float32 [1 + n, 3, S, S], base image first, then tiles row-major."""
     img = img.convert("RGB") if img.mode != "RGB" else img
     best = select_best_resolution(img.size, possible_resolutions(pinpoints, image_size))
     tiles = divide_to_tiles(resize_and_pad(img, best), image_size)
     # The base view is a plain squash to SxS (upstream keeps this resize rather than padding).
-    base = img.resize((image_size, image_size), Image.BICUBIC)
-    return np.stack([normalize(view, image_size) for view in [base, *tiles]])
+    base = img.resize((image_size, image_size), RESAMPLE[norm.resample])
+    return np.stack([normalize(view, image_size, norm) for view in [base, *tiles]])

@@ -7,7 +7,7 @@ Routing and answer parsing read the tag with one rule, :func:`task_tag`: a tag a
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 from rsedge.errors import PromptError
 from rsedge.runtime.prompt import IMAGE_PLACEHOLDER
@@ -21,42 +21,50 @@ _BRACKET_WORD = re.compile(r"\[[A-Za-z][A-Za-z0-9_]*\]")
 _LEADING_WORD = re.compile(r"^\s*(\[[A-Za-z][A-Za-z0-9_]*\])")
 
 
-def task_tag(prompt: str) -> str | None:
+def task_tag(prompt: str, tags: Sequence[str] = TASK_TAGS) -> str | None:
     """The prompt's task tag, wherever it stands; None when it has none.
 
     A tag in the wrong letter case, two different tags, or a leading bracket word that is no tag is an error:
     upstream would route ``[vg]`` as a caption and ``[CAP] [SEG]`` to the [SEG] expert, answering garbage.
     """
-    tags: list[str] = []
+    found: list[str] = []
     for word in _BRACKET_WORD.findall(prompt):
-        if word in TASK_TAGS:
-            tags.append(word)
-        elif word.upper() in TASK_TAGS:
+        if word in tags:
+            found.append(word)
+        elif word.upper() in tags:
             raise PromptError(f"task tag {word} must be written in capitals: {word.upper()}")
     lead = _LEADING_WORD.match(prompt)
-    if lead is not None and lead.group(1) not in TASK_TAGS:
-        raise PromptError(f"unknown task tag {lead.group(1)}; known tags: {' '.join(TASK_TAGS)}")
-    distinct = list(dict.fromkeys(tags))
+    if lead is not None and lead.group(1) not in tags:
+        raise PromptError(f"unknown task tag {lead.group(1)}; known tags: {' '.join(tags)}")
+    distinct = list(dict.fromkeys(found))
     if len(distinct) > 1:
         raise PromptError(f"the prompt has {len(distinct)} task tags ({', '.join(distinct)}); give one")
     return distinct[0] if distinct else None
 
 
-def route(prompt: str, table: Mapping[str, int], default: int) -> int:
+def route(prompt: str, table: Mapping[str, int], default: int, tags: Sequence[str] = TASK_TAGS) -> int:
     """Expert index for a prompt: its task tag's entry in the router table, else ``default``."""
-    tag = task_tag(prompt)
+    tag = task_tag(prompt, tags)
     return int(table[tag]) if tag in table else int(default)
 
 
-def check_image_count(prompt: str, num_images: int) -> None:
+def check_image_count(
+    prompt: str,
+    num_images: int,
+    tags: Sequence[str] = TASK_TAGS,
+    counts: Mapping[str, Sequence[int]] = IMAGE_COUNTS,
+    placeholder: str = IMAGE_PLACEHOLDER,
+) -> None:
     """Refuse a request whose image count its task cannot take ([CCD] 2, [SEG] 1 or 2, anything else 1).
 
     A prompt that places ``<image>`` itself lays out its own images; build_prompt matches them to the count.
     """
-    if IMAGE_PLACEHOLDER in prompt:
+    if placeholder in prompt:
         return
-    tag = task_tag(prompt)
-    allowed = IMAGE_COUNTS.get(tag or "", (1,))
+    tag = task_tag(prompt, tags)
+    allowed = tuple(counts.get(tag or "", (1,)))
     if num_images not in allowed:
         name = tag or "a prompt without a task tag"
-        raise PromptError(f"{name} takes {_COUNT_WORDS.get(tag or '', '1 image')}, got {num_images}")
+        words = _COUNT_WORDS.get(tag or "") if counts is IMAGE_COUNTS else None
+        words = words or " or ".join(f"{n} image{'s' if n != 1 else ''}" for n in allowed)
+        raise PromptError(f"{name} takes {words}, got {num_images}")

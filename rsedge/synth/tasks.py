@@ -20,6 +20,7 @@ from typing import Literal
 
 import numpy as np
 
+from rsedge.models.rsunivlm.config import DEFAULT_EXPERT, DEFAULT_ROUTER
 from rsedge.runtime.outputs import format_box, format_rle
 from rsedge.runtime.router import route
 from rsedge.synth.scenes import (
@@ -45,8 +46,7 @@ TASK_TAGS: dict[str, str] = {
     "cseg": "[SEG]",
 }
 # RSUniVLM's static router (demo app.py): [SEG] -> expert 2, [VG]/[REF] -> 1, everything else -> 0.
-ROUTER_TABLE: dict[str, int] = {"[SEG]": 2, "[VG]": 1, "[REF]": 1}
-DEFAULT_EXPERT = 0
+ROUTER_TABLE: dict[str, int] = DEFAULT_ROUTER
 # Training mix: more weight on the localisation tasks (hardest to learn), fewer on [CLS] (easiest).
 DEFAULT_MIX: dict[str, float] = {
     "vg": 0.20,

@@ -15,14 +15,15 @@ from pathlib import Path
 from typing import Any
 
 from rsedge.errors import CheckpointError
+from rsedge.runtime.router import TASK_TAGS as ROUTER_TAGS
 
 MODEL_TYPE = "llava_qwen_gmoe"
 
 # Static router of the released demo: a plain substring test on the prompt, first match wins.
 DEFAULT_ROUTER: dict[str, int] = {"[SEG]": 2, "[VG]": 1, "[REF]": 1}
 DEFAULT_EXPERT = 0
-# Every task tag the model answers; an unknown tag is a user error, not a silent route to expert 0.
-TASK_TAGS = ("[CAP]", "[VQA]", "[CLS]", "[VG]", "[REF]", "[SEG]", "[CCD]")
+# Every task tag the model answers (one home: the runtime's router); an unknown tag is a user error.
+TASK_TAGS = ROUTER_TAGS
 
 # SigLIP towers by hub id. num_hidden_layers counts the layers kept: LLaVA deletes the last one.
 KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
