@@ -33,8 +33,9 @@ def mask_geotiff_bytes(answer: SceneAnswer) -> bytes:
         "transform": scene.transform,
         "compress": "deflate",
     }
-    # "others" (0) and nodata see-through; each label a box colour, as the PNG overlays draw them
-    colours = {i: (0, 0, 0, 0) for i in range(256)}
+    # each label a box colour, as the PNG overlays draw them; "others" dark grey (a GeoTIFF palette has no alpha:
+    # GIS software hides the nodata value instead)
+    colours = {i: (40, 40, 40, 255) for i in range(256)}
     for i in range(1, len(answer.mask_labels)):
         colours[i] = (*BOX_COLOURS[(i - 1) % len(BOX_COLOURS)], 255)
     with rio.io.MemoryFile() as mem:

@@ -35,6 +35,11 @@ MAX_STAT_PIXELS = 4_000_000
 _PILLOW_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 
 
+def apply(t: Any, x: float, y: float) -> tuple[float, float]:
+    """An affine transform applied to one point (written out: affine 3 deprecates ``*``, affine 2 lacks ``@``)."""
+    return float(t.a * x + t.b * y + t.c), float(t.d * x + t.e * y + t.f)
+
+
 @dataclass
 class Scene:
     """A raster ready for the model: ``rgb`` [H, W, 3] uint8 with nodata black, ``valid`` [H, W] bool.
@@ -81,12 +86,12 @@ class Scene:
 
     def to_map(self, xs: Sequence[float], ys: Sequence[float]) -> list[tuple[float, float]]:
         """Pixel coordinates of ``rgb`` (x right, y down, corners at integers) -> CRS coordinates."""
-        return [tuple(map(float, self.transform * (x, y))) for x, y in zip(xs, ys, strict=True)]
+        return [apply(self.transform, x, y) for x, y in zip(xs, ys, strict=True)]
 
     def to_source_pixels(self, xs: Sequence[float], ys: Sequence[float]) -> list[tuple[float, float]]:
         """Pixel coordinates of ``rgb`` -> pixel coordinates of the file's own grid."""
         inverse = ~self.source_transform
-        return [tuple(map(float, inverse * (self.transform * (x, y)))) for x, y in zip(xs, ys, strict=True)]
+        return [apply(inverse, *apply(self.transform, x, y)) for x, y in zip(xs, ys, strict=True)]
 
     def to_json(self) -> dict[str, Any]:
         t = self.transform
@@ -185,7 +190,7 @@ def _stretch(data: np.ndarray, valid: np.ndarray, percentiles: tuple[float, floa
         values = data[b][valid][::stride].astype(np.float64)
         low, high = (float(v) for v in np.percentile(values, percentiles))
         span = high - low if high > low else 1.0  # a flat band: every valid pixel at the low end
-        scaled = (data[b].astype(np.float64) - low) * (255.0 / span)
+        scaled = np.where(valid, (data[b].astype(np.float64) - low) * (255.0 / span), 0.0)  # NaN stays out
         out[b] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
         ranges.append([low, high])
     record = {"method": "percentile", "percentiles": list(percentiles), "band_ranges": ranges}
@@ -264,7 +269,9 @@ def read_scene(
             stretch = DEFAULT_PERCENTILES
         pixels, record = _stretch(data, valid, stretch)
         source_transform = src.transform
-        transform = source_transform * source_transform.scale(src.width / width, src.height / height)
+        sx, sy = src.width / width, src.height / height  # the source transform composed with a scale
+        t = source_transform
+        transform = type(t)(t.a * sx, t.b * sy, t.c, t.d * sx, t.e * sy, t.f)
         crs = src.crs if src.crs else None
         source_size = (src.width, src.height)
     rgb = np.moveaxis(pixels if len(chosen) == 3 else np.repeat(pixels, 3, axis=0), 0, -1)
