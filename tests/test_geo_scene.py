@@ -140,4 +140,15 @@ def test_only_rasters_beyond_pillow_take_the_scene_path(tmp_path, samples):
     note = tmp_path / "a.txt"
     note.write_text("hello")
     assert not wants_scene(png) and not wants_scene(note) and not wants_scene(tmp_path / "missing.tif")
-    assert wants_scene(rgb_scene(tmp_path / "s.tif", sample_rgb(samples)))
+    assert wants_scene(rgb_scene(tmp_path / "s.tif", sample_rgb(samples)))  # georeferenced
+    assert wants_scene(sixteen_bit_bgrn(tmp_path / "bgrn.tif", sample_rgb(samples)))
+    # a plain 8-bit RGB TIFF (no CRS, no transform) is a photo: answered whole by the Pillow path, as before
+    assert not wants_scene(rgb_scene(tmp_path / "plain.tif", sample_rgb(samples), crs=None))
+
+
+def test_the_stretch_is_the_same_in_row_blocks(tmp_path):
+    rng = np.random.default_rng(3)
+    values = rng.integers(0, 60000, (2100, 5), dtype=np.uint16)  # more rows than one block of the stretch
+    scene = read_scene(write_geotiff(tmp_path / "tall.tif", values), stretch=(1, 99))
+    low, high = np.percentile(values.astype(np.float64), [1, 99])
+    assert np.array_equal(scene.rgb[..., 0], _stretched(values, low, high))

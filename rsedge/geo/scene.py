@@ -31,6 +31,7 @@ DEFAULT_PERCENTILES = (2.0, 98.0)
 # Statistics come from at most this many valid pixels per band (a regular subsample): a 100 MP scene's percentiles
 # move by well under one grey level, and sorting 100 M values costs seconds.
 MAX_STAT_PIXELS = 4_000_000
+_ROWS = 1024
 # Formats the Pillow path reads as it always has; everything else GDAL opens is a scene.
 _PILLOW_MAGIC = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"GIF87a", b"GIF89a", b"BM", b"RIFF")
 
@@ -134,8 +135,9 @@ def parse_stretch(text: str) -> tuple[float, float]:
 
 
 def wants_scene(path: str | Path) -> bool:
-    """Whether ``rsedge run`` reads this file as a scene: the geo extra is installed and GDAL opens it, and it is
-    not a PNG, JPEG, GIF, BMP or WebP (those keep the Pillow path, unchanged)."""
+    """Whether ``rsedge run`` reads this file as a scene: the geo extra is installed, GDAL opens it, and it is
+    georeferenced or a raster Pillow would refuse (more bands, more bits, a format Pillow lacks). PNG, JPEG, GIF,
+    BMP, WebP and plain 8-bit RGB or grey TIFFs keep the Pillow path, unchanged."""
     path = Path(path)
     if not available() or not path.is_file():
         return False
@@ -147,8 +149,10 @@ def wants_scene(path: str | Path) -> bool:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a plain TIFF is still a raster
-            with rio.open(path):
-                return True
+            with rio.open(path) as src:
+                georeferenced = src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
+                plain = src.driver == "GTiff" and src.count in (1, 3) and set(src.dtypes) == {"uint8"}
+                return georeferenced or not plain
     except Exception:  # not a raster GDAL reads: the Pillow path says what is wrong with it
         return False
 
@@ -190,8 +194,10 @@ def _stretch(data: np.ndarray, valid: np.ndarray, percentiles: tuple[float, floa
         values = data[b][valid][::stride].astype(np.float64)
         low, high = (float(v) for v in np.percentile(values, percentiles))
         span = high - low if high > low else 1.0  # a flat band: every valid pixel at the low end
-        scaled = np.where(valid, (data[b].astype(np.float64) - low) * (255.0 / span), 0.0)  # NaN stays out
-        out[b] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+        for r in range(0, data.shape[1], _ROWS):  # in row blocks: a float64 copy of a whole band is 8 bytes/pixel
+            rows = slice(r, r + _ROWS)
+            scaled = np.where(valid[rows], (data[b, rows].astype(np.float64) - low) * (255.0 / span), 0.0)
+            out[b, rows] = np.clip(np.rint(scaled), 0, 255).astype(np.uint8)  # NaN (nodata) was set to 0 above
         ranges.append([low, high])
     record = {"method": "percentile", "percentiles": list(percentiles), "band_ranges": ranges}
     if stride > 1:

@@ -114,6 +114,7 @@ class SceneAnswer:
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
             "text": self.text,
+            "prompt": self.prompt,
             "tag": self.tag,
             "expert": self.expert,
             "scene": self.scene.to_json(),
