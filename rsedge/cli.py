@@ -310,9 +310,13 @@ def run_cmd(
             generate = dict(max_new_tokens=max_new_tokens, sampling=sampling, expert=expert)
             out = run_scene(pipe, scene, geo, prompt, overlay, force, **generate)
         click.echo(json.dumps(out, indent=2) if as_json else out["text"])
-        for key in ("geojson", "mask_tif", "overlay"):
-            if key in out and not as_json:
-                click.echo(f"{key.replace('_', '-')}: {out[key] or 'nothing to draw'}", err=True)
+        if not as_json:
+            from rsedge.geo.command import summary
+
+            click.echo(summary(out), err=True)
+            for key in ("geojson", "mask_tif", "overlay"):
+                if key in out:
+                    click.echo(f"{key.replace('_', '-')}: {out[key] or 'nothing to draw'}", err=True)
         return
     on_token = (lambda s: click.echo(s, nl=False)) if stream and not as_json else None
     with _onnxruntime_errors(bundle):

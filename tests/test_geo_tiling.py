@@ -104,6 +104,7 @@ def test_a_box_seen_by_four_tiles_is_one_box_at_its_map_coordinates(tmp_path):
     expected = {tuple(np.round(to_wgs84.transform(x, y), 10)) for x, y in record["map_polygon"]}
     ring = feature["geometry"]["coordinates"][0]
     assert {tuple(np.round(p, 10)) for p in ring} == expected
+    assert {tuple(np.round(p, 10)) for p in record["lonlat_polygon"]} == expected  # the JSON says the same
     polygon = shapely.geometry.shape(feature["geometry"])
     assert polygon.is_valid and polygon.exterior.is_ccw  # RFC 7946's right-hand rule
     native = shapely.from_wkt(feature["properties"]["native_wkt"])

@@ -182,6 +182,20 @@ def run_scene(
     return out
 
 
+def summary(out: dict[str, Any]) -> str:
+    """One line on what a scene's answer holds, for a person at a terminal."""
+    t = out["tiling"]
+    skipped = f" ({t['skipped_nodata_tiles']} without data, not run)" if t["skipped_nodata_tiles"] else ""
+    parts = [f"{t['tiles']} tile{'s' if t['tiles'] != 1 else ''}{skipped}"]
+    if "boxes" in out or t["boxes_before_nms"]:
+        kept = len(out.get("boxes", []))
+        parts.append(f"{kept} box{'es' if kept != 1 else ''} after NMS ({t['boxes_before_nms']} before)")
+    if "mask" in out:
+        parts.append(f"mask labels {', '.join(out['mask']['labels'])}")
+    crs = out["scene"]["crs"] or "no CRS"
+    return f"scene {out['scene']['size'][0]}x{out['scene']['size'][1]} ({crs}): " + "; ".join(parts)
+
+
 def _overlay(answer: Any, path: Path, force: bool) -> str | None:
     """The scene as the model saw it (bands, stretch, resampling) with the merged boxes or the stitched mask."""
     from rsedge.geo.tiling import MASK_NODATA

@@ -92,7 +92,8 @@ class SceneAnswer:
         return "\n".join(f"tile {t.index} {t.window.to_list()}: {t.text}" for t in self.tiles)
 
     def box_record(self, sb: SceneBox) -> dict[str, Any]:
-        """A box in scene pixels, source pixels and (when georeferenced) map coordinates of the scene's CRS."""
+        """A box in scene pixels, source pixels and, when georeferenced, corners in the scene's CRS and in WGS84
+        (longitude, latitude)."""
         b = sb.box
         xs, ys = [b.x1, b.x2, b.x2, b.x1], [b.y1, b.y1, b.y2, b.y2]
         src = self.scene.to_source_pixels(xs, ys)
@@ -108,7 +109,12 @@ class SceneAnswer:
             "score": round(sb.score, 6),
         }
         if self.scene.georeferenced:
-            out["map_polygon"] = [list(p) for p in self.scene.to_map(xs, ys)]
+            from rasterio.warp import transform
+
+            corners = self.scene.to_map(xs, ys)
+            out["map_polygon"] = [list(p) for p in corners]
+            lon, lat = transform(self.scene.crs, "EPSG:4326", [p[0] for p in corners], [p[1] for p in corners])
+            out["lonlat_polygon"] = [[float(x), float(y)] for x, y in zip(lon, lat, strict=True)]
         return out
 
     def to_json(self) -> dict[str, Any]:
