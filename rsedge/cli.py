@@ -281,8 +281,8 @@ def run_cmd(
 ) -> None:
     """Answer a prompt about one image (or a before/after pair) with a bundle.
 
-    A GeoTIFF (or any raster GDAL reads but Pillow's formats), or any scene option, reads the image as a
-    georeferenced scene (the geo extra): bands, stretch, tiles, GeoJSON and mask GeoTIFF outputs."""
+    A georeferenced raster (GeoTIFF, JPEG 2000, ...), one Pillow cannot take (more bands or bits), or any scene
+    option reads the image as a scene (the geo extra): bands, stretch, tiles, GeoJSON and mask GeoTIFF outputs."""
     from rsedge.runtime.overlay import check_overlay_target, write_overlay
     from rsedge.runtime.pipeline import Pipeline
     from rsedge.runtime.sampling import Sampling
