@@ -15,6 +15,7 @@ from pathlib import Path
 import click
 
 from rsedge.errors import BundleError, OptionError, RsedgeError
+from rsedge.geo.command import GeoRequest, geo_options
 
 
 class RsedgeGroup(click.Group):
@@ -264,6 +265,7 @@ def export_cmd(
     default=None,
     help="TensorRT engines of this bundle (rsedge build-engines -o DIR): they run every graph instead of --device",
 )
+@geo_options
 def run_cmd(
     bundle: Path,
     images: tuple[Path, ...],
@@ -283,8 +285,12 @@ def run_cmd(
     force: bool,
     max_pixels: int | None,
     engines: Path | None,
+    geo: GeoRequest,
 ) -> None:
-    """Answer a prompt about one image (or a before/after pair) with a bundle."""
+    """Answer a prompt about one image (or a before/after pair) with a bundle.
+
+    A georeferenced raster (GeoTIFF, JPEG 2000, ...), one Pillow cannot take (more bands or bits), or any scene
+    option reads the image as a scene (the geo extra): bands, stretch, tiles, GeoJSON and mask GeoTIFF outputs."""
     from rsedge.runtime.overlay import check_overlay_target, write_overlay
     from rsedge.runtime.pipeline import Pipeline
     from rsedge.runtime.sampling import Sampling
@@ -298,10 +304,28 @@ def run_cmd(
         if not images:
             raise OptionError("--overlay needs an image")
         check_overlay_target(overlay, list(images), overwrite=force)
+    from rsedge.geo.command import prepare_scene
+
+    scene = prepare_scene(geo, list(images), prompt, force)  # None: an image for the Pillow path
     with _bundle_load_errors(bundle, verify):
         pipe = Pipeline.load(
             bundle, device=device, threads=threads, verify=verify, trust=list(trust) or None, engines=engines
         )
+    if scene is not None:
+        from rsedge.geo.command import run_scene
+
+        with _onnxruntime_errors(bundle):
+            generate = dict(max_new_tokens=max_new_tokens, sampling=sampling, expert=expert)
+            out = run_scene(pipe, scene, geo, prompt, overlay, force, **generate)
+        click.echo(json.dumps(out, indent=2) if as_json else out["text"])
+        if not as_json:
+            from rsedge.geo.command import summary
+
+            click.echo(summary(out), err=True)
+            for key in ("geojson", "mask_tif", "overlay"):
+                if key in out:
+                    click.echo(f"{key.replace('_', '-')}: {out[key] or 'nothing to draw'}", err=True)
+        return
     on_token = (lambda s: click.echo(s, nl=False)) if stream and not as_json else None
     with _onnxruntime_errors(bundle):
         ans = pipe.generate(

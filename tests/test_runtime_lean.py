@@ -77,6 +77,7 @@ def test_runtime_sources_target_python_310():
             "rsedge/cli.py",
             "rsedge/errors.py",
             "rsedge/fsutil.py",  # the runtime writes overlays and signatures through it
+            "rsedge/geo",  # rsedge run on scenes
         ],
         capture_output=True,
         text=True,

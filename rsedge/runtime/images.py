@@ -39,7 +39,8 @@ _DEPTH_HINT = (
 )
 _BANDS_HINT = (
     "rsedge takes 8-bit RGB: pick its red, green and blue bands and scale them to 8 bits, e.g. "
-    "`gdal_translate -b 1 -b 2 -b 3 -ot Byte -scale in.tif out.png` (GeoTIFF input is not supported yet)"
+    "`gdal_translate -b 1 -b 2 -b 3 -ot Byte -scale in.tif out.png`; or install the geo extra "
+    "(pip install 'rsedge[geo]'), with which `rsedge run --image in.tif --bands 3,2,1` reads the raster itself"
 )
 
 
