@@ -10,10 +10,8 @@ import threading
 
 import numpy as np
 import pytest
-from PIL import Image
-
-pytest.importorskip("fastapi")
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from rsedge.errors import OptionError
 from rsedge.runtime.outputs import mask_for_image
@@ -245,7 +243,7 @@ def test_server_side_paths_under_the_image_root(models, pipe, samples):
 
 def test_deadline_cancels_the_generation(models, samples):
     with client(models, deadline_s=0.3, max_new_tokens=8000) as c:
-        r = c.post("/v1/chat/completions", json=chat_body(VG, [samples / IMAGE], max_tokens=7000))
+        r = c.post("/v1/chat/completions", json=chat_body(VG, [samples / IMAGE], max_tokens=7000, ignore_eos=True))
         assert r.status_code == 504
         assert "deadline of 0.3 s" in r.json()["error"]["message"]
         c.app.state.pool.shutdown()  # waits for the worker: it must stop at its next step, not after 7000

@@ -82,6 +82,7 @@ class Runner:
                 sampling=ask.sampling,
                 on_token=on_token,
                 cancel=cancel,
+                ignore_eos=ask.ignore_eos,
             )
             self._record(ask, ans, arrival)
             return ans
@@ -193,7 +194,10 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         sampling = asks.sampling(body)
         images = [image_from_url(u, f"image {i + 1}", cfg.max_pixels, cfg.image_root) for i, u in enumerate(urls)]
         images += [image_from_bytes(raw, name, cfg.max_pixels) for name, raw in uploads]
-        return Ask(model, images, prompt, n_tokens, sampling)
+        ignore_eos = body.get("ignore_eos", False)
+        if not isinstance(ignore_eos, bool):
+            raise OptionError(f"ignore_eos must be true or false, got {ignore_eos!r}")
+        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos)
 
     async def answer(request: Request, ask: Ask) -> Answer | None:
         """Run ``ask`` to its end; a client that leaves cancels it (None: nobody is left to answer), and so does

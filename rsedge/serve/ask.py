@@ -25,6 +25,7 @@ class Ask:
     prompt: str
     max_new_tokens: int
     sampling: Sampling
+    ignore_eos: bool = False  # decode the whole budget (load tests, benchmarks), as vLLM's extra parameter
 
     @property
     def task(self) -> str:
