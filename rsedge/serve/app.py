@@ -235,17 +235,22 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         ask = await asyncio.to_thread(make_ask, body.get("model"), prompt, urls, body)
         note(request, ask)
         name, rid = ask.model.name, request.state.request_id
+        mask_format = body.get("mask", "rle")  # rsedge's own field: the mask as rle text, png or both
+        if mask_format not in ("rle", "png", "both"):
+            raise OptionError(f"mask must be rle, png or both, got {mask_format!r}")
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return stream_chat(request, ask, name, rid, include_usage)
+            return stream_chat(request, ask, name, rid, include_usage, mask_format)
         ans = await answer(request, ask)
         if ans is None:
             return Response(status_code=499)  # nginx's "client closed request": for the log, nobody reads it
         note(request, ask, ans)
-        extra = asks.answer_json(ans, ask.images)
+        extra = asks.answer_json(ans, ask.images, mask_format)
         return JSONResponse(chat.completion(rid, name, ans, asks.usage(ans), extra))
 
-    def stream_chat(request: Request, ask: Ask, name: str, rid: str, include_usage: bool) -> StreamingResponse:
+    def stream_chat(
+        request: Request, ask: Ask, name: str, rid: str, include_usage: bool, mask_format: str
+    ) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
 
@@ -286,7 +291,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
                 if len(ans.text) > len(streamed) and ans.text.startswith(streamed):
                     # bytes of an unfinished UTF-8 character the token stream held back when decoding stopped
                     yield sse(chat.chunk(rid, name, {"content": ans.text[len(streamed) :]}))
-                extra = {"rsedge": asks.answer_json(ans, ask.images)}
+                extra = {"rsedge": asks.answer_json(ans, ask.images, mask_format)}
                 yield sse(chat.chunk(rid, name, {}, asks.finish_reason(ans), **extra))
                 if include_usage:
                     usage_chunk = chat.chunk(rid, name, {}, usage=asks.usage(ans))
