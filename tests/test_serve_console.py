@@ -95,8 +95,9 @@ def test_a_change_mask_over_the_after_image(page_at, samples):
     assert ask(page, images, "[SEG]", question) == want["text"]
     page.wait_for_timeout(300)  # the mask PNG is decoded asynchronously by the page
     after = np.asarray(Image.open(images[1]).convert("RGB")).astype(int)
-    drawn = np.array([pixel(page, 1, int(x), int(y))[:3] for y, x in zip(*np.nonzero(mask)[:2], strict=True)][:20])
-    under = after[np.nonzero(mask)][:20]
+    ys, xs = (v[:20] for v in np.nonzero(mask))
+    drawn = np.array([pixel(page, 1, int(x), int(y))[:3] for y, x in zip(ys, xs, strict=True)])
+    under = after[ys, xs]
     # tinted red at 45 % where the mask is set (as rsedge run --overlay), within rounding
     np.testing.assert_allclose(drawn, under * 0.55 + np.array([255, 0, 0]) * 0.45, atol=3)
     y, x = (int(v[0]) for v in np.nonzero(~mask))
