@@ -58,7 +58,7 @@ class LiveServer:
 
 def metric(text: str, name: str, **labels: str) -> float:
     """A sample's value from Prometheus text (0 when absent)."""
-    want = ",".join(f'{k}="{v}"' for k, v in labels.items())
+    want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))  # the exposition sorts labels
     key = f"{name}{{{want}}}" if labels else name
     for line in text.splitlines():
         if line.startswith(key + " "):

@@ -136,6 +136,7 @@ def test_queue_full_is_429_with_retry_after(models, samples):
     with client(models, workers=1, queue_size=0) as c:
         pool = c.app.state.pool
         release = threading.Event()
+        pool.admit()
         busy = pool.submit(release.wait, threading.Event(), float("inf"))  # the one worker is held
         try:
             r = c.post("/v1/chat/completions", json=chat_body(VG, [samples / IMAGE], max_tokens=4))
@@ -146,8 +147,32 @@ def test_queue_full_is_429_with_retry_after(models, samples):
         assert int(r.headers["retry-after"]) >= 1
         assert "busy" in r.json()["error"]["message"]
         assert metric(c.get("/metrics").text, "rsedge_rejected_total", reason="queue_full") == 1
+        # refused requests give their place back: one place serves a bad request, then a good one, in turn
+        for _ in range(3):
+            assert c.post("/v1/chat/completions", json=chat_body("[CCD] x", [samples / IMAGE])).status_code == 400
+            assert c.post("/v1/chat/completions", content=b"{").status_code == 400
         again = c.post("/v1/chat/completions", json=chat_body(VG, [samples / IMAGE], max_tokens=4))
         assert again.status_code == 200
+        assert (pool.running, pool.waiting) == (0, 0)
+
+
+def test_metrics_per_task_and_expert(models, samples):
+    with client(models) as c:
+        for prompt in (VG, "[CAP] Describe this image briefly."):
+            assert (
+                c.post("/v1/chat/completions", json=chat_body(prompt, [samples / IMAGE], max_tokens=8)).status_code
+                == 200
+            )
+        text = c.get("/metrics").text
+    name = models.default.name
+    assert metric(text, "rsedge_request_seconds_count", model=name, task="[VG]", expert="1") == 1
+    assert metric(text, "rsedge_request_seconds_count", model=name, task="[CAP]", expert="0") == 1
+    assert metric(text, "rsedge_decode_tokens_per_second_count", model=name, task="[VG]", expert="1") == 1
+    assert metric(text, "rsedge_requests_total", endpoint="/v1/chat/completions", status="200") == 2
+    assert metric(text, "rsedge_queue_depth") == 0
+    # growth of this process's RSS when each part loaded (0 where freed memory was reused)
+    for part in ("bundle", "vision", "expert0", "expert1"):
+        assert metric(text, "rsedge_resident_bytes", model=name, part=part) == models.default.resident[part]
 
 
 def test_api_key(models, samples):
@@ -249,7 +274,7 @@ def test_deadline_cancels_the_generation(models, samples):
         c.app.state.pool.shutdown()  # waits for the worker: it must stop at its next step, not after 7000
         text = c.get("/metrics").text
     assert metric(text, "rsedge_answers_total", stopped_by="cancelled") == 1
-    assert metric(text, "rsedge_generated_tokens_total", model=models.default.name, task="[VG]", expert="1") < 7000
+    assert 0 < metric(text, "rsedge_generated_tokens_total", model=models.default.name, task="[VG]", expert="1") < 7000
 
 
 def test_cancel_stops_decoding(pipe, samples):

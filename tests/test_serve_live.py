@@ -127,7 +127,7 @@ def test_a_client_that_leaves_stops_its_generation(models, samples, stream):
         assert _wait_for(lambda: pool.running == 0 and pool.waiting == 0, timeout=10)
         text = httpx.get(f"{srv.url}/metrics").text
     assert metric(text, "rsedge_answers_total", stopped_by="cancelled") == 1
-    assert metric(text, "rsedge_generated_tokens_total", model=models.default.name, task="[VG]", expert="1") < 7000
+    assert 0 < metric(text, "rsedge_generated_tokens_total", model=models.default.name, task="[VG]", expert="1") < 7000
 
 
 def test_sigterm_finishes_accepted_requests(tiny_bundle, pipe, samples):

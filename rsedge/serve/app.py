@@ -23,6 +23,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rsedge.errors import OptionError, RsedgeError
 from rsedge.runtime.pipeline import Answer
+from rsedge.runtime.router import check_image_count
 from rsedge.serve import ask as asks
 from rsedge.serve import chat
 from rsedge.serve.ask import Ask
@@ -87,12 +88,14 @@ class Runner:
             self._record(ask, ans, arrival)
             return ans
 
+        return self.pool.submit(job, cancel, deadline), cancel, deadline
+
+    def admit(self) -> None:
         try:
-            fut = self.pool.submit(job, cancel, deadline)
+            self.pool.admit()
         except QueueFull:
             self.metrics.rejected.labels("queue_full").inc()
             raise
-        return fut, cancel, deadline
 
     def _record(self, ask: Ask, ans: Answer, arrival: float) -> None:
         labels = (ask.model.name, ans.tag or "none", str(ans.expert))
@@ -114,6 +117,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
     pool = WorkerPool(cfg.workers, cfg.queue_size)
     metrics = ServeMetrics(pool)
     runner = Runner(cfg, pool, metrics)
+    started = int(time.time())
     for m in models.by_name.values():
         for part, grew in m.resident.items():
             metrics.resident.labels(m.name, part).set(grew or 0)
@@ -161,7 +165,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
 
     @app.get("/v1/models")
     async def list_models() -> dict[str, Any]:
-        data = [{"id": name, "object": "model", "owned_by": "rsedge"} for name in models.by_name]
+        data = [{"id": name, "object": "model", "created": started, "owned_by": "rsedge"} for name in models.by_name]
         return {"object": "list", "data": data}
 
     @app.get("/metrics")
@@ -188,7 +192,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         model = models.get(model_name)
         if not prompt.strip():
             raise OptionError("the question is empty")
-        asks.check_prompt(prompt, len(urls) + len(uploads))
+        check_image_count(prompt, len(urls) + len(uploads))  # before any image is decoded
         limit = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_new_tokens")))
         n_tokens = asks.max_tokens(limit, cfg.max_new_tokens)
         sampling = asks.sampling(body)
@@ -204,6 +208,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         the deadline."""
         arrival = request.state.arrival
         fut, cancel, deadline = runner.start(ask, arrival)
+        request.state.submitted = True
         done_fut = asyncio.wrap_future(fut)
         gone = asyncio.ensure_future(_client_gone(request))
         try:
@@ -227,7 +232,16 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
-        request.state.arrival = time.monotonic()
+        request.state.arrival, request.state.submitted = time.monotonic(), False
+        runner.admit()  # 429 before the body is read
+        try:
+            return await _chat_completions(request)
+        except BaseException:
+            if not request.state.submitted:  # a place taken for a request that will not run
+                pool.release()
+            raise
+
+    async def _chat_completions(request: Request) -> Response:
         body = await body_json(request)
         prompt, urls = chat.user_turn(body)
         if body.get("n", 1) != 1:
@@ -257,7 +271,8 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         def on_token(piece: str) -> None:
             loop.call_soon_threadsafe(pieces.put_nowait, piece)
 
-        fut, cancel, deadline = runner.start(ask, request.state.arrival, on_token)  # QueueFull: 429 before any byte
+        fut, cancel, deadline = runner.start(ask, request.state.arrival, on_token)
+        request.state.submitted = True
         fut.add_done_callback(lambda _: loop.call_soon_threadsafe(pieces.put_nowait, _DONE))
 
         def sse(obj: dict[str, Any] | str) -> str:
@@ -309,7 +324,16 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
     @app.post("/v1/rs/answer")
     async def rs_answer(request: Request) -> Response:
         """The task as a field: JSON {task, question, images: [data URIs]} or a multipart form with image files."""
-        request.state.arrival = time.monotonic()
+        request.state.arrival, request.state.submitted = time.monotonic(), False
+        runner.admit()
+        try:
+            return await _rs_answer(request)
+        except BaseException:
+            if not request.state.submitted:  # a place taken for a request that will not run
+                pool.release()
+            raise
+
+    async def _rs_answer(request: Request) -> Response:
         uploads: list[tuple[str, bytes]] = []
         if request.headers.get("content-type", "").startswith("multipart/form-data"):
             form = await request.form(max_files=4, max_fields=32)

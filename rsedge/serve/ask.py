@@ -13,7 +13,7 @@ from PIL import Image
 from rsedge.errors import OptionError
 from rsedge.runtime.outputs import mask_for_image
 from rsedge.runtime.pipeline import Answer
-from rsedge.runtime.router import check_image_count, task_tag
+from rsedge.runtime.router import task_tag
 from rsedge.runtime.sampling import Sampling
 from rsedge.serve.models import ServedModel
 
@@ -30,11 +30,6 @@ class Ask:
     @property
     def task(self) -> str:
         return task_tag(self.prompt) or "none"
-
-
-def check_prompt(prompt: str, num_images: int) -> None:
-    """The task and image count, checked before any image is decoded (a pair for [CAP] is refused at once)."""
-    check_image_count(prompt, num_images)
 
 
 def max_tokens(value: Any, cap: int, default: int = 256) -> int:

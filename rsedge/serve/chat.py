@@ -12,6 +12,7 @@ from typing import Any
 
 from rsedge.errors import OptionError, PromptError
 from rsedge.runtime.pipeline import Answer
+from rsedge.serve.ask import finish_reason
 
 
 def user_turn(body: dict[str, Any]) -> tuple[str, list[str]]:
@@ -44,8 +45,6 @@ def user_turn(body: dict[str, Any]) -> tuple[str, list[str]]:
 
 
 def completion(rid: str, model: str, ans: Answer, usage: dict[str, int], extra: dict[str, Any]) -> dict[str, Any]:
-    from rsedge.serve.ask import finish_reason
-
     return {
         "id": f"chatcmpl-{rid}",
         "object": "chat.completion",

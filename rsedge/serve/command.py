@@ -29,7 +29,7 @@ def serve(
 
     cfg.check_bind()  # before minutes of loading, not after
     logger = logs.setup()
-    with pixel_limit(max(cfg.max_pixels, 1)):  # the service's cap replaces rsedge's default for its image reader
+    with pixel_limit(cfg.max_pixels):  # the service's cap replaces rsedge's default for its image reader
         models = ModelSet.load(bundles, device=device, threads=threads, verify=verify, trust=trust or None)
         for m in models.by_name.values():
             logger.info("loaded", extra={"fields": {"model": m.name, "path": str(m.path), "resident": m.resident}})

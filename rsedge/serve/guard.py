@@ -59,8 +59,7 @@ class Guard:
                 return
             await self.app(scope, self._counted(receive), send_with_id)
         finally:
-            endpoint = scope.get("route_path") or _endpoint(path)
-            self.metrics.requests.labels(endpoint, str(status[0] or 499)).inc()
+            self.metrics.requests.labels(_endpoint(path), str(status[0] or 499)).inc()
             log(
                 logging.INFO,
                 "request",

@@ -46,19 +46,25 @@ class WorkerPool:
     def waiting(self) -> int:
         return self._admitted - self._running
 
-    def submit(self, fn: Callable[[], T], cancel: threading.Event, deadline: float) -> Future[T]:
-        """Queue ``fn``, or raise QueueFull. ``deadline`` is a time.monotonic() instant."""
+    def admit(self) -> None:
+        """Take a place (running or waiting) for a request before its body is read, or raise QueueFull: a
+        burst of large requests then costs no memory beyond the places there are."""
         with self._lock:
-            if self._closed:
-                raise QueueFull(self.retry_after())
-            if self._admitted >= self.workers + self.queue_size:
+            if self._closed or self._admitted >= self.workers + self.queue_size:
                 raise QueueFull(self.retry_after())
             self._admitted += 1
+
+    def release(self) -> None:
+        """Give back an admitted place whose request will not run (it was refused, or its client left)."""
+        with self._lock:
+            self._admitted -= 1
+
+    def submit(self, fn: Callable[[], T], cancel: threading.Event, deadline: float) -> Future[T]:
+        """Run ``fn`` on an admitted place (released when it ends). ``deadline`` is a time.monotonic() instant.
+        Raises QueueFull, its place still taken, if the pool is shutting down."""
         try:
             return self._executor.submit(self._run, fn, cancel, deadline)
-        except RuntimeError:  # the executor shut down between the check and the submit
-            with self._lock:
-                self._admitted -= 1
+        except RuntimeError:  # shut down since the request was admitted
             raise QueueFull(self.retry_after()) from None
 
     def retry_after(self) -> int:
