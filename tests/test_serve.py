@@ -302,3 +302,19 @@ def test_experts_load_on_first_use(tiny_bundle, samples):
     served = fresh.default
     assert sorted(served.pipe._decoders) == [1]  # [VG] only: the [SEG] and [CAP] experts were never loaded
     assert set(health["models"][served.name]["resident_bytes"]) == {"bundle", "vision", "expert1"}
+
+
+def test_request_ids(models):
+    with client(models) as c:
+        given = c.get("/v1/models", headers={"X-Request-Id": "ops-42"})
+        made = c.get("/v1/models")
+    assert given.headers["x-request-id"] == "ops-42"
+    assert len(made.headers["x-request-id"]) == 16
+
+
+def test_console_page_is_served_whole(models):
+    with client(models, api_key="k") as c:
+        page = c.get("/")  # needs no key: it holds no data, and asks for the key itself
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "/v1/chat/completions" in page.text
+    assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere

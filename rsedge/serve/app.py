@@ -21,7 +21,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from rsedge.errors import OptionError, RsedgeError
+from rsedge.errors import BundleError, OptionError, RsedgeError
 from rsedge.runtime.pipeline import Answer
 from rsedge.runtime.router import check_image_count
 from rsedge.serve import ask as asks
@@ -50,6 +50,8 @@ def _status(e: RsedgeError) -> int:
         return 413
     if isinstance(e, DeadlineExceeded):
         return 504
+    if isinstance(e, BundleError):  # a damaged graph or weight file: the service's fault, not the request's
+        return 500
     return 400
 
 
@@ -196,12 +198,16 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         limit = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_new_tokens")))
         n_tokens = asks.max_tokens(limit, cfg.max_new_tokens)
         sampling = asks.sampling(body)
-        images = [image_from_url(u, f"image {i + 1}", cfg.max_pixels, cfg.image_root) for i, u in enumerate(urls)]
-        images += [image_from_bytes(raw, name, cfg.max_pixels) for name, raw in uploads]
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise OptionError(f"ignore_eos must be true or false, got {ignore_eos!r}")
-        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos)
+        mask_format = body.get("mask", "rle")  # rsedge's own field: the mask as rle text, png or both
+        if mask_format not in ("rle", "png", "both"):
+            raise OptionError(f"mask must be rle, png or both, got {mask_format!r}")
+        # images last: every cheaper check has passed before one is decoded
+        images = [image_from_url(u, f"image {i + 1}", cfg.max_pixels, cfg.image_root) for i, u in enumerate(urls)]
+        images += [image_from_bytes(raw, name, cfg.max_pixels) for name, raw in uploads]
+        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos, mask_format)
 
     async def answer(request: Request, ask: Ask) -> Answer | None:
         """Run ``ask`` to its end; a client that leaves cancels it (None: nobody is left to answer), and so does
@@ -249,22 +255,17 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         ask = await asyncio.to_thread(make_ask, body.get("model"), prompt, urls, body)
         note(request, ask)
         name, rid = ask.model.name, request.state.request_id
-        mask_format = body.get("mask", "rle")  # rsedge's own field: the mask as rle text, png or both
-        if mask_format not in ("rle", "png", "both"):
-            raise OptionError(f"mask must be rle, png or both, got {mask_format!r}")
         if body.get("stream"):
             include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
-            return stream_chat(request, ask, name, rid, include_usage, mask_format)
+            return stream_chat(request, ask, name, rid, include_usage)
         ans = await answer(request, ask)
         if ans is None:
             return Response(status_code=499)  # nginx's "client closed request": for the log, nobody reads it
         note(request, ask, ans)
-        extra = asks.answer_json(ans, ask.images, mask_format)
+        extra = asks.answer_json(ans, ask.images, ask.mask_format)
         return JSONResponse(chat.completion(rid, name, ans, asks.usage(ans), extra))
 
-    def stream_chat(
-        request: Request, ask: Ask, name: str, rid: str, include_usage: bool, mask_format: str
-    ) -> StreamingResponse:
+    def stream_chat(request: Request, ask: Ask, name: str, rid: str, include_usage: bool) -> StreamingResponse:
         loop = asyncio.get_running_loop()
         pieces: asyncio.Queue = asyncio.Queue()
 
@@ -306,7 +307,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
                 if len(ans.text) > len(streamed) and ans.text.startswith(streamed):
                     # bytes of an unfinished UTF-8 character the token stream held back when decoding stopped
                     yield sse(chat.chunk(rid, name, {"content": ans.text[len(streamed) :]}))
-                extra = {"rsedge": asks.answer_json(ans, ask.images, mask_format)}
+                extra = {"rsedge": asks.answer_json(ans, ask.images, ask.mask_format)}
                 yield sse(chat.chunk(rid, name, {}, asks.finish_reason(ans), **extra))
                 if include_usage:
                     usage_chunk = chat.chunk(rid, name, {}, usage=asks.usage(ans))
@@ -360,9 +361,6 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         question = body.get("question", "")
         if not isinstance(question, str):
             raise OptionError("question must be a string")
-        mask_format = body.get("mask", "rle")
-        if mask_format not in ("rle", "png", "both"):
-            raise OptionError(f"mask must be rle, png or both, got {mask_format!r}")
         prompt = f"{TASKS[task]} {question}".strip()
         ask = await asyncio.to_thread(make_ask, body.get("model"), prompt, urls, body, uploads)
         note(request, ask)
@@ -371,7 +369,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
             return Response(status_code=499)
         note(request, ask, ans)
         out = {"model": ask.model.name, "task": TASKS[task], "prompt": prompt, "usage": asks.usage(ans)}
-        out.update(asks.answer_json(ans, ask.images, mask_format))
+        out.update(asks.answer_json(ans, ask.images, ask.mask_format))
         return JSONResponse(out)
 
     return app

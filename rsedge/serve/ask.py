@@ -26,6 +26,7 @@ class Ask:
     max_new_tokens: int
     sampling: Sampling
     ignore_eos: bool = False  # decode the whole budget (load tests, benchmarks), as vLLM's extra parameter
+    mask_format: str = "rle"  # a [SEG] answer's mask as run-length text, a PNG, or both
 
     @property
     def task(self) -> str:
