@@ -70,6 +70,10 @@ class ModelSet:
 
     @classmethod
     def load(cls, paths: list[Path], **load_options) -> ModelSet:
+        names = [Path(p).resolve().name for p in paths]
+        twice = sorted({n for n in names if names.count(n) > 1})
+        if twice:  # before minutes of loading, not after
+            raise OptionError(f"two bundles are named {twice[0]!r}; serve them from folders with different names")
         served = []
         for path in paths:
             before = rss_bytes()
