@@ -370,13 +370,8 @@ def serve_cmd(
     **options,
 ) -> None:
     """Serve bundles over HTTP: OpenAI-compatible chat, structured RS answers, metrics, the operator's console."""
-    try:
-        from rsedge.serve.command import serve
-        from rsedge.serve.config import ServeConfig, read_api_key
-    except ImportError as e:
-        raise OptionError(
-            f"rsedge serve needs the serve extra: pip install 'rsedge[serve]' ({e.name} is missing)"
-        ) from None
+    from rsedge.serve.command import serve  # imports FastAPI and uvicorn only when they are there to run
+    from rsedge.serve.config import ServeConfig, read_api_key
 
     options["deadline_s"] = options.pop("deadline")
     key = read_api_key(api_key_file) if api_key_file is not None else None

@@ -254,7 +254,7 @@ class Pipeline:
 
         ``ignore_eos`` decodes the whole budget (benchmarks, parity runs); ``keep_logits`` keeps each
         step's last-position logits on the answer. ``cancel``, once set (a service's client went away or its
-        deadline passed), stops the request before its next graph call: the answer so far is returned with
+        deadline passed), stops the request before its next decode step: the answer so far is returned with
         ``stopped_by="cancelled"``.
         """
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
