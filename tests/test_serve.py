@@ -318,3 +318,25 @@ def test_console_page_is_served_whole(models):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "/v1/chat/completions" in page.text
     assert "http://" not in page.text and "https://" not in page.text  # nothing fetched from elsewhere
+
+
+def test_without_the_serve_extra_one_line(tiny_bundle):
+    import subprocess
+    import sys
+
+    code = (
+        "import importlib.abc, sys\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('fastapi', 'uvicorn', 'starlette', 'prometheus_client'):\n"
+        "            raise ModuleNotFoundError(name, name=name)\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "from rsedge.cli import main\n"
+        "main()\n"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code, "serve", str(tiny_bundle)], capture_output=True, text=True, timeout=60
+    )
+    assert res.returncode == 2
+    assert res.stderr.startswith("error: rsedge serve needs the serve extra: pip install 'rsedge[serve]'")
+    assert len(res.stderr.strip().splitlines()) == 1
