@@ -371,6 +371,45 @@ def _onnxruntime_errors(bundle: Path) -> Iterator[None]:
         raise BundleError(f"{bundle}: onnxruntime refused a graph: {first}") from None
 
 
+@main.command("serve")
+@click.argument("bundles", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option(
+    "--api-key-file", type=click.Path(path_type=Path), default=None, help="clients send its first line as Bearer"
+)
+@click.option("--allow-no-key", is_flag=True, help="serve a non-loopback --host without a key (a closed network)")
+@click.option("--workers", type=int, default=1, show_default=True, help="requests running at once")
+@click.option("--queue-size", type=int, default=16, show_default=True, help="requests waiting; more get 429")
+@click.option("--deadline", type=float, default=300.0, show_default=True, help="seconds from arrival to answer")
+@click.option("--max-body-bytes", type=int, default=32 * 1024 * 1024, show_default=True)
+@click.option("--max-pixels", type=int, default=50_000_000, show_default=True, help="largest image to take")
+@click.option("--max-new-tokens", type=int, default=1024, show_default=True, help="the most a request may ask for")
+@click.option("--image-root", type=click.Path(path_type=Path), default=None, help="allow server-side image paths here")
+@click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
+@click.option("--threads", type=int, default=None, help="onnxruntime threads per session")
+@verify_option
+@click.option(
+    "--trust", multiple=True, type=click.Path(path_type=Path), help="public key the bundles must be signed by"
+)
+def serve_cmd(
+    bundles: tuple[Path, ...],
+    api_key_file: Path | None,
+    device: str,
+    threads: int | None,
+    verify: str,
+    trust: tuple[Path, ...],
+    **options,
+) -> None:
+    """Serve bundles over HTTP: OpenAI-compatible chat, structured RS answers, metrics, the operator's console."""
+    from rsedge.serve.command import serve  # imports FastAPI and uvicorn only when they are there to run
+    from rsedge.serve.config import ServeConfig, read_api_key
+
+    options["deadline_s"] = options.pop("deadline")
+    key = read_api_key(api_key_file) if api_key_file is not None else None
+    serve(list(bundles), ServeConfig(api_key=key, **options), device, threads, verify, list(trust))
+
+
 @main.command("keygen")
 @click.argument("prefix", type=click.Path(path_type=Path))
 def keygen_cmd(prefix: Path) -> None:

@@ -234,11 +234,14 @@ class Pipeline:
         on_token: Callable[[str], None] | None = None,
         keep_logits: bool = False,
         ignore_eos: bool = False,
+        cancel: threading.Event | None = None,
     ) -> Answer:
         """Answer ``prompt`` about ``images``: one, or a before/after pair for [CCD] and a change [SEG].
 
         ``ignore_eos`` decodes the whole budget (benchmarks, parity runs); ``keep_logits`` keeps each
-        step's last-position logits on the answer.
+        step's last-position logits on the answer. ``cancel``, once set (a service's client went away or its
+        deadline passed), stops the request before its next decode step: the answer so far is returned with
+        ``stopped_by="cancelled"``.
         """
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise OptionError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
@@ -280,6 +283,9 @@ class Pipeline:
         t3 = time.perf_counter()
         stopped_by = "max_new_tokens"
         while True:
+            if cancel is not None and cancel.is_set():
+                stopped_by = "cancelled"
+                break
             if keep_logits:
                 seen.append(logits.copy())
             tok = sampler(logits)

@@ -1,0 +1,90 @@
+"""One question for the model, whichever endpoint it came through, and the answer's common JSON parts."""
+
+from __future__ import annotations
+
+import base64
+import io
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from rsedge.errors import OptionError
+from rsedge.runtime.outputs import mask_for_image
+from rsedge.runtime.pipeline import Answer
+from rsedge.runtime.router import task_tag
+from rsedge.runtime.sampling import Sampling
+from rsedge.serve.models import ServedModel
+
+
+@dataclass
+class Ask:
+    model: ServedModel
+    images: list[Image.Image]
+    prompt: str
+    max_new_tokens: int
+    sampling: Sampling
+    ignore_eos: bool = False  # decode the whole budget (load tests, benchmarks), as vLLM's extra parameter
+    mask_format: str = "rle"  # a [SEG] answer's mask as run-length text, a PNG, or both
+
+    @property
+    def task(self) -> str:
+        return task_tag(self.prompt) or "none"
+
+
+def max_tokens(value: Any, cap: int, default: int = 256) -> int:
+    if value is None:
+        return min(default, cap)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= cap:
+        raise OptionError(f"max_tokens must be an integer between 1 and {cap}, got {value!r}")
+    return value
+
+
+def sampling(body: dict[str, Any]) -> Sampling:
+    """temperature / top_p / seed; greedy by default (as `rsedge run`), not the OpenAI API's temperature 1."""
+
+    def number(key: str, default: float) -> float:
+        value = body.get(key)
+        if value is None:
+            return default
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            raise OptionError(f"{key} must be a number, got {value!r}")
+        return float(value)
+
+    seed = body.get("seed")
+    return Sampling(temperature=number("temperature", 0.0), top_p=number("top_p", 1.0), seed=seed)
+
+
+def finish_reason(ans: Answer) -> str:
+    return {"eos": "stop", "max_new_tokens": "length"}.get(ans.stopped_by, ans.stopped_by)
+
+
+def usage(ans: Answer) -> dict[str, int]:
+    return {
+        "prompt_tokens": ans.prompt_tokens,
+        "completion_tokens": len(ans.tokens),
+        "total_tokens": ans.prompt_tokens + len(ans.tokens),
+    }
+
+
+def answer_json(ans: Answer, images: list[Image.Image], mask_format: str = "rle") -> dict[str, Any]:
+    """The answer's structured parts: boxes in pixels of the first image, the mask as run-length text and/or a
+    PNG at the size of the image it belongs to (the second of a pair, for a change mask)."""
+    out = ans.to_json()
+    out.pop("mask", None)
+    out["boxes"] = [b.to_list() for b in ans.boxes]
+    if ans.mask is not None:
+        mask: dict[str, Any] = {"labels": ans.mask.labels, "grid": list(ans.mask.shape)}
+        if mask_format in ("rle", "both"):
+            mask["rle"] = ans.text
+        if mask_format in ("png", "both") and images:
+            target = images[-1]
+            pixels = mask_for_image(ans.mask, target.width, target.height).astype(np.uint8) * 255
+            buf = io.BytesIO()
+            Image.fromarray(pixels, mode="L").save(buf, format="PNG")
+            mask["png"] = base64.b64encode(buf.getvalue()).decode("ascii")
+        out["mask"] = mask
+    else:
+        out["mask"] = None
+    return out

@@ -1,0 +1,105 @@
+"""The operator's console in a real headless Chromium (Debian's, driven by Playwright): an image, a pair and a
+mask, each answer streamed into the page equal to Pipeline.generate's, boxes and masks drawn over the image.
+
+Skipped where Playwright or a Chromium is missing (``apt-get install chromium``; ``pip install playwright``)."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import shutil
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from rsedge.runtime.pipeline import Pipeline
+from rsedge.serve.app import create_app
+from rsedge.serve.config import ServeConfig
+from rsedge.serve.models import ModelSet
+from tests.serve_helpers import IMAGE, PAIR, LiveServer, data_uri
+
+sync_api = pytest.importorskip("playwright.sync_api")
+CHROMIUM = os.environ.get("RSEDGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
+CHANGE_PAIR = ("levircd_test_2_0000_0000_A.png", "levircd_test_2_0000_0000_B.png")
+
+
+@pytest.fixture(scope="module")
+def demo_bundle(tmp_path_factory):
+    """The built-in model: unlike the random tiny one it answers with real boxes and masks to draw."""
+    from rsedge.demo import BUILTIN_MODEL
+    from rsedge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "demo"
+    export_bundle(BUILTIN_MODEL, out, precision="fp32")
+    return out
+
+
+@pytest.fixture(scope="module")
+def page_at(demo_bundle):
+    with LiveServer(create_app(ModelSet.load([demo_bundle]), ServeConfig())) as srv, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1280, "height": 800})
+        page.goto(srv.url + "/")
+        page.wait_for_function("document.getElementById('model').options.length > 0")
+        yield page, srv.url
+        browser.close()
+
+
+def ask(page, files, task: str, question: str) -> str:
+    page.set_input_files("#files", [str(f) for f in files])
+    page.wait_for_function(f"document.querySelectorAll('canvas').length === {len(files)}")
+    page.select_option("#task", task)
+    page.fill("#question", question)
+    page.click("#ask")
+    page.wait_for_function("document.getElementById('meta').textContent.includes('expert')", timeout=60_000)
+    assert page.text_content("#error") == ""
+    return page.text_content("#answer")
+
+
+def pixel(page, canvas: int, x: int, y: int) -> list[int]:
+    return page.evaluate(
+        f"Array.from(document.querySelectorAll('canvas')[{canvas}].getContext('2d').getImageData({x}, {y}, 1, 1).data)"
+    )
+
+
+def test_boxes_over_an_image(page_at, demo_bundle, samples):
+    page, _ = page_at
+    want = Pipeline.load(demo_bundle).generate([samples / IMAGE], "[VG] Where is the windmill?")
+    assert want.boxes, "the built-in model finds the windmill"
+    assert ask(page, [samples / IMAGE], "[VG]", "Where is the windmill?") == want.text
+    box = want.boxes[0]
+    # the first box is outlined in blue, as rsedge run --overlay draws it
+    assert pixel(page, 0, round(box.x1), round((box.y1 + box.y2) / 2))[:3] == [0, 0, 255]
+
+
+def test_a_pair(page_at, demo_bundle, samples):
+    page, _ = page_at
+    prompt = "Please briefly describe the changes in these two images."
+    want = Pipeline.load(demo_bundle).generate([samples / n for n in PAIR], f"[CCD] {prompt}")
+    assert ask(page, [samples / n for n in PAIR], "[CCD]", prompt) == want.text
+    assert page.locator("figcaption").all_text_contents() == [f"before: {PAIR[0]}", f"after: {PAIR[1]}"]
+
+
+def test_a_change_mask_over_the_after_image(page_at, samples):
+    page, url = page_at
+    images = [samples / n for n in CHANGE_PAIR]
+    question = "Please segment the building area that have changed in the second image."
+    body = {"task": "seg", "question": question, "images": [data_uri(p) for p in images], "mask": "png"}
+    want = httpx.post(f"{url}/v1/rs/answer", json=body, timeout=60).json()
+    mask = np.asarray(Image.open(io.BytesIO(base64.b64decode(want["mask"]["png"])))) > 0
+    assert mask.any(), "the built-in model outlines changed buildings"
+    assert ask(page, images, "[SEG]", question) == want["text"]
+    page.wait_for_timeout(300)  # the mask PNG is decoded asynchronously by the page
+    after = np.asarray(Image.open(images[1]).convert("RGB")).astype(int)
+    ys, xs = (v[:20] for v in np.nonzero(mask))
+    drawn = np.array([pixel(page, 1, int(x), int(y))[:3] for y, x in zip(ys, xs, strict=True)])
+    under = after[ys, xs]
+    # tinted red at 45 % where the mask is set (as rsedge run --overlay), within rounding
+    np.testing.assert_allclose(drawn, under * 0.55 + np.array([255, 0, 0]) * 0.45, atol=3)
+    y, x = (int(v[0]) for v in np.nonzero(~mask))
+    assert pixel(page, 1, x, y)[:3] == after[y, x].tolist()  # untouched elsewhere
+    assert pixel(page, 0, x, y)[:3] == np.asarray(Image.open(images[0]).convert("RGB"))[y, x].tolist()
