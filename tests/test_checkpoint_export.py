@@ -12,9 +12,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from rsedge.errors import CheckpointError, ExportValidationError, OptionError
-from rsedge.export import bundle as bundle_mod
 from rsedge.export import validate as validate_mod
 from rsedge.export.bundle import export_bundle
+from rsedge.models.rsunivlm import exporter as bundle_mod
 from rsedge.models.rsunivlm.checkpoint import _save_sharded
 from rsedge.models.rsunivlm.config import RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM

@@ -90,7 +90,7 @@ def test_verify_none_on_truncated_files(rel, tiny_bundle, tmp_path, samples):
 @pytest.fixture
 def no_checkpoint_reading(monkeypatch):
     """Fail the test if export reads the checkpoint's weights: a bad output path must be refused first."""
-    from rsedge.export import bundle as bundle_mod
+    from rsedge.models.rsunivlm import exporter as bundle_mod
 
     def refuse(*args, **kwargs):
         raise AssertionError("the checkpoint was read before the output path was checked")
@@ -192,7 +192,7 @@ def test_export_with_a_bad_router(table, needle, tiny_checkpoint, tmp_path, no_c
 def test_the_loser_of_two_concurrent_exports(tiny_checkpoint, tmp_path, monkeypatch):
     """Both exports pass the early check; the other one moves its bundle into place first. This one must say so
     in one line, leave the winner's bundle as it is, and remove its own temporary folder."""
-    from rsedge.export import bundle as bundle_mod
+    from rsedge.models.rsunivlm import exporter as bundle_mod
 
     out = tmp_path / "bundle"
     real = bundle_mod.copy_tokenizer

@@ -89,7 +89,8 @@ def test_engine_builder_checks_the_bundle_first(tiny_bundle, tmp_path, monkeypat
 
 
 def test_checkpoint_is_hashed_once_per_export(tiny_checkpoint, tmp_path, monkeypatch):
-    from rsedge.export import bundle as bundle_mod
+    from rsedge.export.bundle import export_bundle
+    from rsedge.models.rsunivlm import exporter as bundle_mod
 
     monkeypatch.setenv("RSEDGE_CACHE", str(tmp_path / "cache"))
     calls: list[Path] = []
@@ -100,7 +101,7 @@ def test_checkpoint_is_hashed_once_per_export(tiny_checkpoint, tmp_path, monkeyp
         return real(path)
 
     monkeypatch.setattr(bundle_mod, "checkpoint_hash", counted)
-    m = bundle_mod.export_bundle(
+    m = export_bundle(
         tiny_checkpoint, tmp_path / "b", precision="int4", block_size=32, algorithm="awq", validate=False
     )
     assert len(calls) == 1

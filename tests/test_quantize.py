@@ -147,7 +147,7 @@ def test_int8_activation_graphs_are_also_checked_with_float_activations(int4_bun
 
 def test_one_wrongly_scaled_block_fails_quantized_validation(tiny_checkpoint, tmp_path, monkeypatch):
     """A packing error in one weight block (5 % off) is caught by the float-activation twin, which runs first."""
-    import rsedge.export.bundle as bundle_mod
+    import rsedge.models.rsunivlm.exporter as bundle_mod
     from rsedge.errors import ExportValidationError
 
     real = bundle_mod.apply_fake_quant

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from safetensors import safe_open
 
-import rsedge.export.bundle as bundle_mod
+import rsedge.models.rsunivlm.exporter as bundle_mod
 from rsedge.export.bundle import export_bundle
 from rsedge.export.validate import TOLERANCES
 from rsedge.runtime.pipeline import Pipeline

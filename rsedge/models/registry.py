@@ -20,7 +20,7 @@ from rsedge.errors import CheckpointError
 class Architecture:
     name: str
     model_types: tuple[str, ...]
-    module: str  # must define CONFIG, REFERENCE, make_checkpoint and export
+    module: str  # must define CONFIG, REFERENCE, make_checkpoint, EXPORTER (an export.driver.Exporter) and export
 
     def load(self) -> ModuleType:
         return importlib.import_module(self.module)

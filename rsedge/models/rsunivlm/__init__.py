@@ -19,6 +19,10 @@ def __getattr__(name: str) -> Any:
         from rsedge.models.rsunivlm.checkpoint import make_checkpoint
 
         return make_checkpoint
+    if name == "EXPORTER":
+        from rsedge.models.rsunivlm.exporter import RSUniVLMExporter
+
+        return RSUniVLMExporter
     if name == "export":
         from rsedge.export.bundle import export_bundle
 

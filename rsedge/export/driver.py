@@ -1,0 +1,239 @@
+"""The generic export driver: options -> recipe -> calibration -> exporter -> graphs -> validation -> atomic write.
+
+What an architecture contributes is an :class:`Exporter` (found through ``rsedge.models.registry``): its config and
+tensors, its reference model, its graphs, the manifest sections it owns and its validation. Everything else, the
+option rules, the quantization recipe and plan, the calibration set and its per-expert record, the static INT8
+vision pass, the onnxruntime requirement, the file hashes and the all-or-nothing write, is here, once.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import onnx
+
+from rsedge.calibration.calibset import CalibrationSet, resolve_calibration
+from rsedge.errors import OptionError
+from rsedge.export.ort_requirements import bundle_runtime
+from rsedge.export.records import graph_io, tool_versions
+from rsedge.export.weight_store import WeightStore
+from rsedge.fsutil import atomic_folder, refuse_existing
+from rsedge.quantize.recipes import QuantPlan, Recipe, make_recipe
+from rsedge.quantize.vision_int8 import quantize_vision
+from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+
+PRECISIONS = ("fp32", "fp16", "int8", "int4")
+GRAPH_DTYPES = {"fp32": np.float32, "fp16": np.float16}
+Progress = Callable[[str], None]
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """Every choice an export takes, checked once (:meth:`resolve`) before any file is read.
+
+    ``precision``: the weights' (fp32, fp16, int8, int4); ``compute``: the graphs' activation dtype (quantized
+    bundles default to fp32 for the onnxruntime form, fp16 for the TensorRT qdq form). ``form``: "ort"
+    (MatMulNBits) or "qdq" (DequantizeLinear, TensorRT >= 10). ``algorithm`` "awq" calibrates INT4/INT8 scales on
+    ``calibration`` ("rs-default": the shipped RS images). ``vision`` "int8" quantizes the vision graph with static
+    Q/DQ (the int8 default), "model" keeps it. ``keep``: regexes of decoder weight names kept unquantized.
+    ``attention``: the decoder's attention form (default "gqa-shared" for the MatMulNBits form, which only
+    onnxruntime runs, "standard" elsewhere). ``prefill`` "int8" adds an INT8 prefill twin per decoder graph.
+    ``router``: a task-routed model's table, overriding its checkpoint's.
+    """
+
+    precision: str = "fp32"
+    router: Mapping[str, int] | None = None
+    validate: bool = True
+    block_size: int = 128
+    form: str = "ort"
+    compute: str | None = None
+    algorithm: str = "rtn"
+    calibration: str | Path = "rs-default"
+    vision: str | None = None
+    vision_calibration: str = "percentile"
+    attention: str | None = None
+    keep: tuple[str, ...] = ()
+    prefill: str = "same"
+    recipe: Recipe | None = field(default=None, compare=False)
+
+    def resolve(self) -> ExportOptions:
+        """The options with their defaults filled in and the recipe made; OptionError for a combination no
+        target runs."""
+        if self.precision not in PRECISIONS:
+            raise OptionError(f"unknown precision {self.precision!r}; this export writes {', '.join(PRECISIONS)}")
+        recipe = make_recipe(
+            self.precision,
+            block_size=self.block_size,
+            form=self.form,
+            algorithm=self.algorithm,
+            vision=self.vision,
+            vision_calibration=self.vision_calibration,
+            keep=tuple(self.keep),
+        )
+        compute = self.compute or (self.precision if recipe is None else ("fp16" if self.form == "qdq" else "fp32"))
+        if compute not in GRAPH_DTYPES or (recipe is None and compute != self.precision):
+            raise OptionError(f"compute dtype {compute!r} does not fit precision {self.precision!r}")
+        attention = self.attention or ("gqa-shared" if recipe is not None and self.form == "ort" else "standard")
+        if self.prefill not in ("same", "int8"):
+            raise OptionError(f"prefill must be same or int8, got {self.prefill!r}")
+        if self.prefill == "int8" and (recipe is None or self.form != "ort" or compute != "fp32"):
+            raise OptionError(
+                "an INT8 prefill twin needs an INT8/INT4 bundle of the onnxruntime form (--form ort) with fp32 "
+                "compute (onnxruntime's DynamicQuantizeMatMul takes float32 activations)"
+            )
+        return ExportOptions(**{**self.__dict__, "compute": compute, "attention": attention, "recipe": recipe})
+
+    @property
+    def dtype(self) -> type:
+        return GRAPH_DTYPES[self.compute or self.precision]
+
+
+@dataclass
+class ExportContext:
+    """What the driver hands an exporter's hooks: the temporary bundle folder and the export's shared state."""
+
+    tmp: Path
+    options: ExportOptions
+    plan: QuantPlan | None
+    calibration: CalibrationSet | None
+    source_hash: str
+    progress: Progress
+    calib_record: dict[str, Any] | None = None
+    store: WeightStore | None = None
+
+
+class Exporter(ABC):
+    """One architecture's export: subclass, set ``architecture`` (the manifest's), register the class as its model
+    package's ``EXPORTER``. One instance per export."""
+
+    architecture: ClassVar[str]
+
+    def __init__(self, checkpoint: Path, options: ExportOptions) -> None:
+        self.checkpoint = checkpoint
+        self.options = options
+
+    @abstractmethod
+    def check(self) -> None:
+        """Read the checkpoint's config and check the options against it (e.g. a router's expert indices), before
+        the output folder exists."""
+
+    @abstractmethod
+    def load(self, progress: Progress) -> None:
+        """Read the tensors (strictly) and refuse non-finite weights."""
+
+    @abstractmethod
+    def checkpoint_hash(self) -> str:
+        """A digest of the checkpoint's config and weights: the manifest's source record and the AWQ cache key."""
+
+    def calibration_routing(self, calib: CalibrationSet) -> list[int]:
+        """The expert each calibration item goes to under this bundle's routing (all 0 for a dense model)."""
+        return [0] * len(calib.items)
+
+    def num_experts(self) -> int:
+        return 1
+
+    @abstractmethod
+    def collect_statistics(self, ctx: ExportContext, routing: list[int]) -> bool:
+        """Activation statistics for AWQ into ``ctx.plan.stats``; returns whether they came from the cache."""
+
+    @abstractmethod
+    def write_graphs(self, ctx: ExportContext) -> tuple[dict[str, Any], dict[str, Any]]:
+        """Every graph and raw array into ``ctx.tmp`` (``ctx.store`` set); returns the manifest's ``graphs`` and
+        ``arrays``."""
+
+    def vision_graph_size(self) -> int:
+        """The side of the vision graph's square input (static INT8 calibration feeds it)."""
+        raise NotImplementedError
+
+    @abstractmethod
+    def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:
+        """The sections the architecture owns: model, router, preprocess, prompt, tokenizer."""
+
+    @abstractmethod
+    def validate(self, ctx: ExportContext, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Check every graph in ``ctx.tmp`` against the reference; returns the manifest's ``validation``."""
+
+    def graph_files(self, graphs: dict[str, Any]) -> list[str]:
+        """Every ONNX file the manifest names (the onnxruntime requirement reads their ops)."""
+        files = [g["file"] for k, g in graphs.items() if "file" in g]
+        for entry in graphs.get("decoder", {}).get("experts", {}).values():
+            files += [entry["file"], *([entry["prefill_file"]] if "prefill_file" in entry else [])]
+        return files
+
+
+def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, Any]:
+    """Drive ``exporter`` into the bundle folder ``out``; returns the manifest. Nothing is left at ``out`` unless
+    every step (validation included) passed."""
+    opts = exporter.options
+    recipe = opts.recipe
+    refuse_existing(out)
+    t_start = time.perf_counter()
+    exporter.check()
+    with atomic_folder(out) as tmp:  # entered first: an unwritable output fails before the checkpoint is read
+        progress("reading checkpoint")
+        exporter.load(progress)
+        source_hash = exporter.checkpoint_hash()  # once: the AWQ cache key and the manifest's record
+        plan = QuantPlan(recipe) if recipe is not None else None
+        calib = resolve_calibration(opts.calibration) if recipe is not None and recipe.needs_calibration else None
+        ctx = ExportContext(tmp, opts, plan, calib, source_hash, progress)
+        routing: list[int] = []
+        if calib is not None:
+            # Each item goes to the expert this bundle's router picks, which --router may move.
+            routing = exporter.calibration_routing(calib)
+            ctx.calib_record = {
+                "name": calib.name,
+                "sha256": calib.content_hash,
+                "items": len(calib.items),
+                "per_expert": {str(e): routing.count(e) for e in range(exporter.num_experts())},
+            }
+        if plan is not None and recipe.algorithm == "awq":
+            progress("collecting calibration statistics")
+            ctx.calib_record["statistics_cached"] = exporter.collect_statistics(ctx, routing)
+        graphs, arrays = exporter.write_graphs(ctx)
+        if recipe is not None and recipe.vision == "int8" and "vision" in graphs:
+            progress(f"quantizing the vision graph to INT8 ({recipe.vision_calibration} calibration)")
+            src = graphs["vision"]["file"]
+            quantize_vision(tmp / src, tmp / "vision_int8.onnx", calib, exporter.vision_graph_size(),
+                            recipe.vision_calibration)  # fmt: skip
+            (tmp / src).unlink()
+            (tmp / src).with_suffix(".bin").unlink(missing_ok=True)
+            vision = onnx.load(str(tmp / "vision_int8.onnx"), load_external_data=False)
+            graphs["vision"] = {"file": "vision_int8.onnx", "quantized": "int8-qdq", **graph_io(vision)}
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "architecture": exporter.architecture,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "precision": opts.precision,
+            "compute_dtype": opts.compute,
+            "quantization": recipe.to_json() if recipe is not None else None,
+            "calibration": ctx.calib_record,
+            "source": {"checkpoint": str(exporter.checkpoint.resolve()), "sha256": source_hash},
+            **exporter.manifest_sections(ctx),
+            "arrays": arrays,
+            "graphs": graphs,
+            "tools": tool_versions(),
+        }
+        # The oldest onnxruntime that runs these graphs (the runtime refuses an older one with that reason).
+        manifest["runtime"] = bundle_runtime(tmp / f for f in exporter.graph_files(graphs))
+        if plan is not None and plan.awq:
+            manifest["awq"] = plan.summary()
+        if opts.validate:
+            progress("validating against the PyTorch reference")
+            manifest["validation"] = exporter.validate(ctx, manifest)
+        manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
+        manifest["files"] = {
+            str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in sorted(tmp.rglob("*"))
+            if p.is_file()
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
