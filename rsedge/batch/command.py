@@ -88,14 +88,11 @@ def batch_cmd(
 
         pool = RayPool(spec, job, ray_address, workers, threads, log=lambda m: click.echo(m, err=True))
     else:
-        from dataclasses import replace
-
         from rsedge.batch.local import LocalPool, available_memory, plan_pool, usable_cpus, worker_bytes
 
         chosen = expert if expert is not None else route(prompt, opened.router["table"], opened.router["default"])
         plan = plan_pool(workers, threads, usable_cpus(), worker_bytes(opened.manifest, chosen), available_memory())
-        click.echo(f"{plan.workers} workers x {plan.threads} threads ({plan.why})", err=True)
-        pool = LocalPool(replace(spec, threads=plan.threads), job, plan.workers)
+        pool = LocalPool(spec, job, plan, log=lambda m: click.echo(m, err=True))
     show = sys.stderr.isatty()
     summary = run_batch(out, header, items, pool, left_out=left_out, retry_errors=retry_errors, progress=show)
     click.echo(summary.line())

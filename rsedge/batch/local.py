@@ -8,9 +8,10 @@ half-initialised onnxruntime thread pool.
 
 from __future__ import annotations
 
+import dataclasses
 import multiprocessing
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -104,13 +105,17 @@ def _answer(item: Item) -> dict[str, Any]:
 
 
 class LocalPool:
-    """``with LocalPool(spec, job, workers) as pool: for record in pool.answers(items): ...``"""
+    """``with LocalPool(spec, job, plan) as pool: for record in pool.answers(items): ...``; the plan's threads
+    replace the spec's."""
 
-    def __init__(self, spec: PipelineSpec, job: Job, workers: int) -> None:
-        self.spec, self.job, self.workers = spec, job, workers
+    def __init__(self, spec: PipelineSpec, job: Job, plan: PoolPlan, log: Callable[[str], None] | None = None) -> None:
+        self.spec, self.job, self.plan, self.log = dataclasses.replace(spec, threads=plan.threads), job, plan, log
+        self.workers = plan.workers
         self._executor: ProcessPoolExecutor | None = None
 
     def __enter__(self) -> LocalPool:
+        if self.log is not None:
+            self.log(f"{self.plan.workers} workers x {self.plan.threads} threads ({self.plan.why})")
         self._executor = ProcessPoolExecutor(
             max_workers=self.workers,
             mp_context=multiprocessing.get_context("spawn"),
