@@ -3,6 +3,7 @@ kill survived without losing or redoing an item, another job's output refused.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -111,22 +112,43 @@ def _start(bundle: Path, inputs: Path, out: Path, job: Job) -> subprocess.Popen:
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        start_new_session=True,  # its own process group: the kill takes the workers too, as a power cut would
+        start_new_session=True,  # its own process group, for the clean-up kill
     )
 
 
+def _children(pid: int) -> list[int]:
+    return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").is_dir(), reason="reads a process's children from Linux's /proc")
 def test_killed_half_way_then_resumed(tiny_bundle, tmp_path):
     archive = make_archive(tmp_path / "archive", copies=6, corrupt=False)  # 48 images
     out = tmp_path / "out.jsonl"
     job = Job(VG.prompt, max_new_tokens=48)
     proc = _start(tiny_bundle, archive, out, job)
-    deadline = time.monotonic() + 120
-    while (not out.exists() or out.read_bytes().count(b"\n") < 8) and proc.poll() is None:
-        assert time.monotonic() < deadline, "the batch wrote no answers"
-        time.sleep(0.005)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL, "the batch finished before it was killed: the test proves nothing"
+    try:
+        deadline = time.monotonic() + 120
+        while (not out.exists() or out.read_bytes().count(b"\n") < 8) and proc.poll() is None:
+            assert time.monotonic() < deadline, "the batch wrote no answers"
+            time.sleep(0.005)
+        workers = _children(proc.pid)
+        proc.kill()  # the driver only, as the OOM killer would: its worker must not outlive it
+        proc.wait(timeout=30)
+        assert proc.returncode == -signal.SIGKILL, "the batch finished before it was killed: the test proves nothing"
+        deadline = time.monotonic() + 20
+        while any(_alive(w) for w in workers):
+            assert time.monotonic() < deadline, "a worker outlived its killed driver"
+            time.sleep(0.1)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
     before = out.read_bytes()
     kept = before[: before.rfind(b"\n") + 1]  # complete lines (a torn last one is redone)
     n_kept = kept.count(b"\n") - 1

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -92,6 +94,15 @@ _pipe = None
 def _init_worker(spec: PipelineSpec, job: Job) -> None:
     global _spec, _job
     _spec, _job = spec, job
+    threading.Thread(target=_exit_with_driver, args=(os.getppid(),), daemon=True).start()
+
+
+def _exit_with_driver(driver: int) -> None:
+    """End this worker once the driver is gone: a driver killed outright (SIGKILL, the OOM killer) cannot shut its
+    pool down, and its workers would otherwise wait on their queue for ever, each holding a loaded model."""
+    while os.getppid() == driver:
+        time.sleep(1.0)
+    os._exit(1)
 
 
 def _answer(item: Item) -> dict[str, Any]:
