@@ -93,7 +93,7 @@ def main() -> None:
     spec = PipelineSpec(str(bundle))
     ray = import_ray()
     t0 = time.perf_counter()
-    ray.init(num_cpus=usable_cpus(), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=usable_cpus(), include_dashboard=False, logging_level="WARNING")
     ray_init_s = time.perf_counter() - t0
     names = ["local, 1 worker", "local, 2 workers", "Ray, 2 actors"]
     runs: dict[str, list[dict]] = {n: [] for n in names}

@@ -220,7 +220,9 @@ def test_bad_options_are_one_line(tiny_bundle, tmp_path, samples):
     res = run("batch", tmp_path, "--prompt", VG.prompt, "--inputs", inputs, "--out", tmp_path / "o")
     assert_one_error_line(res, "not a bundle")
     assert_one_error_line(run(*base, "--inputs", inputs, "--out", tmp_path / "o", "--workers", "0"), "--workers")
-    assert not (tmp_path / "o").exists()  # refusals before the output is opened leave none
+    # no cluster there (or no Ray installed): refused after the output was opened, which is then removed
+    assert_one_error_line(run(*base, "--inputs", inputs, "--out", tmp_path / "o", "--ray", "127.0.0.1:1"), "--ray")
+    assert not (tmp_path / "o").exists()  # no refusal leaves an output behind
 
 
 def test_one_writer_at_a_time(tiny_bundle, tmp_path):

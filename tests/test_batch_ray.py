@@ -29,7 +29,11 @@ VG = Job("[VG] Where is the storage tank?", max_new_tokens=12)
 def ray_cluster():
     path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
     ray.init(
-        num_cpus=2, include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": {"PYTHONPATH": path}}
+        address="local",
+        num_cpus=2,
+        include_dashboard=False,
+        logging_level="WARNING",
+        runtime_env={"env_vars": {"PYTHONPATH": path}},
     )
     yield
     ray.shutdown()

@@ -59,6 +59,7 @@ class Journal:
     header: dict[str, Any]
     done: dict[str, bool] = field(default_factory=dict)  # id -> ok, by the last record of each id
     torn: int = 0  # torn last lines cut off on opening (0 or 1)
+    created: bool = False  # this open wrote the header: the file holds nothing of an earlier run
 
     @classmethod
     def open(cls, path: Path, header: dict[str, Any]) -> Journal:
@@ -105,6 +106,7 @@ class Journal:
         lines = data.splitlines()
         if not lines:
             self._write_line(self.header)
+            self.created = True
             return
         first = _parse(lines[0])
         if not isinstance(first, dict) or first.get("format") != FORMAT:

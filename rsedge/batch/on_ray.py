@@ -93,8 +93,9 @@ class RayPool:
         ray = import_ray()
         if not ray.is_initialized():
             if self.address == "local":
-                ray.init(num_cpus=usable_cpus(), include_dashboard=False, logging_level="WARNING")
+                ray.init(address="local", num_cpus=usable_cpus(), include_dashboard=False, logging_level="WARNING")
             else:
+                _probe(self.address)
                 try:
                     ray.init(address=self.address, logging_level="WARNING")
                 except ConnectionError as e:
@@ -138,6 +139,17 @@ class RayPool:
             for ref in done:
                 load[pending.pop(ref)] -= 1
                 yield _get(ray, ref)
+
+
+def _probe(address: str, timeout: float = 5.0) -> None:
+    """Refuse a HOST:PORT no cluster answers on in one line: ray.init retries such an address for minutes."""
+    host, sep, port = address.rpartition(":")
+    if address == "auto" or "://" in address or not sep or not port.isdigit():
+        return  # auto is found by Ray itself; ray:// client addresses speak another protocol
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as e:
+        raise OptionError(f"--ray {address}: no Ray cluster answers there ({e.strerror or e})") from None
 
 
 def _get(ray: Any, ref: Any) -> dict[str, Any]:

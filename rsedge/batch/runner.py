@@ -79,9 +79,10 @@ def run_batch(
     """Answer every item ``out`` does not hold yet (with ``retry_errors``, also those it holds as errors: the new
     record supersedes the old), appending one line per item. The pool is started only when there is work."""
     journal = Journal.open(out, header)  # a wrong --out is refused before any worker starts
+    summary = Summary(len(items), 0, 0, 0, journal.torn, left_out, 0.0, None)
     try:
         todo = [it for it in items if it.id not in journal.done or (retry_errors and not journal.done[it.id])]
-        summary = Summary(len(items), len(items) - len(todo), 0, 0, journal.torn, left_out, 0.0, None)
+        summary.skipped = len(items) - len(todo)
         if not todo:
             return summary
         t0 = time.perf_counter()
@@ -95,6 +96,10 @@ def run_batch(
                 advance()
         summary.seconds = time.perf_counter() - t0
         return summary
+    except BaseException:
+        if journal.created and not summary.answered:  # failed before any answer: leave no header-only file
+            journal.path.unlink(missing_ok=True)
+        raise
     finally:
         journal.close()
 
