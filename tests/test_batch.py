@@ -18,6 +18,7 @@ from rsedge.batch.answer import Job, PipelineSpec
 from rsedge.batch.items import PairRule, collect_items, make_items
 from rsedge.batch.journal import Journal, job_header
 from rsedge.batch.local import LocalPool, plan_pool
+from rsedge.batch.on_ray import plan_actors
 from rsedge.batch.runner import run_batch
 from rsedge.errors import OptionError, OutputError
 from rsedge.runtime.bundle import Bundle
@@ -220,6 +221,10 @@ def test_bad_options_are_one_line(tiny_bundle, tmp_path, samples):
     res = run("batch", tmp_path, "--prompt", VG.prompt, "--inputs", inputs, "--out", tmp_path / "o")
     assert_one_error_line(res, "not a bundle")
     assert_one_error_line(run(*base, "--inputs", inputs, "--out", tmp_path / "o", "--workers", "0"), "--workers")
+    res = run(*base, "--inputs", inputs, "--out", tmp_path / "o", "--expert", "3")
+    assert_one_error_line(res, "--expert", "0 and 2")
+    res = run("batch", tiny_bundle, "--prompt", "  ", "--inputs", inputs, "--out", tmp_path / "o")
+    assert_one_error_line(res, "prompt is empty")
     # no cluster there (or no Ray installed): refused after the output was opened, which is then removed
     assert_one_error_line(run(*base, "--inputs", inputs, "--out", tmp_path / "o", "--ray", "127.0.0.1:1"), "--ray")
     assert not (tmp_path / "o").exists()  # no refusal leaves an output behind
@@ -248,3 +253,20 @@ def test_pool_sized_to_cpus_and_memory():
     assert plan(None, None, 2, gib, None) == (1, 2)
     assert plan(3, None, 16, gib, None) == (3, 5)
     assert plan(None, 2, 8, 0, None) == (4, 2)
+
+
+def test_ray_actors_planned_over_nodes():
+    """Actors of --threads CPUs placed over nodes' CPUs (pure arithmetic: runs without Ray)."""
+
+    def plan(*args):
+        p = plan_actors(*args)
+        return p.workers, p.threads
+
+    assert plan(None, None, [16, 8]) == (6, 4)  # 4 + 2 actors of 4 threads
+    assert plan(None, None, [2]) == (1, 2)  # a small node: threads capped at its CPUs
+    assert plan(2, None, [1, 1]) == (2, 1)
+    assert plan(3, 2, [4, 2]) == (3, 2)
+    with pytest.raises(OptionError, match="places 2 actors"):
+        plan_actors(3, 2, [2, 3])  # Ray would leave the third pending for ever
+    with pytest.raises(OptionError, match="no node"):
+        plan_actors(None, 8, [4, 4])

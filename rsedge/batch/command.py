@@ -73,14 +73,20 @@ def batch_cmd(
     from rsedge.batch.items import PairRule, collect_items
     from rsedge.batch.journal import job_header
     from rsedge.batch.runner import run_batch
+    from rsedge.errors import OptionError, PromptError
     from rsedge.runtime.bundle import Bundle
     from rsedge.runtime.router import route
 
+    if not prompt.strip():
+        raise PromptError("the prompt is empty")
     job = Job(prompt, max_new_tokens, temperature, top_p, seed, expert)
     job.sampling()  # its checks, before anything is read
     rule = None if pairs.strip().lower() == "none" else PairRule.parse(pairs)
     items, left_out = collect_items(inputs, prompt, rule)
     opened = Bundle.open(bundle, verify=verify, trust=list(trust) or None)  # a bad bundle fails here, not in N workers
+    experts = len(opened.graph("decoder")["experts"])
+    if expert is not None and not 0 <= expert < experts:  # else every item would be the same error line
+        raise OptionError(f"--expert must be between 0 and {experts - 1}, got {expert}")
     header = job_header(bundle, opened.manifest_bytes, job)
     spec = PipelineSpec(str(bundle.resolve()), device, threads, verify, tuple(str(t.resolve()) for t in trust))
     if ray_address is not None:

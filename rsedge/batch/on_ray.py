@@ -102,12 +102,19 @@ class RayPool:
                     raise OptionError(f"--ray {self.address}: no Ray cluster there ({e})") from None
             self._owns_ray = True
         try:
-            nodes = [int(n["Resources"].get("CPU", 0)) for n in ray.nodes() if n.get("Alive")]
-            self.plan = plan_actors(*self.asked, nodes)
+            alive = [n["Resources"] for n in ray.nodes() if n.get("Alive")]
+            self.plan = plan_actors(*self.asked, [int(r.get("CPU", 0)) for r in alive])
+            # Ray hides the GPUs from an actor that asked for none: a GPU device takes one GPU per actor
+            gpus = 0 if self.spec.device == "cpu" else 1
+            if gpus and self.plan.workers > sum(int(r.get("GPU", 0)) for r in alive):
+                raise OptionError(
+                    f"--device {self.spec.device} takes a GPU per Ray actor; the cluster has "
+                    f"{sum(int(r.get('GPU', 0)) for r in alive)} for {self.plan.workers} actors: set --workers"
+                )
             if self.log is not None:
                 self.log(f"Ray: {self.plan.workers} actors x {self.plan.threads} threads ({self.plan.why})")
             spec = dataclasses.replace(self.spec, threads=self.plan.threads)
-            actor = ray.remote(BatchActor).options(num_cpus=self.plan.threads)
+            actor = ray.remote(BatchActor).options(num_cpus=self.plan.threads, num_gpus=gpus)
             self._actors = [actor.remote(spec, self.job) for _ in range(self.plan.workers)]
         except BaseException:
             self.__exit__()
