@@ -67,7 +67,7 @@ def batch_cmd(
     """Answer PROMPT about every image or before/after pair of an archive, one JSON line per item in --out.
 
     Resumable: run the same command again after a crash and only the missing items are answered. Exits 1 when
-    some items are error records, 2 on a usage error.
+    some items this run answered are error records, 2 on a usage error.
     """
     from rsedge.batch.answer import Job, PipelineSpec
     from rsedge.batch.items import PairRule, collect_items
