@@ -704,5 +704,11 @@ def estimate_cmd(bundle: Path, target: str, context: int, experts: tuple[str, ..
         json_out.write_text(json.dumps(result, indent=2) + "\n")
 
 
+# rsedge batch lives in its own module, which imports only click until the command runs.
+from rsedge.batch.command import batch_cmd  # noqa: E402
+
+main.add_command(batch_cmd)
+
+
 if __name__ == "__main__":
     main()

@@ -78,6 +78,7 @@ def test_runtime_sources_target_python_310():
             "rsedge/errors.py",
             "rsedge/fsutil.py",  # the runtime writes overlays and signatures through it
             "rsedge/geo",  # rsedge run on scenes
+            "rsedge/batch",  # rsedge batch runs on a Jetson too
         ],
         capture_output=True,
         text=True,
