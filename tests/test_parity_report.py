@@ -114,3 +114,18 @@ def test_parity_cli_writes_json_and_report_without_baselines(tiny_checkpoint, ti
     assert [r["label"] for r in rows] == ["fp32 reference", "fp32"]  # no bitsandbytes rows
     assert rows[1]["greedy_token_agreement"] == 1.0
     assert "fp32 reference" in (tmp_path / "r.html").read_text()
+
+
+def test_the_reference_is_fed_as_each_bundle_is(anyres_checkpoint, anyres_bundle, tmp_path):
+    """An anyres bundle and a bundle with another router match their reference exactly: the reference takes each
+    bundle's preprocessing and routing (it used to run square views and the default router for every bundle)."""
+    rerouted = tmp_path / "rerouted"
+    export_bundle(anyres_checkpoint, rerouted, precision="fp32", router={"[SEG]": 0, "[VG]": 2, "[CAP]": 1})
+    res = parity_report([anyres_bundle, rerouted], anyres_checkpoint, data="synthetic-test", per_task=1,
+                        baselines=False)  # fmt: skip
+    ref_a, ref_b, plain, moved = res["rows"]
+    assert [r["precision"] for r in (ref_a, ref_b)] == ["fp32-reference"] * 2  # one reference run per routing
+    for row, ref in ((plain, ref_a), (moved, ref_b)):
+        assert row["greedy_token_agreement"] == 1.0 and row["logits_cosine"] > 0.999999
+        assert row["metrics"] == ref["metrics"] and row["vision"]["sqnr_db"] > 60
+    assert moved["reference_row"] == 1 and plain["reference_row"] == 0

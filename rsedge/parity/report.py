@@ -7,6 +7,7 @@ agreement, task metrics on the same samples as the reference, size, latency and 
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import tempfile
 import time
@@ -24,11 +25,11 @@ from rsedge.bench import peak_memory
 from rsedge.metrics import TaskReport
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.parity import bnb_baseline
+from rsedge.runtime.bundle import Bundle
+from rsedge.runtime.families import Family, family_for
 from rsedge.runtime.pipeline import Pipeline
-from rsedge.runtime.preprocess import preprocess_square
-from rsedge.runtime.prompt import build_prompt, tokenize
 from rsedge.synth.real import real_samples
-from rsedge.synth.tasks import TASKS, build_split, task_expert
+from rsedge.synth.tasks import TASKS, build_split
 from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, metric_target, stop_ids
 
 # The fidelity targets (issue 4): every task's headline metric within this many points (metric x 100)
@@ -83,16 +84,26 @@ def eval_samples(data: str, per_task: int, seed: int = 0) -> list:
     return out
 
 
-def run_reference(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence, image_size: int) -> Run:
+def reference_inputs(bundle: Bundle) -> tuple[Family, str]:
+    """The bundle's family (its prompt, preprocessing and router: the reference is fed as the bundle is) and a key
+    that tells bundles needing another reference run apart (e.g. one exported with another --router)."""
+    family = family_for(bundle, Tokenizer.from_file(str(bundle.path(bundle.manifest["tokenizer"]["file"]))))
+    key = {k: bundle.manifest.get(k) for k in ("router", "preprocess", "prompt")}
+    return family, json.dumps(key, sort_keys=True)
+
+
+def run_reference(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence, family: Family) -> Run:
+    """The reference on ``samples`` with the prompt ids, pixels and expert a bundle of ``family`` gives them."""
     run = Run("reference fp32 (PyTorch)")
     eos = stop_ids(model, tok)
     for s in samples:
-        ids = tokenize(tok, build_prompt(s.prompt, len(s.images)))
-        pixels = [preprocess_square(Image.fromarray(im), image_size) for im in s.images]
-        sizes = [(im.shape[1], im.shape[0]) for im in s.images]
+        pil = [Image.fromarray(im) for im in s.images]
+        ids = family.prompt_ids(s.prompt, len(pil))
+        pixels = [family.pixel_values(im) for im in pil]
+        sizes = [im.size for im in pil]
         budget = MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS)
         t0 = time.perf_counter()
-        tokens, logits = model.generate(ids, pixels, sizes, task_expert(s.task), budget, eos)
+        tokens, logits = model.generate(ids, pixels, sizes, family.route(s.prompt), budget, eos)
         total = (time.perf_counter() - t0) * 1e3
         run.tokens.append(tokens)
         run.first_logits.append(logits[0])
@@ -149,9 +160,9 @@ def task_metrics(samples: Sequence, answers: list[str]) -> dict[str, Any]:
 
 
 def vision_fidelity(model: RSUniVLMForCausalLM, pipe: Pipeline, samples: Sequence, limit: int = 16) -> dict:
-    """SQNR / cosine of the vision graph's features against the reference tower + connector."""
-    size = model.cfg.vision.image_size
-    pixels = np.concatenate([preprocess_square(Image.fromarray(s.images[0]), size) for s in samples[:limit]])
+    """SQNR / cosine of the vision graph's features against the reference tower + connector, on the views the
+    bundle's preprocessing makes."""
+    pixels = np.concatenate([pipe.family.pixel_values(Image.fromarray(s.images[0])) for s in samples[:limit]])
     with torch.no_grad():
         ref = model.encode_images(torch.from_numpy(pixels)).numpy()
     sess = pipe.vision()
@@ -196,12 +207,12 @@ def fidelity_targets(rows: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
     A miss carries what explains it: how many of that task's answers changed at all (a one-answer flip on a
     small sample is a coarse step, not a trend), and the vision / logits SQNR (which graph lost precision).
     """
-    ref = rows[0]["metrics"]
     out = []
     for r in rows:
         target = FIDELITY_TARGET_PTS.get(r["precision"])
         if target is None or "size" not in r:
             continue
+        ref = rows[r.get("reference_row", 0)]["metrics"]  # the reference run fed as this bundle is
         for task, metric in HEADLINE.items():
             if task not in ref or metric not in ref[task] or task not in r["metrics"]:
                 continue
@@ -252,23 +263,36 @@ def parity_report(
 ) -> dict[str, Any]:
     samples = eval_samples(data, per_task, seed)
     log(f"{len(samples)} samples from {data}")
+    if not bundles:
+        raise ValueError("parity compares bundles with their reference: give at least one bundle")
     model = RSUniVLMForCausalLM.from_checkpoint(reference)
     tok = Tokenizer.from_file(str(Path(reference) / "tokenizer.json"))
-    ref = run_reference(model, tok, samples, model.cfg.vision.image_size)
-    rows: list[dict[str, Any]] = [
-        {
-            "name": ref.name,
-            "label": "fp32 reference",
-            "precision": "fp32-reference",
-            "metrics": task_metrics(samples, ref.answers),
-            "decode_ms_per_token": statistics.median(ref.decode_ms_per_token),
-        }
-    ]
+    # The reference sees each request as the bundle does (prompt, preprocessing, routing); bundles that differ
+    # there (another --router) get a reference run of their own.
+    inputs = {b: reference_inputs(Bundle.open(b, verify="size")) for b in bundles}
+    refs: dict[str, Run] = {}
+    ref_rows: dict[str, int] = {}
+    rows: list[dict[str, Any]] = []
+    for family, key in inputs.values():
+        if key not in refs:
+            refs[key] = ref = run_reference(model, tok, samples, family)
+            ref_rows[key] = len(rows)
+            rows.append(
+                {
+                    "name": ref.name if not rows else f"{ref.name} #{len(rows) + 1}",
+                    "label": "fp32 reference",
+                    "precision": "fp32-reference",
+                    "metrics": task_metrics(samples, ref.answers),
+                    "decode_ms_per_token": statistics.median(ref.decode_ms_per_token),
+                }
+            )
+    first_family = next(iter(inputs.values()))[0]
     if baselines and bnb_baseline.available():
         for kind in bnb_baseline.KINDS:
             log(f"running the bitsandbytes baseline {kind}")
             qmodel, size_mb = bnb_baseline.quantize_reference(model, kind)
-            run = run_reference(qmodel, tok, samples, qmodel.cfg.vision.image_size)
+            run = run_reference(qmodel, tok, samples, first_family)
+            ref = next(iter(refs.values()))
             rows.append(
                 {
                     "name": f"{kind} (PyTorch)",
@@ -291,10 +315,12 @@ def parity_report(
         rss_before = peak_memory.rss_mb()
         pipe = Pipeline.load(b, threads=threads)
         run = run_bundle(pipe, samples, str(b))
+        ref = refs[inputs[b][1]]
         logits_ref, logits_got = np.stack(ref.first_logits), np.stack(run.first_logits)
         rows.append(
             {
                 "name": str(b),
+                "reference_row": ref_rows[inputs[b][1]],
                 "label": bundle_label(pipe.bundle.precision, pipe.bundle.manifest.get("quantization")),
                 "precision": pipe.bundle.precision,
                 "quantization": pipe.bundle.manifest.get("quantization"),
