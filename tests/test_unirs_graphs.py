@@ -6,7 +6,10 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
+from tokenizers import Tokenizer
 
+from rsedge.export.decoder_graph import build_decoder_graph, expert_onnx
+from rsedge.export.decoder_spec import llama
 from rsedge.export.onnx_builder import save_graph
 from rsedge.export.weight_store import WeightStore
 from rsedge.models.unirs.checkpoint import make_checkpoint
@@ -21,7 +24,11 @@ from rsedge.models.unirs.graphs import (
     tower_layers,
 )
 from rsedge.models.unirs.modeling import UniRSForCausalLM
+from rsedge.models.unirs.prompt import build_prompt, tokenize
 from rsedge.models.unirs.weights import load_checkpoint_tensors
+from rsedge.runtime.backends import DecoderSpec as RuntimeSpec
+from rsedge.runtime.backends import backend_class
+from rsedge.runtime.sessions import SessionConfig
 
 TOL = 1e-4
 
@@ -45,7 +52,9 @@ def _export(ckpt, folder, overrides: EvalOverrides):
     for name, build in graphs.items():
         save_graph(build(cfg, weights, store), folder / name)
         sessions[name] = _session(folder / name)
-    return UniRSForCausalLM.from_tensors(cfg, tensors), sessions
+    model = UniRSForCausalLM.from_tensors(cfg, tensors)
+    model.weights = weights  # for the decoder test: the same arrays the graphs were built from
+    return model, sessions
 
 
 @pytest.fixture(scope="module", params=[0, 1], ids=["cc0", "cc1"])
@@ -53,7 +62,9 @@ def exported(request, tmp_path_factory):
     root = tmp_path_factory.mktemp(f"unirs_graphs_cc{request.param}")
     ckpt = make_checkpoint(root / "ckpt", size="tiny", seed=5 + request.param, cc_layers=request.param)
     (root / "graphs").mkdir()
-    return _export(ckpt, root / "graphs", EvalOverrides(cc_n_layers=request.param))
+    model, sessions = _export(ckpt, root / "graphs", EvalOverrides(cc_n_layers=request.param))
+    model.checkpoint = ckpt
+    return model, sessions
 
 
 def _pixels(n: int, seed: int) -> np.ndarray:
@@ -109,3 +120,36 @@ def test_vila_checkpoint_exports_tower_and_projector_only(tmp_path):
     tokens = s[PROJECTOR_ONNX].run(None, {"vision_features": s[TOWER_ONNX].run(None, {"pixel_values": px})[0]})[0]
     (want,) = model.visual_blocks("image", torch.from_numpy(px))
     np.testing.assert_allclose(tokens[0], want.numpy(), atol=TOL, rtol=0)
+
+
+def test_pair_prompt_through_graphs_and_llama_decoder_decodes_like_the_reference(exported, tmp_path):
+    """Graph level (no bundle yet): three vision graphs, the dense LLaMA decoder spec, greedy decoding."""
+    model, s = exported
+    cfg = model.cfg
+    graph = build_decoder_graph(llama(cfg.text), model.weights["llm"], 0, WeightStore(tmp_path), "float32")
+    save_graph(graph, tmp_path / expert_onnx(0))
+    t = cfg.text
+    dec = backend_class("cpu")(
+        tmp_path / expert_onnx(0),
+        RuntimeSpec(t.num_hidden_layers, t.num_key_value_heads, t.head_dim),
+        SessionConfig(threads=1),
+    )
+    tok = Tokenizer.from_file(str(model.checkpoint / "llm" / "tokenizer.json"))
+    ids = tokenize(tok, build_prompt("Please briefly describe the changes in these two images.", "pair"), 1)
+    px = _pixels(2, 6)
+    steps = 8
+    want_tokens, want_logits = model.generate(ids, px, "pair", steps, eos_token_id=-1)
+
+    feats = s[TOWER_ONNX].run(None, {"pixel_values": px})[0]
+    block = s[PROJECTOR_ONNX].run(None, {"vision_features": s[CHANGE_ONNX].run(None, {"pair_features": feats})[0]})[0]
+    table = model.weights["llm"]["model.embed_tokens.weight"]
+    k = ids.index(-200)
+    embeds = np.concatenate([table[ids[:k]], block[0], table[ids[k + 1 :]]])[None].astype(np.float32)
+    state = dec.new_state(embeds.shape[1] + steps)
+    logits = dec.step(embeds, state).reshape(-1).copy()
+    tokens = []
+    for j in range(steps):
+        np.testing.assert_allclose(logits, want_logits[j], atol=TOL, rtol=0)
+        tokens.append(int(logits.argmax()))
+        logits = dec.step(table[[tokens[-1]]][None].astype(np.float32), state).reshape(-1).copy()
+    assert tokens == want_tokens
