@@ -4,6 +4,7 @@ transcriptions of the original's functions, prompts, and make-checkpoint."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import numpy as np
@@ -22,7 +23,7 @@ from rsedge.models.unirs.checkpoint import config_dicts, make_checkpoint
 from rsedge.models.unirs.config import LAYOUT_UNIRS, LAYOUT_VILA, ConfigError, EvalOverrides, UniRSConfig
 from rsedge.models.unirs.modeling import DownSampleBlock, UniRSForCausalLM
 from rsedge.models.unirs.prompt import build_prompt, tokenize
-from rsedge.models.unirs.weights import collapse_names
+from rsedge.models.unirs.weights import collapse_names, expected_tensors, load_checkpoint_tensors
 
 
 @pytest.fixture(scope="module")
@@ -317,3 +318,39 @@ def test_registry_and_make_checkpoint_cli(ckpts, tmp_path):
         main, ["make-checkpoint", str(tmp_path / "u"), "--arch", "unirs", "--no-change", "--cc-layers", "1"]
     )
     assert res.exit_code == 2 and "needs the change module" in res.output
+
+
+def test_sharded_llm_holds_the_same_weights(ckpts, tmp_path, monkeypatch):
+    from rsedge.models.unirs import checkpoint
+
+    monkeypatch.setitem(checkpoint.SIZES["tiny"], "shard_bytes", 100_000)
+    sharded = make_checkpoint(tmp_path / "sharded", size="tiny", seed=0)
+    assert len(list((sharded / "llm").glob("model-*-of-*.safetensors"))) > 1
+    assert (sharded / "llm" / "model.safetensors.index.json").is_file()
+    cfg = UniRSConfig.from_checkpoint(sharded)
+    a = load_checkpoint_tensors(sharded, cfg)
+    b = load_checkpoint_tensors(ckpts["cc0"], cfg)
+    assert all(torch.equal(a[f][n], b[f][n]) for f in b for n in b[f])
+
+
+def test_full_size_tables_count_vila_1_5_3b_parameters():
+    top, llm, tower, proj = config_dicts("full", 32000, change=True)
+    cfg = UniRSConfig.from_dicts(top, llm, tower, proj, LAYOUT_UNIRS, EvalOverrides())
+    count = {f: sum(math.prod(s.shape) for s in t.values()) for f, t in expected_tensors(cfg).items()}
+    assert 2.69e9 < count["llm"] < 2.71e9  # Sheared-LLaMA-2.7B
+    assert 0.42e9 < count["vision_tower"] < 0.44e9  # SigLIP-so400m, 27 layers and its unused head
+    single = 4 * 1152 * 2 + 4608 * 2560 + 2560 + 2560 * 2560 + 2560
+    assert (
+        count["mm_projector"] - single
+        == 2 * 27 * 576
+        + 2304 * 1152
+        + 1152
+        + 1152 * 576
+        + 576
+        + 576 * 576 * 9
+        + 576
+        + (1152 * 576 + 1152)
+        + 4 * (576 + 576)
+        + 4 * 1152
+        + 3
+    )  # the change module at cc_n_layers 0 (BatchNorm: 4 vectors + a counter)

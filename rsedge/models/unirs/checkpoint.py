@@ -14,6 +14,7 @@ Like the original, it is not written to config.json: load such a checkpoint with
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,7 @@ from rsedge.models.unirs.config import (
     UniRSConfig,
 )
 from rsedge.models.unirs.tokenizer_files import train_tokenizer, write_tokenizer_files
-from rsedge.models.unirs.weights import expected_tensors
+from rsedge.models.unirs.weights import ExpectedTensor, expected_tensors
 
 SIZES: dict[str, dict[str, Any]] = {
     "tiny": {
@@ -137,40 +138,31 @@ def config_dicts(size: str, vocab_size: int, change: bool) -> tuple[dict, dict, 
     return top, llm, tower, projector
 
 
-def random_tensors(cfg: UniRSConfig, seed: int, dtype: torch.dtype) -> dict[str, dict[str, torch.Tensor]]:
+def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Weights scaled so activations stay O(1) and logits are peaked; BatchNorm statistics away from 0/1 so
     that eval-mode BatchNorm (not batch statistics) is what a test sees."""
-    gen = torch.Generator().manual_seed(seed)
-    out: dict[str, dict[str, torch.Tensor]] = {}
-    for folder, table in expected_tensors(cfg).items():
-        tensors: dict[str, torch.Tensor] = {}
-        for name, spec in table.items():
-            shape = spec.shape
-            if name.endswith("num_batches_tracked"):
-                tensors[name] = torch.tensor(1000, dtype=torch.int64)
-                continue
-            if name.endswith("running_var"):
-                t = 0.5 + torch.rand(shape, generator=gen)
-            elif name.endswith("running_mean"):
-                t = 0.2 * torch.randn(shape, generator=gen)
-            elif _is_gamma(name, shape):
-                t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
-            elif len(shape) <= 1:
-                t = 0.02 * torch.randn(shape, generator=gen)
-            elif name == "model.embed_tokens.weight":
-                t = torch.randn(shape, generator=gen)
-            elif name == "lm_head.weight":
-                t = torch.randn(shape, generator=gen) * (4.0 / shape[1] ** 0.5)
-            elif name.endswith("_embedding.weight") and "change" in name:
-                t = 0.5 * torch.randn(shape, generator=gen)
-            else:
-                fan_in = 1
-                for s in shape[1:]:
-                    fan_in *= s
-                t = torch.randn(shape, generator=gen) / fan_in**0.5
-            tensors[name] = t.to(dtype).contiguous()
-        out[folder] = tensors
-    return out
+    if name.endswith("num_batches_tracked"):
+        return torch.tensor(1000, dtype=torch.int64)
+    if name.endswith("running_var"):
+        t = 0.5 + torch.rand(shape, generator=gen)
+    elif name.endswith("running_mean"):
+        t = 0.2 * torch.randn(shape, generator=gen)
+    elif _is_gamma(name, shape):
+        t = 1.0 + 0.1 * torch.randn(shape, generator=gen)
+    elif len(shape) <= 1:
+        t = 0.02 * torch.randn(shape, generator=gen)
+    elif name == "model.embed_tokens.weight":
+        t = torch.randn(shape, generator=gen)
+    elif name == "lm_head.weight":
+        t = torch.randn(shape, generator=gen) * (4.0 / shape[1] ** 0.5)
+    elif name.endswith("_embedding.weight") and "change" in name:
+        t = 0.5 * torch.randn(shape, generator=gen)
+    else:
+        fan_in = 1
+        for s in shape[1:]:
+            fan_in *= s
+        t = torch.randn(shape, generator=gen) / fan_in**0.5
+    return t.to(dtype).contiguous()
 
 
 def _is_gamma(name: str, shape: tuple[int, ...]) -> bool:
@@ -184,27 +176,33 @@ def _is_gamma(name: str, shape: tuple[int, ...]) -> bool:
     )
 
 
-def _save(tensors: dict[str, torch.Tensor], folder: Path, shard_bytes: int | None) -> None:
-    total = sum(t.numel() * t.element_size() for t in tensors.values())
-    if shard_bytes is None or total <= shard_bytes:
-        save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
-        return
-    shards: list[dict[str, torch.Tensor]] = [{}]
+def write_random_folder(
+    folder: Path, table: dict[str, ExpectedTensor], gen: torch.Generator, dtype: torch.dtype, shard_bytes: int | None
+) -> None:
+    """Draw and save one folder's tensors shard by shard: a full-size LLM never sits in memory whole."""
+    item = torch.empty((), dtype=dtype).element_size()
+    nbytes = {n: math.prod(s.shape) * (8 if n.endswith("num_batches_tracked") else item) for n, s in table.items()}
+    shards: list[list[str]] = [[]]
     size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > shard_bytes:
-            shards.append({})
+    for name in table:  # the declared order, so the draws (and the weights) do not depend on the sharding
+        if shard_bytes is not None and shards[-1] and size + nbytes[name] > shard_bytes:
+            shards.append([])
             size = 0
-        shards[-1][name] = t
-        size += nbytes
-    weight_map: dict[str, str] = {}
-    for k, shard in enumerate(shards, 1):
-        fname = f"model-{k:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(folder / fname), metadata={"format": "pt"})
-        weight_map.update({n: fname for n in shard})
-    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        shards[-1].append(name)
+        size += nbytes[name]
+    files = (
+        ["model.safetensors"]
+        if len(shards) == 1
+        else [f"model-{k:05d}-of-{len(shards):05d}.safetensors" for k in range(1, len(shards) + 1)]
+    )
+    for fname, names in zip(files, shards, strict=True):
+        tensors = {n: random_tensor(n, table[n].shape, gen, dtype) for n in names}
+        save_file(tensors, str(folder / fname), metadata={"format": "pt"})
+        del tensors
+    if len(files) > 1:
+        weight_map = {n: f for f, names in zip(files, shards, strict=True) for n in names}
+        index = {"metadata": {"total_size": sum(nbytes.values())}, "weight_map": weight_map}
+        (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
 def _write_json(path: Path, data: dict[str, Any]) -> None:
@@ -253,6 +251,9 @@ def make_checkpoint(
         _write_json(tmp / "mm_projector" / "config.json", projector)
         layout = LAYOUT_UNIRS if change else LAYOUT_VILA
         cfg = UniRSConfig.from_dicts(top, llm, tower, projector, layout, EvalOverrides(cc_n_layers=cc_layers))
-        for folder, tensors in random_tensors(cfg, seed, spec["dtype"]).items():
-            _save(tensors, tmp / folder, spec["shard_bytes"] if folder == "llm" else None)
+        gen = torch.Generator().manual_seed(seed)
+        for folder, table in expected_tensors(cfg).items():
+            write_random_folder(
+                tmp / folder, table, gen, spec["dtype"], spec["shard_bytes"] if folder == "llm" else None
+            )
     return out
