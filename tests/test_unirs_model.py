@@ -174,6 +174,8 @@ def test_blocks_per_kind(cc0):
     assert not torch.allclose(pair, image, atol=1e-3)
     with pytest.raises(ImageError, match="a pair takes 2 images, got 3"):
         cc0.visual_blocks("pair", px)
+    with pytest.raises(ImageError, match="an image takes 1 image, got 2"):
+        cc0.visual_blocks("image", px[:2])
 
 
 def test_prompt_text_and_ids(ckpts):
@@ -280,7 +282,8 @@ def test_config_records_the_eval_overrides_and_checks_the_grid(ckpts):
     with pytest.raises(ConfigError, match="vision_resolution 448 gives a 32x32 change grid"):
         UniRSConfig.from_checkpoint(ckpts["cc0"], EvalOverrides(vision_resolution=448))
     with pytest.raises(ConfigError, match="cc_head must divide"):
-        EvalOverrides(cc_head=3)
+        EvalOverrides(cc_n_layers=1, cc_head=3)
+    assert EvalOverrides(cc_head=3).cc_head == 3  # no attention at cc_n_layers 0: nothing to divide
     # VILA-1.5 has no change module, so its resolution override has nothing to disagree with.
     assert UniRSConfig.from_checkpoint(ckpts["vila"], EvalOverrides(vision_resolution=448)).tokens_per_image == 196
 

@@ -82,7 +82,8 @@ class EvalOverrides:
     def __post_init__(self) -> None:
         if self.cc_n_layers < 0:
             raise ConfigError(f"cc_n_layers must be >= 0, got {self.cc_n_layers}")
-        if self.cc_head < 1 or CHANGE_ATTENTION_DIM % self.cc_head:
+        # Heads only matter when attention layers are built (the original builds none at cc_n_layers 0).
+        if self.cc_n_layers and (self.cc_head < 1 or CHANGE_ATTENTION_DIM % self.cc_head):
             raise ConfigError(
                 f"cc_head must divide the change attention width {CHANGE_ATTENTION_DIM}, got {self.cc_head}"
             )

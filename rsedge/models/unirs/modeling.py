@@ -305,7 +305,8 @@ class UniRSForCausalLM(nn.Module):
         expected = {IMAGE: 1, PAIR: 2}.get(kind, n)
         placeholders(kind, n)  # refuses an unknown kind or an empty video
         if n != expected:
-            raise ImageError(f"a {kind} takes {expected} image{'s' if expected > 1 else ''}, got {n}")
+            what = "an image takes 1 image" if kind == IMAGE else f"a {kind} takes {expected} images"
+            raise ImageError(f"{what}, got {n}")
         if kind == PAIR and not self.cfg.has_change:
             raise ImageError(
                 "this checkpoint has no change module (a VILA-1.5 projector): it cannot take an image pair"
