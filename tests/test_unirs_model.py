@@ -357,3 +357,25 @@ def test_full_size_tables_count_vila_1_5_3b_parameters():
         + 4 * 1152
         + 3
     )  # the change module at cc_n_layers 0 (BatchNorm: 4 vectors + a counter)
+
+
+def test_transformers_reads_the_folders_as_upstream_does(ckpts, cc0):
+    """The original loads llm/ and vision_tower/ with transformers' from_pretrained: every tensor must be
+    where transformers looks for it, and compute what the reference computes."""
+    from transformers import AutoTokenizer, LlamaForCausalLM, SiglipVisionModel
+
+    lm, info = LlamaForCausalLM.from_pretrained(ckpts["cc0"] / "llm", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    tower, info = SiglipVisionModel.from_pretrained(ckpts["cc0"] / "vision_tower", output_loading_info=True)
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys"))
+    px, embeds = _pixels(1, seed=8), torch.randn(1, 5, 64)
+    with torch.no_grad():
+        hf = tower(pixel_values=px, output_hidden_states=True).hidden_states[-2]
+        torch.testing.assert_close(hf, cc0.vision_features(px), atol=1e-4, rtol=0)
+        torch.testing.assert_close(
+            lm(inputs_embeds=embeds).logits, cc0.lm(inputs_embeds=embeds).logits, atol=1e-4, rtol=0
+        )
+    hf_tok = AutoTokenizer.from_pretrained(ckpts["cc0"] / "llm")
+    ours = Tokenizer.from_file(str(ckpts["cc0"] / "llm" / "tokenizer.json"))
+    text = "USER: What changed?\nASSISTANT:"
+    assert hf_tok(text).input_ids == ours.encode(text).ids == [1, *ours.encode(text, add_special_tokens=False).ids]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 
 from rsedge.models.rsunivlm.tokenizer_files import training_corpus
 
@@ -45,6 +45,8 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
     )
     tok.add_special_tokens(list(SPECIALS))
+    # LLaMA's tokenizer.json adds BOS to a plain encode, as its slow tokenizer (add_bos_token) does.
+    tok.post_processor = processors.TemplateProcessing(single=f"{BOS} $A", special_tokens=[(BOS, vocab[BOS])])
     return tok
 
 
