@@ -153,3 +153,28 @@ def test_pair_prompt_through_graphs_and_llama_decoder_decodes_like_the_reference
         tokens.append(int(logits.argmax()))
         logits = dec.step(table[[tokens[-1]]][None].astype(np.float32), state).reshape(-1).copy()
     assert tokens == want_tokens
+
+
+def test_float16_graphs_stay_near_the_float32_reference(tmp_path):
+    """fp16 weights and activations (softmax, norms and the cosine in float32 islands): a pair within 2e-2
+    of the block's scale (measured: about 1e-3)."""
+    ckpt = make_checkpoint(tmp_path / "ckpt", size="tiny", seed=9, cc_layers=1)
+    cfg = UniRSConfig.from_checkpoint(ckpt, EvalOverrides(cc_n_layers=1))
+    tensors = load_checkpoint_tensors(ckpt, cfg)
+    weights = {f: {k: v.numpy() for k, v in t.items()} for f, t in tensors.items()}
+    store = WeightStore(tmp_path)
+    s = {}
+    for name, build in (
+        (TOWER_ONNX, build_tower_graph),
+        (CHANGE_ONNX, build_change_graph),
+        (PROJECTOR_ONNX, build_projector_graph),
+    ):
+        save_graph(build(cfg, weights, store, "float16"), tmp_path / name)
+        s[name] = _session(tmp_path / name)
+    px = _pixels(2, 10)
+    feats = s[TOWER_ONNX].run(None, {"pixel_values": px.astype(np.float16)})[0]
+    change = s[CHANGE_ONNX].run(None, {"pair_features": feats})[0]
+    block = s[PROJECTOR_ONNX].run(None, {"vision_features": change})[0][0]
+    (want,) = UniRSForCausalLM.from_tensors(cfg, tensors).visual_blocks("pair", torch.from_numpy(px))
+    assert block.dtype == np.float16
+    assert np.abs(block.astype(np.float32) - want.numpy()).max() <= 2e-2 * max(1.0, float(want.abs().max()))
