@@ -8,6 +8,7 @@ import pytest
 import torch
 from tokenizers import Tokenizer
 
+from rsedge.errors import CheckpointError
 from rsedge.export.decoder_graph import build_decoder_graph, expert_onnx
 from rsedge.export.decoder_spec import llama
 from rsedge.export.onnx_builder import save_graph
@@ -116,6 +117,8 @@ def test_vila_checkpoint_exports_tower_and_projector_only(tmp_path):
     (tmp_path / "g").mkdir()
     model, s = _export(ckpt, tmp_path / "g", EvalOverrides())
     assert set(s) == {TOWER_ONNX, PROJECTOR_ONNX}
+    with pytest.raises(CheckpointError, match="no change module"):
+        build_change_graph(model.cfg, model.weights, WeightStore(tmp_path / "g"))
     px = _pixels(1, 4)
     tokens = s[PROJECTOR_ONNX].run(None, {"vision_features": s[TOWER_ONNX].run(None, {"pixel_values": px})[0]})[0]
     (want,) = model.visual_blocks("image", torch.from_numpy(px))
@@ -157,7 +160,7 @@ def test_pair_prompt_through_graphs_and_llama_decoder_decodes_like_the_reference
 
 def test_float16_graphs_stay_near_the_float32_reference(tmp_path):
     """fp16 weights and activations (softmax, norms and the cosine in float32 islands): a pair within 2e-2
-    of the block's scale (measured: about 1e-3)."""
+    of the block's scale (measured: about 3e-3 at a scale of 3)."""
     ckpt = make_checkpoint(tmp_path / "ckpt", size="tiny", seed=9, cc_layers=1)
     cfg = UniRSConfig.from_checkpoint(ckpt, EvalOverrides(cc_n_layers=1))
     tensors = load_checkpoint_tensors(ckpt, cfg)

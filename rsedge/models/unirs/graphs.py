@@ -19,6 +19,7 @@ from collections.abc import Mapping
 import numpy as np
 import onnx
 
+from rsedge.errors import CheckpointError
 from rsedge.export.onnx_builder import GraphBuilder, get_weight
 from rsedge.export.vision_graph import PROJECTOR, TOWER, _embeddings, _encoder_layer, _layer_norm, _linear, _projector
 from rsedge.export.weight_store import WeightStore
@@ -128,7 +129,7 @@ def build_change_graph(
     cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32"
 ) -> onnx.ModelProto:
     if not cfg.has_change:
-        raise ValueError("a checkpoint without the change module has no change graph")
+        raise CheckpointError("this checkpoint has no change module (a VILA-1.5 projector): it has no change graph")
     C, g, half = cfg.mm_hidden_size, cfg.change_grid, cfg.mm_hidden_size // 2
     T = g * g
     w = weights["mm_projector"]
