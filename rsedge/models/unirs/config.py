@@ -250,7 +250,7 @@ def projector_layout(folder: Path) -> str:
     if not f.is_file():
         raise CheckpointError(f"{f}: missing")
     try:
-        with safe_open(str(f), framework="pt") as sf:
+        with safe_open(str(f), framework="numpy") as sf:  # names only: no torch needed
             keys = list(sf.keys())
     except (OSError, ValueError, RuntimeError, SafetensorError) as e:
         raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
