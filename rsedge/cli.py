@@ -64,18 +64,43 @@ def main() -> None:
 @click.option(
     "--image-aspect-ratio",
     "aspect",
-    default="square",
-    show_default=True,
-    help="square (released) or anyres_max_N (tiny only)",
+    default=None,
+    help="rsunivlm: square (released, the default) or anyres_max_N (tiny only)",
 )
-@click.option("--architecture", default="rsunivlm", show_default=True, help="registered architecture")
-@click.option("--tied", is_flag=True, help="tie lm_head to the embedding table, as Qwen2-0.5B ships")
-def make_checkpoint_cmd(out: Path, size: str, seed: int, aspect: str, architecture: str, tied: bool) -> None:
+@click.option("--architecture", "--arch", default="rsunivlm", show_default=True, help="registered architecture")
+@click.option("--tied", is_flag=True, help="rsunivlm: tie lm_head to the embedding table, as Qwen2-0.5B ships")
+@click.option(
+    "--cc-layers",
+    type=int,
+    default=None,
+    help="unirs: change-transformer pairs (cc_n_layers; 0 as released). Not saved in config.json, as upstream: "
+    "load the checkpoint with the same number",
+)
+@click.option("--no-change", is_flag=True, help="unirs: a plain VILA-1.5 checkpoint, without the change module")
+def make_checkpoint_cmd(
+    out: Path,
+    size: str,
+    seed: int,
+    aspect: str | None,
+    architecture: str,
+    tied: bool,
+    cc_layers: int | None,
+    no_change: bool,
+) -> None:
     """Write a random-weight checkpoint in the released on-disk layout (RSUniVLM by default)."""
+    import inspect
+
     from rsedge.models.registry import by_name
 
-    made = by_name(architecture).load().make_checkpoint(out, size=size, seed=seed, aspect=aspect, tied=tied)
-    click.echo(str(made))
+    maker = by_name(architecture).load().make_checkpoint
+    given = {"aspect": aspect, "tied": tied or None, "cc_layers": cc_layers, "change": False if no_change else None}
+    flags = {"aspect": "--image-aspect-ratio", "tied": "--tied", "cc_layers": "--cc-layers", "change": "--no-change"}
+    options = {k: v for k, v in given.items() if v is not None}
+    # Architecture-specific flags go only to a maker that takes them; any other is refused, not dropped.
+    foreign = [flags[k] for k in options if k not in inspect.signature(maker).parameters]
+    if foreign:
+        raise OptionError(f"{', '.join(foreign)} does not apply to architecture {architecture!r}")
+    click.echo(str(maker(out, size=size, seed=seed, **options)))
 
 
 @main.command("export")

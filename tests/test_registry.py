@@ -9,8 +9,21 @@ import pytest
 from rsedge.errors import CheckpointError
 from rsedge.models.registry import ARCHITECTURES, architecture_for, by_name
 
+# An architecture whose exporter is not built yet, with the issue that builds it. Strict: once its export
+# works, this test fails until the entry is removed, so no architecture stays untested by accident.
+EXPORT_PENDING = {"unirs": "UniRS bundle export is not built yet (issue 12)"}
 
-@pytest.mark.parametrize("arch", ARCHITECTURES, ids=lambda a: a.name)
+
+@pytest.mark.parametrize(
+    "arch",
+    [
+        pytest.param(a, marks=pytest.mark.xfail(reason=EXPORT_PENDING[a.name], strict=True))
+        if a.name in EXPORT_PENDING
+        else a
+        for a in ARCHITECTURES
+    ],
+    ids=lambda a: a.name,
+)
 def test_every_architecture_has_a_working_tiny_checkpoint(arch, tmp_path):
     module = arch.load()
     ckpt = module.make_checkpoint(tmp_path / "ckpt", size="tiny", seed=3)
@@ -22,8 +35,8 @@ def test_every_architecture_has_a_working_tiny_checkpoint(arch, tmp_path):
 
 
 def test_unknown_model_type_is_named(tmp_path):
-    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_llama"}))
-    with pytest.raises(CheckpointError, match="'llava_llama' is not supported"):
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "llava_mistral"}))
+    with pytest.raises(CheckpointError, match="'llava_mistral' is not supported"):
         architecture_for(tmp_path)
     with pytest.raises(CheckpointError, match="unknown architecture"):
-        by_name("unirs")
+        by_name("rsground_r1")

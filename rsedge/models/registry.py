@@ -26,7 +26,11 @@ class Architecture:
         return importlib.import_module(self.module)
 
 
-ARCHITECTURES: tuple[Architecture, ...] = (Architecture("rsunivlm", ("llava_qwen_gmoe",), "rsedge.models.rsunivlm"),)
+ARCHITECTURES: tuple[Architecture, ...] = (
+    Architecture("rsunivlm", ("llava_qwen_gmoe",), "rsedge.models.rsunivlm"),
+    # UniRS and plain VILA-1.5 share model_type and layout; the projector's tensor names tell them apart.
+    Architecture("unirs", ("llava_llama",), "rsedge.models.unirs"),
+)
 
 
 def by_name(name: str) -> Architecture:
