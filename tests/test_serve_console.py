@@ -28,17 +28,6 @@ CHANGE_PAIR = ("levircd_test_2_0000_0000_A.png", "levircd_test_2_0000_0000_B.png
 
 
 @pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory):
-    """The built-in model: unlike the random tiny one it answers with real boxes and masks to draw."""
-    from rsedge.demo import BUILTIN_MODEL
-    from rsedge.export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "demo"
-    export_bundle(BUILTIN_MODEL, out, precision="fp32")
-    return out
-
-
-@pytest.fixture(scope="module")
 def page_at(demo_bundle):
     with LiveServer(create_app(ModelSet.load([demo_bundle]), ServeConfig())) as srv, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
