@@ -122,6 +122,17 @@ def test_a_chat_completion_with_a_geotiff(models, pipe, scene_tif):
     assert out["rsedge"]["tiling"]["tiles"] == 25 and out["choices"][0]["finish_reason"] == "stop"
 
 
+def test_a_streamed_chat_completion_with_a_geotiff(models, pipe, scene_tif):
+    want = answer_scene(pipe, read_scene(scene_tif), VG, **TILING)
+    with client(models) as c:
+        r = c.post("/v1/chat/completions", json=url_body(VG, tif_uri(scene_tif), stream=True, **TILING))
+    assert r.status_code == 200, r.text
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert "".join(ch["choices"][0]["delta"].get("content", "") for ch in chunks) == want.text
+    assert chunks[-1]["rsedge"]["scene_boxes"] == want.to_json()["boxes"]
+    assert r.text.rstrip().endswith("data: [DONE]")
+
+
 def test_a_mask_as_a_georeferenced_geotiff(models, pipe, scene_tif):
     want = answer_scene(pipe, read_scene(scene_tif), SEG, **TILING)
     assert want.mask is not None
@@ -143,9 +154,9 @@ def test_a_mask_as_a_georeferenced_geotiff(models, pipe, scene_tif):
 def test_a_deadline_stops_a_scene_between_tiles(models, scene_tif):
     tiles = 16  # tile 128, no overlap: 4 x 4, about half a second each
     body = {"task": "vg", "question": VG[5:], "images": [tif_uri(scene_tif)], "tile": 128, "overlap": 0}
-    with client(models, deadline_s=1.5) as c:
+    with client(models, deadline_s=2) as c:
         r = c.post("/v1/rs/answer", json=body)
-        assert r.status_code == 504 and "deadline of 1.5 s" in error(r)
+        assert r.status_code == 504 and "deadline of 2 s" in error(r)
         c.app.state.pool.shutdown()  # waits for the worker: it must stop at the next tile, not after the last
         text = c.get("/metrics").text
     answered = metric(text, "rsedge_scene_tiles_total", model="demo", task="[VG]", status="answered")

@@ -72,11 +72,11 @@ class Runner:
 
     def start(
         self, ask: Ask, arrival: float, on_token: Callable[[str], None] | None = None
-    ) -> tuple[Future[Answer], threading.Event, float]:
+    ) -> tuple[Future[Answer | SceneAnswer], threading.Event, float]:
         cancel, deadline = threading.Event(), arrival + self.cfg.deadline_s
         model = ask.model
 
-        def job() -> Answer:
+        def job() -> Answer | SceneAnswer:
             self.metrics.queue_wait.observe(time.monotonic() - arrival)
             expert = model.expert_for(ask.prompt)
             model.ensure_expert(expert)
@@ -250,7 +250,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         images = [image_from_source(source, where, cfg.max_pixels) for where, source in sources]
         return Ask(model, images, prompt, n_tokens, sampling, ignore_eos, mask_format, None, fields.preview)
 
-    async def answer(request: Request, ask: Ask) -> Answer | None:
+    async def answer(request: Request, ask: Ask) -> Answer | SceneAnswer | None:
         """Run ``ask`` to its end; a client that leaves cancels it (None: nobody is left to answer), and so does
         the deadline."""
         arrival = request.state.arrival

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from rsedge.errors import OptionError, RsedgeError
+from rsedge.errors import ImageError, OptionError, RsedgeError
 from rsedge.geo import DEFAULT_IOU, DEFAULT_OVERLAP_FRACTION, INSTALL_HINT, available
 
 TIFF_MAGIC = (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")  # classic TIFF and BigTIFF, either byte order
@@ -79,7 +79,7 @@ def _numbers(key: str, value: Any, kind: type, count: tuple[int, ...]) -> tuple 
             raise ValueError
         numbers = tuple(kind(p) for p in parts)
     except (TypeError, ValueError):
-        raise OptionError(f"{key} must be a list of {len(count) and count[0]} numbers, got {value!r}") from None
+        raise OptionError(f"{key} must be numbers, as a list or separated by commas, got {value!r}") from None
     if len(numbers) not in count:
         raise OptionError(f"{key} takes {' or '.join(map(str, count))} numbers, got {len(numbers)}")
     return numbers
@@ -189,7 +189,6 @@ def read_job(
     model_size: int,
 ) -> SceneJob:
     """Read the scene and check everything its answer needs (tiling, a CRS for map outputs) before it is queued."""
-    from rsedge.errors import ImageError
     from rsedge.geo.scene import raster_size, read_scene
     from rsedge.geo.tiling import tile_windows
     from rsedge.runtime.router import task_tag
