@@ -1,14 +1,19 @@
 """GeoTIFF scenes through rsedge serve: the service answers a scene (data URI, upload, chat image) exactly as
 answer_scene does, with boxes in scene pixels and on the map, the GeoJSON (read back with OGR), the mask as a
-GeoTIFF on the scene's grid and the 8-bit preview; a deadline stops a scene between tiles; what cannot be read or
-placed is one 4xx line, and a service without the geo extra names it."""
+GeoTIFF on the scene's grid and the 8-bit preview; a deadline or a client that leaves stops a scene between tiles;
+what cannot be read or placed is one 4xx line, and a service without rasterio (blocked in a subprocess) names the
+geo extra."""
 
 from __future__ import annotations
 
 import base64
 import io
 import json
+import subprocess
+import sys
+import time
 
+import httpx
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -21,7 +26,7 @@ from rsedge.serve.app import create_app
 from rsedge.serve.config import ServeConfig
 from rsedge.serve.models import ModelSet
 from tests.geo_scenes import CRS, ORIGIN, RES, rgb_scene, sample_rgb, sixteen_bit_bgrn, write_geotiff
-from tests.serve_helpers import IMAGE, data_uri, metric, url_body
+from tests.serve_helpers import IMAGE, LiveServer, data_uri, metric, url_body
 
 rasterio = pytest.importorskip("rasterio")
 pyogrio = pytest.importorskip("pyogrio")
@@ -151,16 +156,45 @@ def test_a_mask_as_a_georeferenced_geotiff(models, pipe, scene_tif):
     assert mask["rle"].count("\n") == 511  # one run-length line per scene row
 
 
-def test_a_deadline_stops_a_scene_between_tiles(models, scene_tif):
-    tiles = 16  # tile 128, no overlap: 4 x 4, about half a second each
+@pytest.fixture
+def slow_tiles(models, monkeypatch):
+    """Each tile's generate call takes at least 0.3 s, however fast the machine: 16 tiles outlast the waits below."""
+    pipe = models.default.pipe
+    generate = pipe.generate
+
+    def slow(*args, **kwargs):
+        time.sleep(0.3)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(pipe, "generate", slow)
+
+
+def test_a_deadline_stops_a_scene_between_tiles(models, scene_tif, slow_tiles):
+    tiles = 16  # tile 128, no overlap: 4 x 4
     body = {"task": "vg", "question": VG[5:], "images": [tif_uri(scene_tif)], "tile": 128, "overlap": 0}
     with client(models, deadline_s=2) as c:
         r = c.post("/v1/rs/answer", json=body)
-        assert r.status_code == 504 and "deadline of 2 s" in error(r)
+        assert r.status_code == 504 and "did not finish within the service's deadline of 2 s" in error(r)
         c.app.state.pool.shutdown()  # waits for the worker: it must stop at the next tile, not after the last
         text = c.get("/metrics").text
     answered = metric(text, "rsedge_scene_tiles_total", model="demo", task="[VG]", status="answered")
     assert 1 <= answered < tiles
+
+
+def test_a_client_that_leaves_stops_the_scene_between_tiles(models, scene_tif, slow_tiles):
+    body = {"task": "vg", "question": VG[5:], "images": [tif_uri(scene_tif)], "tile": 128, "overlap": 0}
+    app = create_app(models, ServeConfig())
+    with LiveServer(app) as srv:
+        with pytest.raises(httpx.ReadTimeout):  # the client gives up and closes its connection
+            httpx.post(f"{srv.url}/v1/rs/answer", json=body, timeout=httpx.Timeout(60, read=1.5))
+        pool = app.state.pool
+        deadline = time.monotonic() + 30
+        while (pool.running or pool.waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert pool.running == 0 and pool.waiting == 0
+        text = httpx.get(f"{srv.url}/metrics").text
+    assert metric(text, "rsedge_scene_tiles_total", model="demo", task="[VG]", status="answered") < 16
+    assert metric(text, "rsedge_requests_total", endpoint="/v1/rs/answer", status="499") == 1
 
 
 def test_refusals_are_one_line(models, scene_tif, samples, tmp_path):
@@ -202,18 +236,43 @@ def test_refusals_are_one_line(models, scene_tif, samples, tmp_path):
         assert r.status_code == 400 and "512x512 pixels" in error(r) and "limit of 0.1 MP" in error(r)
 
 
-def test_without_the_geo_extra_a_geotiff_names_it(models, scene_tif, samples, monkeypatch):
-    import rsedge.serve.scenes
+NO_RASTERIO = """
+import importlib.abc, json, sys
+from pathlib import Path
 
-    monkeypatch.setattr(rsedge.serve.scenes, "available", lambda: False)
-    vg = {"task": "vg", "question": "Where is the storage tank?"}
-    with client(models) as c:
-        r = c.post("/v1/rs/answer", json={**vg, "images": [tif_uri(scene_tif)]})
-        assert r.status_code == 501 and "pip install 'rsedge[geo]'" in error(r)
-        r = c.post("/v1/rs/answer", json={**vg, "images": [data_uri(samples / IMAGE)], "bands": "1"})
-        assert r.status_code == 501 and "the bands field" in error(r)
-        r = c.post("/v1/rs/answer", json={**vg, "images": [data_uri(samples / IMAGE)], "preview": True})
-        assert r.status_code == 200  # a PNG needs nothing more; its preview is the image as the model saw it
-        assert np.array_equal(
-            png(r.json()["preview"][0]["png"]), np.asarray(Image.open(samples / IMAGE).convert("RGB"))
-        )
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "rasterio":
+            raise ImportError(name)
+
+
+sys.meta_path.insert(0, Block())
+from fastapi.testclient import TestClient
+from rsedge.serve.app import create_app
+from rsedge.serve.config import ServeConfig
+from rsedge.serve.models import ModelSet
+
+bundle, *images = sys.argv[1:]
+client = TestClient(create_app(ModelSet.load([Path(bundle)]), ServeConfig()))
+answers = []
+for image, extra in zip(images, ({}, {}, {"bands": "1"}, {"preview": "true"})):
+    form = {"task": "vg", "question": "Where?", "max_new_tokens": "4", **extra}
+    r = client.post("/v1/rs/answer", data=form, files={"image": (Path(image).name, Path(image).read_bytes())})
+    answers.append([r.status_code, r.json().get("error", {}).get("message"), "preview" in r.json()])
+print(json.dumps(answers))
+"""
+
+
+def test_without_the_geo_extra_a_geotiff_names_it(tiny_bundle, scene_tif, samples, tmp_path):
+    four = sixteen_bit_bgrn(tmp_path / "bgrn.tif", sample_rgb(samples))
+    png = samples / IMAGE
+    args = [sys.executable, "-c", NO_RASTERIO, str(tiny_bundle), str(scene_tif), str(four), str(png), str(png)]
+    res = subprocess.run(args, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr
+    rgb_tif, bgrn, bands, plain = json.loads(res.stdout)
+    # an 8-bit GeoTIFF Pillow could read, but not place on the map; a 16-bit one Pillow cannot read
+    for status, message, _ in (rgb_tif, bgrn):
+        assert status == 501 and "\n" not in message and "pip install 'rsedge[geo]'" in message
+    assert bands[0] == 501 and "the bands field" in bands[1]
+    assert plain == [200, None, True]  # a PNG needs nothing more, its preview included
