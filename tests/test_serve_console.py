@@ -152,6 +152,35 @@ def test_a_geotiff_dropped_in(page_at, samples, tmp_path):
     assert info["features"] == len(want["boxes"]) and "4326" in info["crs"]
 
 
+def test_a_16_bit_scene_picked_with_its_bands_gives_a_mask_geotiff(page_at, samples, tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from tests.geo_scenes import sample_rgb, sixteen_bit_bgrn
+
+    page, url = page_at
+    scene = sixteen_bit_bgrn(tmp_path / "bgrn.tif", sample_rgb(samples))
+    question = "Please segment the road area."
+    uri = "data:image/tiff;base64," + base64.b64encode(scene.read_bytes()).decode()
+    body = {"task": "seg", "question": question, "images": [uri], "bands": "3,2,1", "mask": "geotiff"}
+    want = httpx.post(f"{url}/v1/rs/answer", json=body, timeout=120).json()
+    page.set_input_files("#files", [str(scene)])
+    page.wait_for_function("(document.querySelector('figcaption') || {}).textContent === 'bgrn.tif (georeferenced)'")
+    page.select_option("#task", "[SEG]")
+    page.fill("#question", question)
+    page.fill("#bands", "3,2,1")
+    page.click("#ask")
+    page.wait_for_function("document.getElementById('meta').textContent.includes('expert')", timeout=120_000)
+    page.fill("#bands", "")
+    assert page.text_content("#error") == "" and page.text_content("#answer") == want["text"]
+    assert page.locator("#downloads a").all_text_contents() == ["Download GeoJSON", "Download mask GeoTIFF"]
+    with page.expect_download() as download:
+        page.click("#masktif")
+    assert download.value.suggested_filename == "bgrn-mask.tif"
+    with rasterio.open(download.value.path()) as got, rasterio.open(scene) as original:
+        assert got.crs == original.crs and got.transform == original.transform
+        with rasterio.io.MemoryFile(base64.b64decode(want["mask"]["geotiff"])) as mem, mem.open() as served:
+            assert np.array_equal(got.read(1), served.read(1))
+
+
 def _away(box: list[float], x: int, y: int, margin: int = 30) -> bool:
     x1, y1, x2, y2 = box
     return not (x1 - margin <= x <= x2 + margin and y1 - margin <= y <= y2 + margin)

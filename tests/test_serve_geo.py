@@ -220,6 +220,7 @@ def test_refusals_are_one_line(models, scene_tif, samples, tmp_path):
         ),
         "mask geotiff of [VG]": ({**vg, "images": [tif_uri(scene_tif)], "mask": "geotiff"}, 400, "[SEG] answer"),
         "bad bands": ({**vg, "images": [tif_uri(scene_tif)], "bands": [4, 2, 1]}, 400, "band 4 is out of range"),
+        "bad mask_format": ({**vg, "images": [tif_uri(scene_tif)], "mask_format": "tiff"}, 400, "mask must be"),
         "bad tile": ({**vg, "images": [tif_uri(scene_tif)], "tile": 8}, 400, "at least 16 pixels"),
         "a scene in a pair": (
             {"task": "ccd", "question": "What changed?", "images": [tif_uri(scene_tif), tif_uri(scene_tif)]},
