@@ -79,3 +79,15 @@ def tiny_bundle_gqa(request, tiny_checkpoint, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("bundle") / request.param
     export_bundle(tiny_checkpoint, out, precision="fp32", attention=request.param)
     return out
+
+
+@pytest.fixture(scope="session")
+def demo_bundle(tmp_path_factory) -> Path:
+    """The built-in demo model (trained on aerial scenes): unlike the random tiny model, it answers with real boxes
+    and masks. Exported once per run: the scene, service and console tests share it."""
+    from rsedge.demo import BUILTIN_MODEL
+    from rsedge.export.bundle import export_bundle
+
+    out = tmp_path_factory.mktemp("bundle") / "demo"
+    export_bundle(BUILTIN_MODEL, out, precision="fp32", validate=False)
+    return out

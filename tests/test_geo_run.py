@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rsedge.demo import BUILTIN_MODEL
 from rsedge.runtime.outputs import parse_boxes
 from tests.geo_scenes import CRS, rgb_scene, sample_rgb, sixteen_bit_bgrn
 from tests.test_bad_input import assert_one_error_line, run
@@ -23,16 +22,6 @@ shapely = pytest.importorskip("shapely")
 pyogrio = pytest.importorskip("pyogrio")
 
 VG = "[VG] Where is the storage tank?"
-
-
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory) -> Path:
-    """The built-in demo model (trained on aerial scenes): unlike the random tiny model, it answers [VG] with boxes."""
-    from rsedge.export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("geo") / "demo"
-    export_bundle(BUILTIN_MODEL, out, precision="fp32", validate=False)
-    return out
 
 
 @pytest.fixture

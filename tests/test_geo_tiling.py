@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import threading
 from types import SimpleNamespace
 
 import numpy as np
@@ -33,7 +34,9 @@ class Spotter:
     def choose_expert(self, prompt: str, expert: int | None = None) -> int:
         return 1 if task_tag(prompt) == "[VG]" else 2
 
-    def generate(self, images, prompt, max_new_tokens=256, sampling=None, expert=None, keep_logits=False) -> Answer:
+    def generate(
+        self, images, prompt, max_new_tokens=256, sampling=None, expert=None, keep_logits=False, cancel=None
+    ) -> Answer:
         pixels = np.asarray(images[0])
         self.seen.append(images[0].size)
         white = (pixels > 200).all(axis=-1)
@@ -163,3 +166,17 @@ def test_outputs_refuse_what_they_cannot_place(tmp_path):
     with pytest.raises(OptionError, match=r"\[SEG\]"):
         write_mask_geotiff(answer, tmp_path / "m.tif")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain.tif"]
+
+
+def test_a_cancelled_scene_stops_between_tiles(tmp_path):
+    scene = read_scene(rgb_scene(tmp_path / "s.tif", _grey_scene(400, 300)))
+    pipe, cancel = Spotter(), threading.Event()
+    answer = answer_scene(pipe, scene, "[VG] Where?", tile=128, overlap=32, on_tile=lambda done, total: cancel.set())
+    assert len(answer.tiles) == 12 and not answer.cancelled  # not given: every tile runs
+    pipe = Spotter()
+    cancel.clear()
+    answer = answer_scene(
+        pipe, scene, "[VG] Where?", tile=128, overlap=32, cancel=cancel, on_tile=lambda d, t: d == 2 and cancel.set()
+    )
+    assert len(pipe.seen) == 2 and len(answer.tiles) == 2 and answer.cancelled
+    assert answer.to_json()["cancelled"] is True and answer.stopped_by == "cancelled"

@@ -1,5 +1,6 @@
 """The operator's console in a real headless Chromium (Debian's, driven by Playwright): an image, a pair and a
-mask, each answer streamed into the page equal to Pipeline.generate's, boxes and masks drawn over the image.
+mask, each answer streamed into the page equal to Pipeline.generate's, boxes and masks drawn over the image; a
+GeoTIFF dropped in is answered by the service, shown as its preview with the boxes, and its GeoJSON downloads.
 
 Skipped where Playwright or a Chromium is missing (``apt-get install chromium``; ``pip install playwright``)."""
 
@@ -7,8 +8,10 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import shutil
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -21,21 +24,12 @@ from rsedge.serve.config import ServeConfig
 from rsedge.serve.models import ModelSet
 from tests.serve_helpers import IMAGE, PAIR, LiveServer, data_uri
 
+GEO_QUESTION = "Where is the storage tank?"
+
 sync_api = pytest.importorskip("playwright.sync_api")
 CHROMIUM = os.environ.get("RSEDGE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium (apt-get install chromium)")
 CHANGE_PAIR = ("levircd_test_2_0000_0000_A.png", "levircd_test_2_0000_0000_B.png")
-
-
-@pytest.fixture(scope="module")
-def demo_bundle(tmp_path_factory):
-    """The built-in model: unlike the random tiny one it answers with real boxes and masks to draw."""
-    from rsedge.demo import BUILTIN_MODEL
-    from rsedge.export.bundle import export_bundle
-
-    out = tmp_path_factory.mktemp("bundle") / "demo"
-    export_bundle(BUILTIN_MODEL, out, precision="fp32")
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -103,3 +97,90 @@ def test_a_change_mask_over_the_after_image(page_at, samples):
     y, x = (int(v[0]) for v in np.nonzero(~mask))
     assert pixel(page, 1, x, y)[:3] == after[y, x].tolist()  # untouched elsewhere
     assert pixel(page, 0, x, y)[:3] == np.asarray(Image.open(images[0]).convert("RGB"))[y, x].tolist()
+
+
+def drop(page, path: Path) -> None:
+    """Drop a file on the drop zone as a person's drag does: a DataTransfer holding it, in a drop event."""
+    page.evaluate(
+        """([name, b64]) => {
+            const bytes = Uint8Array.from(atob(b64), (c) => c.charCodeAt(0));
+            const dt = new DataTransfer();
+            dt.items.add(new File([bytes], name, { type: "image/tiff" }));
+            const drop = new DragEvent("drop", { dataTransfer: dt, bubbles: true, cancelable: true });
+            document.getElementById("drop").dispatchEvent(drop);
+        }""",
+        [path.name, base64.b64encode(path.read_bytes()).decode()],
+    )
+
+
+def test_a_geotiff_dropped_in(page_at, samples, tmp_path):
+    pytest.importorskip("rasterio")
+    pyogrio = pytest.importorskip("pyogrio")
+    from tests.geo_scenes import rgb_scene, sample_rgb
+
+    page, url = page_at
+    rgb = sample_rgb(samples)
+    scene = rgb_scene(tmp_path / "scene.tif", rgb)
+    uri = "data:image/tiff;base64," + base64.b64encode(scene.read_bytes()).decode()
+    body = {"task": "vg", "question": GEO_QUESTION, "images": [uri], "want_geojson": True}
+    want = httpx.post(f"{url}/v1/rs/answer", json=body, timeout=120).json()
+    assert want["boxes"], "the demo model finds the storage tank"
+    drop(page, scene)
+    page.wait_for_function("document.querySelector('figcaption') && document.querySelectorAll('canvas').length === 1")
+    assert page.text_content("figcaption") == "scene.tif (georeferenced)"
+    page.select_option("#task", "[VG]")
+    page.fill("#question", GEO_QUESTION)
+    page.click("#ask")
+    page.wait_for_function("document.getElementById('meta').textContent.includes('expert')", timeout=120_000)
+    assert page.text_content("#error") == ""
+    assert page.text_content("#answer") == want["text"]
+    assert "25 tile(s)" in page.text_content("#meta") and "EPSG:32633" in page.text_content("#meta")
+    # the service's preview at the scene's size, the first box outlined in blue over it
+    size = page.evaluate("(c => [c.width, c.height])(document.querySelector('canvas'))")
+    assert size == [512, 512]
+    x1, y1, _, y2 = want["boxes"][0]
+    assert pixel(page, 0, round(x1), round((y1 + y2) / 2))[:3] == [0, 0, 255]
+    # away from every box (and its label), the canvas holds the scene's own pixels
+    clear = [(x, y) for x in (3, 256, 508) for y in (3, 256, 508) if all(_away(b, x, y) for b in want["boxes"])]
+    assert clear and all(pixel(page, 0, x, y)[:3] == rgb[y, x].tolist() for x, y in clear)
+    with page.expect_download() as download:
+        page.click("#geojson")
+    saved = Path(download.value.path())
+    assert download.value.suggested_filename == "scene.geojson"
+    assert json.loads(saved.read_text())["features"] == want["geojson"]["features"]
+    info = pyogrio.read_info(saved, layer=0)
+    assert info["features"] == len(want["boxes"]) and "4326" in info["crs"]
+
+
+def test_a_16_bit_scene_picked_with_its_bands_gives_a_mask_geotiff(page_at, samples, tmp_path):
+    rasterio = pytest.importorskip("rasterio")
+    from tests.geo_scenes import sample_rgb, sixteen_bit_bgrn
+
+    page, url = page_at
+    scene = sixteen_bit_bgrn(tmp_path / "bgrn.tif", sample_rgb(samples))
+    question = "Please segment the road area."
+    uri = "data:image/tiff;base64," + base64.b64encode(scene.read_bytes()).decode()
+    body = {"task": "seg", "question": question, "images": [uri], "bands": "3,2,1", "mask": "geotiff"}
+    want = httpx.post(f"{url}/v1/rs/answer", json=body, timeout=120).json()
+    page.set_input_files("#files", [str(scene)])
+    page.wait_for_function("(document.querySelector('figcaption') || {}).textContent === 'bgrn.tif (georeferenced)'")
+    page.select_option("#task", "[SEG]")
+    page.fill("#question", question)
+    page.fill("#bands", "3,2,1")
+    page.click("#ask")
+    page.wait_for_function("document.getElementById('meta').textContent.includes('expert')", timeout=120_000)
+    page.fill("#bands", "")
+    assert page.text_content("#error") == "" and page.text_content("#answer") == want["text"]
+    assert page.locator("#downloads a").all_text_contents() == ["Download GeoJSON", "Download mask GeoTIFF"]
+    with page.expect_download() as download:
+        page.click("#masktif")
+    assert download.value.suggested_filename == "bgrn-mask.tif"
+    with rasterio.open(download.value.path()) as got, rasterio.open(scene) as original:
+        assert got.crs == original.crs and got.transform == original.transform
+        with rasterio.io.MemoryFile(base64.b64decode(want["mask"]["geotiff"])) as mem, mem.open() as served:
+            assert np.array_equal(got.read(1), served.read(1))
+
+
+def _away(box: list[float], x: int, y: int, margin: int = 30) -> bool:
+    x1, y1, x2, y2 = box
+    return not (x1 - margin <= x <= x2 + margin and y1 - margin <= y <= y2 + margin)

@@ -134,27 +134,35 @@ def parse_stretch(text: str) -> tuple[float, float]:
     return low, high
 
 
-def wants_scene(path: str | Path) -> bool:
-    """Whether ``rsedge run`` reads this file as a scene: the geo extra is installed, GDAL opens it, and it is
-    georeferenced or a raster Pillow would refuse (more bands, more bits, a format Pillow lacks). PNG, JPEG, GIF,
-    BMP, WebP and plain 8-bit RGB or grey TIFFs keep the Pillow path, unchanged."""
-    path = Path(path)
-    if not available() or not path.is_file():
+def wants_scene(source: str | Path | bytes) -> bool:
+    """Whether a file (or its bytes, e.g. a service's upload) is read as a scene: the geo extra is installed, GDAL
+    opens it, and it is georeferenced or a raster Pillow would refuse (more bands, more bits, a format Pillow
+    lacks). PNG, JPEG, GIF, BMP, WebP and plain 8-bit RGB or grey TIFFs keep the Pillow path, unchanged."""
+    if not available():
         return False
-    with open(path, "rb") as fh:
-        head = fh.read(8)
+    if isinstance(source, bytes):
+        head = source[:8]
+    else:
+        source = Path(source)
+        if not source.is_file():
+            return False
+        with open(source, "rb") as fh:
+            head = fh.read(8)
     if head.startswith(_PILLOW_MAGIC):
         return False
-    rio = rasterio()
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # NotGeoreferencedWarning: a plain TIFF is still a raster
-            with rio.open(path) as src:
-                georeferenced = src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
-                plain = src.driver == "GTiff" and src.count in (1, 3) and set(src.dtypes) == {"uint8"}
-                return georeferenced or not plain
+        with _open(rasterio(), source, "<raster>") as src:
+            georeferenced = src.crs is not None or not src.transform.is_identity or bool(src.gcps[0])
+            plain = src.driver == "GTiff" and src.count in (1, 3) and set(src.dtypes) == {"uint8"}
+            return georeferenced or not plain
     except Exception:  # not a raster GDAL reads: the Pillow path says what is wrong with it
         return False
+
+
+def raster_size(source: str | Path | bytes, where: str) -> tuple[int, int]:
+    """(width, height) from the raster's header, nothing decoded: a service holds a scene to its pixel cap first."""
+    with _open(rasterio(), source, where) as src:
+        return int(src.width), int(src.height)
 
 
 def _default_bands(src: Any, where: str) -> tuple[int, ...]:
@@ -263,8 +271,13 @@ def read_scene(
         down = width < src.width
         resampling = rio.enums.Resampling.average if down else rio.enums.Resampling.bilinear
         shape = (len(chosen), height, width)
-        data = src.read(list(chosen), out_shape=shape, resampling=resampling)
-        masks = src.read_masks(list(chosen), out_shape=shape, resampling=rio.enums.Resampling.nearest)
+        try:
+            data = src.read(list(chosen), out_shape=shape, resampling=resampling)
+            masks = src.read_masks(list(chosen), out_shape=shape, resampling=rio.enums.Resampling.nearest)
+        except rio.errors.RasterioError as e:  # a header GDAL opened over pixels cut off or damaged (an upload)
+            cause = e.__cause__ or e.__context__ or e
+            first = (str(cause).strip().splitlines() or [type(e).__name__])[0]
+            raise ImageError(f"{where}: cannot read the raster's pixels; is the file truncated? ({first})") from None
         valid = np.all(masks > 0, axis=0)
         if np.issubdtype(data.dtype, np.floating):
             valid &= np.all(np.isfinite(data), axis=0)

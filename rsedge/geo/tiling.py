@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -64,6 +65,7 @@ class TileAnswer:
     tokens: int
     stopped_by: str
     timings: dict[str, float]
+    prompt_tokens: int = 0
 
 
 @dataclass
@@ -83,6 +85,15 @@ class SceneAnswer:
     mask: np.ndarray | None = None  # [H, W] uint8 label indices into mask_labels, MASK_NODATA where unknown
     mask_labels: list[str] = field(default_factory=list)
     skipped_tiles: int = 0
+    cancelled: bool = False  # stopped before its last tile (a service's client left, or its deadline passed)
+
+    @property
+    def stopped_by(self) -> str:
+        """What ended the answer: ``cancelled``, ``max_new_tokens`` when a tile's answer was cut short, else
+        ``eos`` (as Pipeline's Answer says it, so a service reports a scene as it reports an image)."""
+        if self.cancelled:
+            return "cancelled"
+        return "max_new_tokens" if any(t.stopped_by == "max_new_tokens" for t in self.tiles) else "eos"
 
     @property
     def text(self) -> str:
@@ -132,6 +143,7 @@ class SceneAnswer:
                 "nms_iou": self.iou,
                 "boxes_before_nms": self.boxes_before_nms,
             },
+            "cancelled": self.cancelled,
             "tiles": [
                 {
                     "index": t.index,
@@ -239,6 +251,7 @@ def answer_scene(
     sampling: Sampling | None = None,
     expert: int | None = None,
     on_tile: Callable[[int, int], None] | None = None,
+    cancel: threading.Event | None = None,
 ) -> SceneAnswer:
     """Answer ``prompt`` about ``scene`` with ``pipe`` (a :class:`rsedge.runtime.pipeline.Pipeline`), tile by tile.
 
@@ -246,6 +259,8 @@ def answer_scene(
     tile); boxes of all tiles are
     merged by NMS at ``iou``; [SEG] masks are stitched into one label grid over the scene. ``on_tile(done,
     total)`` is called after each tile (a progress bar). Box scores are :func:`answer_score` of their tile.
+    ``cancel``, once set, stops the answer between tiles (and the tile being decoded, through Pipeline.generate):
+    the answer then holds the tiles done so far and ``cancelled`` is true.
     """
     if not 0.0 <= iou <= 1.0:
         raise OptionError(f"--iou must be between 0 and 1, got {iou}")
@@ -264,7 +279,11 @@ def answer_scene(
     core_x = dict(zip(xs, _cores(xs, windows[0].width, scene.width), strict=True))
     core_y = dict(zip(ys, _cores(ys, windows[0].height, scene.height), strict=True))
     skipped = 0
+    cancelled = False
     for n, w in enumerate(windows):
+        if cancel is not None and cancel.is_set():  # a scene is many generate calls: nobody waits for the rest
+            cancelled = True
+            break
         valid = scene.valid[w.row : w.row + w.height, w.col : w.col + w.width]
         if not valid.any():  # nothing to see: a tile of black nodata would only invite made-up answers
             skipped += 1
@@ -278,6 +297,7 @@ def answer_scene(
             sampling=sampling,
             expert=expert,
             keep_logits=tag == "[VG]",  # boxes are ranked by the score; a long mask answer's logits cost memory
+            cancel=cancel,
         )
         score = answer_score(ans.step_logits, ans.tokens)
         ans.step_logits = None
@@ -303,7 +323,11 @@ def answer_scene(
                 (x0, x1), (y0, y1) = core_x[w.col], core_y[w.row]
                 part = lookup[local[y0 - w.row : y1 - w.row, x0 - w.col : x1 - w.col]]
                 mask[y0:y1, x0:x1] = part
-        tiles.append(TileAnswer(index, w, ans.text, score, kept, len(ans.tokens), ans.stopped_by, dict(ans.timings)))
+        tiles.append(
+            TileAnswer(
+                index, w, ans.text, score, kept, len(ans.tokens), ans.stopped_by, dict(ans.timings), ans.prompt_tokens
+            )
+        )
         if on_tile is not None:
             on_tile(n + 1, len(windows))
     if mask is not None:
@@ -322,4 +346,5 @@ def answer_scene(
         mask=mask,
         mask_labels=labels if mask is not None else [],
         skipped_tiles=skipped,
+        cancelled=cancelled or any(t.stopped_by == "cancelled" for t in tiles),
     )

@@ -22,14 +22,15 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingRes
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from rsedge.errors import BundleError, OptionError, RsedgeError
+from rsedge.geo.tiling import SceneAnswer, answer_scene
 from rsedge.runtime.pipeline import Answer
-from rsedge.runtime.router import check_image_count
+from rsedge.runtime.router import check_image_count, task_tag
 from rsedge.serve import ask as asks
-from rsedge.serve import chat
+from rsedge.serve import chat, scenes
 from rsedge.serve.ask import Ask
 from rsedge.serve.config import ServeConfig
 from rsedge.serve.guard import BodyTooLarge, Guard
-from rsedge.serve.inputs import image_from_bytes, image_from_url
+from rsedge.serve.inputs import image_from_source, source_from_url
 from rsedge.serve.logs import log
 from rsedge.serve.metrics import ServeMetrics
 from rsedge.serve.models import ModelSet, UnknownModel
@@ -50,6 +51,8 @@ def _status(e: RsedgeError) -> int:
         return 413
     if isinstance(e, DeadlineExceeded):
         return 504
+    if isinstance(e, scenes.GeoUnavailable):  # the request is fine; this service lacks what reads it
+        return 501
     if isinstance(e, BundleError):  # a damaged graph or weight file: the service's fault, not the request's
         return 500
     return 400
@@ -69,15 +72,17 @@ class Runner:
 
     def start(
         self, ask: Ask, arrival: float, on_token: Callable[[str], None] | None = None
-    ) -> tuple[Future[Answer], threading.Event, float]:
+    ) -> tuple[Future[Answer | SceneAnswer], threading.Event, float]:
         cancel, deadline = threading.Event(), arrival + self.cfg.deadline_s
         model = ask.model
 
-        def job() -> Answer:
+        def job() -> Answer | SceneAnswer:
             self.metrics.queue_wait.observe(time.monotonic() - arrival)
             expert = model.expert_for(ask.prompt)
             model.ensure_expert(expert)
             self.metrics.resident.labels(model.name, f"expert{expert}").set(model.resident.get(f"expert{expert}") or 0)
+            if ask.scene is not None:
+                return self._scene(ask, cancel, arrival)
             ans = model.pipe.generate(
                 ask.images,
                 ask.prompt,
@@ -91,6 +96,30 @@ class Runner:
             return ans
 
         return self.pool.submit(job, cancel, deadline), cancel, deadline
+
+    def _scene(self, ask: Ask, cancel: threading.Event, arrival: float) -> SceneAnswer:
+        """A scene's tiles, one generate call each; ``cancel`` (client gone, deadline) stops it between tiles."""
+        job, name = ask.scene, ask.model.name
+        task = task_tag(ask.prompt) or "none"
+        answer = answer_scene(
+            ask.model.pipe,
+            job.scene,
+            ask.prompt,
+            tile=job.tile,
+            overlap=job.overlap,
+            iou=job.iou,
+            max_new_tokens=ask.max_new_tokens,
+            sampling=ask.sampling,
+            cancel=cancel,
+        )
+        self.metrics.tiles.labels(name, task, "answered").inc(len(answer.tiles))
+        self.metrics.tiles.labels(name, task, "nodata").inc(answer.skipped_tiles)
+        labels = (name, answer.tag or "none", str(answer.expert))
+        self.metrics.latency.labels(*labels).observe(time.monotonic() - arrival)
+        self.metrics.tokens.labels(*labels).inc(sum(t.tokens for t in answer.tiles))
+        for t in answer.tiles:
+            self.metrics.answers.labels(t.stopped_by).inc()
+        return answer
 
     def admit(self) -> None:
         try:
@@ -201,15 +230,27 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise OptionError(f"ignore_eos must be true or false, got {ignore_eos!r}")
-        mask_format = body.get("mask", "rle")  # rsedge's own field: the mask as rle text, png or both
-        if mask_format not in ("rle", "png", "both"):
-            raise OptionError(f"mask must be rle, png or both, got {mask_format!r}")
+        # rsedge's own field: the mask as rle text, png, both, or (a scene's) a georeferenced geotiff
+        mask_format = scenes.mask_formats(body.get("mask", body.get("mask_format", "rle")))
+        fields = scenes.scene_fields(body)
         # images last: every cheaper check has passed before one is decoded
-        images = [image_from_url(u, f"image {i + 1}", cfg.max_pixels, cfg.image_root) for i, u in enumerate(urls)]
-        images += [image_from_bytes(raw, name, cfg.max_pixels) for name, raw in uploads]
-        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos, mask_format)
+        sources = [(f"image {i + 1}", source_from_url(u, f"image {i + 1}", cfg.image_root)) for i, u in enumerate(urls)]
+        sources += list(uploads)
+        if any(scenes.is_scene(source, where, fields) for where, source in sources):
+            if len(sources) != 1:
+                raise OptionError(f"a GeoTIFF scene is answered on its own; send one scene, got {len(sources)} images")
+            where, source = sources[0]
+            size = int(model.pipe.bundle.preprocess["image_size"])
+            job = scenes.read_job(source, where, fields, mask_format, prompt, cfg.max_pixels, size)
+            return Ask(model, [], prompt, n_tokens, sampling, ignore_eos, mask_format, job, fields.preview)
+        if "geotiff" in mask_format:
+            raise OptionError("mask geotiff needs a georeferenced scene (a GeoTIFF); this image is not one")
+        if fields.want_geojson:
+            raise OptionError("want_geojson needs a georeferenced scene (a GeoTIFF); this image is not one")
+        images = [image_from_source(source, where, cfg.max_pixels) for where, source in sources]
+        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos, mask_format, None, fields.preview)
 
-    async def answer(request: Request, ask: Ask) -> Answer | None:
+    async def answer(request: Request, ask: Ask) -> Answer | SceneAnswer | None:
         """Run ``ask`` to its end; a client that leaves cancels it (None: nobody is left to answer), and so does
         the deadline."""
         arrival = request.state.arrival
@@ -231,9 +272,12 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
             raise DeadlineExceeded(f"the request did not finish within the service's deadline of {cfg.deadline_s:g} s")
         return done_fut.result()
 
-    def note(request: Request, ask: Ask, ans: Answer | None = None) -> None:
+    def note(request: Request, ask: Ask, ans: Answer | SceneAnswer | None = None) -> None:
         request.state.log.update(model=ask.model.name, task=ask.task)
-        if ans is not None:
+        if isinstance(ans, SceneAnswer):
+            tokens = sum(t.tokens for t in ans.tiles)
+            request.state.log.update(expert=ans.expert, tiles=len(ans.tiles), tokens=tokens, stopped_by=ans.stopped_by)
+        elif ans is not None:
             request.state.log.update(expert=ans.expert, tokens=len(ans.tokens), stopped_by=ans.stopped_by)
 
     @app.post("/v1/chat/completions")
@@ -262,8 +306,8 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         if ans is None:
             return Response(status_code=499)  # nginx's "client closed request": for the log, nobody reads it
         note(request, ask, ans)
-        extra = asks.answer_json(ans, ask.images, ask.mask_format)
-        return JSONResponse(chat.completion(rid, name, ans, asks.usage(ans), extra))
+        extra = await asyncio.to_thread(asks.result_json, ask, ans)  # a scene's GeoJSON and PNGs take a while
+        return JSONResponse(chat.completion(rid, name, ans, asks.result_usage(ask, ans), extra))
 
     def stream_chat(request: Request, ask: Ask, name: str, rid: str, include_usage: bool) -> StreamingResponse:
         loop = asyncio.get_running_loop()
@@ -307,10 +351,10 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
                 if len(ans.text) > len(streamed) and ans.text.startswith(streamed):
                     # bytes of an unfinished UTF-8 character the token stream held back when decoding stopped
                     yield sse(chat.chunk(rid, name, {"content": ans.text[len(streamed) :]}))
-                extra = {"rsedge": asks.answer_json(ans, ask.images, ask.mask_format)}
+                extra = {"rsedge": await asyncio.to_thread(asks.result_json, ask, ans)}
                 yield sse(chat.chunk(rid, name, {}, asks.finish_reason(ans), **extra))
                 if include_usage:
-                    usage_chunk = chat.chunk(rid, name, {}, usage=asks.usage(ans))
+                    usage_chunk = chat.chunk(rid, name, {}, usage=asks.result_usage(ask, ans))
                     usage_chunk["choices"] = []
                     yield sse(usage_chunk)
                 yield sse("[DONE]")
@@ -368,8 +412,8 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         if ans is None:
             return Response(status_code=499)
         note(request, ask, ans)
-        out = {"model": ask.model.name, "task": TASKS[task], "prompt": prompt, "usage": asks.usage(ans)}
-        out.update(asks.answer_json(ans, ask.images, ask.mask_format))
+        out = {"model": ask.model.name, "task": TASKS[task], "prompt": prompt, "usage": asks.result_usage(ask, ans)}
+        out.update(await asyncio.to_thread(asks.result_json, ask, ans))
         return JSONResponse(out)
 
     return app

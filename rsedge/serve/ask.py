@@ -16,6 +16,7 @@ from rsedge.runtime.pipeline import Answer
 from rsedge.runtime.router import task_tag
 from rsedge.runtime.sampling import Sampling
 from rsedge.serve.models import ServedModel
+from rsedge.serve.scenes import SceneJob
 
 
 @dataclass
@@ -26,7 +27,9 @@ class Ask:
     max_new_tokens: int
     sampling: Sampling
     ignore_eos: bool = False  # decode the whole budget (load tests, benchmarks), as vLLM's extra parameter
-    mask_format: str = "rle"  # a [SEG] answer's mask as run-length text, a PNG, or both
+    mask_format: frozenset[str] = frozenset({"rle"})  # a [SEG] answer's mask as rle text, png, geotiff (scenes)
+    scene: SceneJob | None = None  # a GeoTIFF scene, answered tile by tile, instead of images
+    preview: bool = False  # return each image as the model saw it, a PNG (for a TIFF a browser cannot show)
 
     @property
     def task(self) -> str:
@@ -68,7 +71,9 @@ def usage(ans: Answer) -> dict[str, int]:
     }
 
 
-def answer_json(ans: Answer, images: list[Image.Image], mask_format: str = "rle") -> dict[str, Any]:
+def answer_json(
+    ans: Answer, images: list[Image.Image], mask_format: frozenset[str] = frozenset({"rle"})
+) -> dict[str, Any]:
     """The answer's structured parts: boxes in pixels of the first image, the mask as run-length text and/or a
     PNG at the size of the image it belongs to (the second of a pair, for a change mask)."""
     out = ans.to_json()
@@ -76,9 +81,9 @@ def answer_json(ans: Answer, images: list[Image.Image], mask_format: str = "rle"
     out["boxes"] = [b.to_list() for b in ans.boxes]
     if ans.mask is not None:
         mask: dict[str, Any] = {"labels": ans.mask.labels, "grid": list(ans.mask.shape)}
-        if mask_format in ("rle", "both"):
+        if "rle" in mask_format:
             mask["rle"] = ans.text
-        if mask_format in ("png", "both") and images:
+        if "png" in mask_format and images:
             target = images[-1]
             pixels = mask_for_image(ans.mask, target.width, target.height).astype(np.uint8) * 255
             buf = io.BytesIO()
@@ -88,3 +93,25 @@ def answer_json(ans: Answer, images: list[Image.Image], mask_format: str = "rle"
     else:
         out["mask"] = None
     return out
+
+
+def result_json(ask: Ask, ans: Any) -> dict[str, Any]:
+    """The structured parts of an image's Answer or a scene's SceneAnswer."""
+    if ask.scene is not None:
+        from rsedge.serve.scenes import answer_json as scene_json
+
+        return scene_json(ans, ask.scene, ask.mask_format)
+    out = answer_json(ans, ask.images, ask.mask_format)
+    if ask.preview:
+        from rsedge.serve.scenes import preview
+
+        out["preview"] = [preview(np.asarray(im.convert("RGB"))) for im in ask.images]
+    return out
+
+
+def result_usage(ask: Ask, ans: Any) -> dict[str, int]:
+    if ask.scene is not None:
+        from rsedge.serve.scenes import usage as scene_usage
+
+        return scene_usage(ans)
+    return usage(ans)

@@ -53,12 +53,13 @@ def decode_data_uri(uri: str, where: str) -> bytes:
         raise ImageError(f"{where}: the data URI's base64 payload is malformed") from None
 
 
-def image_from_url(url: str, where: str, max_pixels: int, image_root: Path | None) -> Image.Image:
-    """A data URI, or a path (``file://`` or plain) under ``image_root`` when the service allows paths."""
+def source_from_url(url: str, where: str, image_root: Path | None) -> bytes | Path:
+    """A data URI's bytes, or a path (``file://`` or plain) under ``image_root`` when the service allows paths;
+    nothing is decoded yet (the bytes may be an image or a GeoTIFF scene)."""
     if not isinstance(url, str) or not url:
         raise ImageError(f"{where}: expected an image URL (a data URI)")
     if url[:5].lower() == "data:":
-        return image_from_bytes(decode_data_uri(url, where), where, max_pixels)
+        return decode_data_uri(url, where)
     if re.match(r"^[a-z][a-z0-9+.-]*://", url, re.I) and not url.lower().startswith("file://"):
         raise ImageError(f"{where}: this service does not fetch URLs; send the image as a data URI")
     if image_root is None:
@@ -67,8 +68,20 @@ def image_from_url(url: str, where: str, max_pixels: int, image_root: Path | Non
     full = (image_root / path).resolve()
     if not full.is_relative_to(image_root.resolve()):
         raise ImageError(f"{where}: {url} is outside the service's image folder")
-    _check_file_pixels(full, where, max_pixels)
-    return load_image(full)
+    return full
+
+
+def image_from_source(source: bytes | Path, where: str, max_pixels: int) -> Image.Image:
+    """The image of :func:`source_from_url`'s answer (or of an upload's bytes), held to ``max_pixels``."""
+    if isinstance(source, bytes):
+        return image_from_bytes(source, where, max_pixels)
+    _check_file_pixels(source, where, max_pixels)
+    return load_image(source)
+
+
+def image_from_url(url: str, where: str, max_pixels: int, image_root: Path | None) -> Image.Image:
+    """A data URI, or a path (``file://`` or plain) under ``image_root`` when the service allows paths."""
+    return image_from_source(source_from_url(url, where, image_root), where, max_pixels)
 
 
 def _check_file_pixels(path: Path, where: str, max_pixels: int) -> None:

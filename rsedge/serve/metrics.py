@@ -38,6 +38,12 @@ class ServeMetrics:
             buckets=RATE_BUCKETS,
             registry=r,
         )
+        self.tiles = Counter(
+            "rsedge_scene_tiles",
+            "tiles of GeoTIFF scenes: answered (one generate call each) or nodata (not run)",
+            ["model", "task", "status"],
+            registry=r,
+        )
         self.resident = Gauge(
             "rsedge_resident_bytes", "resident memory added when a model part loaded", ["model", "part"], registry=r
         )
