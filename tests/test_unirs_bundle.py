@@ -254,3 +254,18 @@ def test_runtime_import_has_no_torch():
         names = {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
         names |= {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
         assert not {n for n in names if n.split(".")[0] in ("torch", "transformers", "onnx")}, mod
+
+
+def test_cli_export_takes_cc_layers_and_other_architectures_refuse_it(checkpoints, tmp_path):
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(checkpoints["cc1"]), "-o", str(tmp_path / "b"), "--cc-layers", "1"])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert manifest["model"]["eval_overrides"]["cc_n_layers"] == 1
+    res = runner.invoke(main, ["export", str(checkpoints["cc1"]), "-o", str(tmp_path / "c")])
+    assert res.exit_code != 0 and "pass its cc_n_layers" in res.output and not (tmp_path / "c").exists()
+    other = tmp_path / "rsunivlm"
+    other.mkdir()
+    (other / "config.json").write_text(json.dumps({"model_type": "llava_qwen_gmoe"}))
+    res = runner.invoke(main, ["export", str(other), "-o", str(tmp_path / "d"), "--cc-layers", "1"])
+    assert res.exit_code != 0 and "--cc-layers is a unirs option" in res.output
