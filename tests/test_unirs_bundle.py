@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rsedge.cli import main
-from rsedge.errors import ImageError, OptionError
+from rsedge.errors import BundleError, ImageError, OptionError
 from rsedge.models.unirs import export, make_checkpoint
 from rsedge.models.unirs.config import EvalOverrides
 from rsedge.models.unirs.modeling import UniRSForCausalLM
@@ -269,3 +269,14 @@ def test_cli_export_takes_cc_layers_and_other_architectures_refuse_it(checkpoint
     (other / "config.json").write_text(json.dumps({"model_type": "llava_qwen_gmoe"}))
     res = runner.invoke(main, ["export", str(other), "-o", str(tmp_path / "d"), "--cc-layers", "1"])
     assert res.exit_code != 0 and "--cc-layers is a unirs option" in res.output
+
+
+def test_warmup_and_run_graph(bundles):
+    """Warm-up runs every graph a request takes (projector and decoder too); run_graph names a missing graph."""
+    pipe = Pipeline.load(bundles["cc0"], warmup=True)
+    assert set(pipe._graphs) == {"projector"} and set(pipe._decoders) == {0}
+    features = pipe.run_graph("vision", {"pixel_values": np.zeros((2, 3, 384, 384), np.float32)})[0]
+    (change,) = pipe.run_graph("change", {"pair_features": features})
+    assert features.shape == (2, 729, 32) and change.shape == (1, 729, 32)
+    with pytest.raises(BundleError, match="no graph 'change'"):
+        Pipeline.load(bundles["vila"]).run_graph("change", {"pair_features": features})

@@ -19,7 +19,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from rsedge.errors import OptionError, PromptError
+from rsedge.errors import BundleError, OptionError, PromptError
 from rsedge.runtime import ort_support
 from rsedge.runtime.backends import DecoderBackend, DecoderSpec, backend_class
 from rsedge.runtime.bundle import Bundle
@@ -191,6 +191,8 @@ class Pipeline:
         """Any graph ``graphs.<key>`` of the manifest (a family's projector, change module...) on ``feeds``,
         each cast to its input's dtype; its session is created on first use, on this pipeline's device
         (onnxruntime: TensorRT engines run the vision graph and the decoders only)."""
+        if key not in self.bundle.manifest["graphs"] or key == "decoder":
+            raise BundleError(f"{self.bundle.root}: the manifest has no graph {key!r} to run")
         if key == "vision":
             sess = self.vision()
         else:
