@@ -5,12 +5,14 @@ Heavy modules are imported inside each command, so ``rsedge run`` on a Jetson ne
 
 from __future__ import annotations
 
+import inspect
 import json
 import shutil
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -187,6 +189,13 @@ def make_checkpoint_cmd(
     help="regex of decoder weight names left unquantized (repeatable), e.g. lm_head or 'layers\\.23\\.'",
 )
 @click.option("--no-validate", is_flag=True, help="skip the check against the PyTorch reference")
+@click.option(
+    "--cc-layers",
+    type=int,
+    default=None,
+    help="unirs: the change module's transformer layers (the original's eval-time cc_n_layers, which config.json "
+    "does not save) [default: 0]",
+)
 def export_cmd(
     model: Path,
     keep: tuple[str, ...],
@@ -204,6 +213,7 @@ def export_cmd(
     compute: str | None,
     router_json: str | None,
     no_validate: bool,
+    cc_layers: int | None,
 ) -> None:
     """Export a checkpoint directory to a validated bundle."""
     from rsedge.models.registry import architecture_for
@@ -234,6 +244,10 @@ def export_cmd(
         compute=compute,
         keep=keep,
     )
+    if cc_layers is not None:  # an architecture's own option: only an export that names it takes it
+        if "cc_n_layers" not in inspect.signature(export_bundle).parameters:
+            raise OptionError(f"--cc-layers is a unirs option; {model} is not a UniRS / VILA-1.5 checkpoint")
+        options["cc_n_layers"] = cc_layers
     if target is not None:
         from rsedge.export.targets import export_options
 
@@ -264,6 +278,15 @@ def export_cmd(
 @main.command("run")
 @click.argument("bundle", type=click.Path(path_type=Path))
 @click.option("--image", "images", multiple=True, type=click.Path(path_type=Path), help="image file (repeat for pairs)")
+@click.option("--video", type=click.Path(path_type=Path), default=None, help="video file (unirs; the video extra)")
+@click.option("--frames-dir", type=click.Path(path_type=Path), default=None, help="folder of video frames (unirs)")
+@click.option(
+    "--frames",
+    type=int,
+    default=None,
+    help="frames sampled uniformly from --video / --frames-dir [default: the bundle's num_video_frames, else 8 "
+    "for --video, every frame of --frames-dir]",
+)
 @click.option("--prompt", required=True, help='e.g. "[VG] Where is the storage tank?"')
 @click.option("--max-new-tokens", type=int, default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True, help="0 = greedy")
@@ -294,6 +317,9 @@ def export_cmd(
 def run_cmd(
     bundle: Path,
     images: tuple[Path, ...],
+    video: Path | None,
+    frames_dir: Path | None,
+    frames: int | None,
     prompt: str,
     max_new_tokens: int,
     temperature: float,
@@ -312,7 +338,7 @@ def run_cmd(
     engines: Path | None,
     geo: GeoRequest,
 ) -> None:
-    """Answer a prompt about one image (or a before/after pair) with a bundle.
+    """Answer a prompt about one image (or a before/after pair, or video frames) with a bundle.
 
     A georeferenced raster (GeoTIFF, JPEG 2000, ...), one Pillow cannot take (more bands or bits), or any scene
     option reads the image as a scene (the geo extra): bands, stretch, tiles, GeoJSON and mask GeoTIFF outputs."""
@@ -321,6 +347,7 @@ def run_cmd(
     from rsedge.runtime.sampling import Sampling
 
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    check_video_options(images, video, frames_dir, frames, overlay)
     if max_pixels is not None:  # for this command only: the limit is restored when its context closes
         from rsedge.runtime.images import pixel_limit
 
@@ -352,9 +379,12 @@ def run_cmd(
                     click.echo(f"{key.replace('_', '-')}: {out[key] or 'nothing to draw'}", err=True)
         return
     on_token = (lambda s: click.echo(s, nl=False)) if stream and not as_json else None
+    inputs: list[Any] = list(images)
+    if video is not None or frames_dir is not None:
+        inputs = read_clip(pipe, video, frames_dir, frames)
     with _onnxruntime_errors(bundle):
         ans = pipe.generate(
-            list(images), prompt, max_new_tokens=max_new_tokens, sampling=sampling, expert=expert, on_token=on_token
+            inputs, prompt, max_new_tokens=max_new_tokens, sampling=sampling, expert=expert, on_token=on_token
         )
     out = ans.to_json()
     if overlay is not None:
@@ -366,6 +396,35 @@ def run_cmd(
         click.echo("" if stream else ans.text)
         if overlay is not None:
             click.echo(f"overlay: {out['overlay'] or 'nothing to draw (no box or mask in the answer)'}", err=True)
+
+
+def check_video_options(
+    images: tuple[Path, ...], video: Path | None, frames_dir: Path | None, frames: int | None, overlay: Path | None
+) -> None:
+    """Refuse, before the bundle loads, a clip given with images, twice, or with a frame count no clip takes."""
+    if video is not None and frames_dir is not None:
+        raise OptionError("give --video or --frames-dir, not both")
+    clip = video is not None or frames_dir is not None
+    if clip and (images or overlay is not None):
+        raise OptionError("--video / --frames-dir take no --image or --overlay")
+    if frames is not None and not clip:
+        raise OptionError("--frames needs --video or --frames-dir")
+    if frames is not None and (frames < 1 or frames == 2):
+        # two images are a change pair, as the original dispatches by count
+        raise OptionError(f"--frames must be 1 or at least 3 (two images are a change pair), got {frames}")
+
+
+def read_clip(pipe: Any, video: Path | None, frames_dir: Path | None, frames: int | None) -> list[Any]:
+    """The frames of ``--video`` (``frames``, else the bundle's num_video_frames) or ``--frames-dir``."""
+    from rsedge.runtime.video import read_frames_dir, read_video
+
+    if video is not None:
+        default = pipe.bundle.model.get("num_video_frames", 8)
+        return read_video(video, frames if frames is not None else int(default))
+    picked = read_frames_dir(frames_dir, frames)
+    if len(picked) == 2:
+        raise OptionError(f"{frames_dir}: 2 frames would be a change pair; a clip takes 1 or at least 3 frames")
+    return picked
 
 
 @contextmanager

@@ -19,7 +19,7 @@ from PIL import Image
 from tokenizers import Tokenizer
 from tokenizers.decoders import DecodeStream
 
-from rsedge.errors import OptionError, PromptError
+from rsedge.errors import BundleError, OptionError, PromptError
 from rsedge.runtime import ort_support
 from rsedge.runtime.backends import DecoderBackend, DecoderSpec, backend_class
 from rsedge.runtime.bundle import Bundle
@@ -88,6 +88,7 @@ class Pipeline:
         self.layers, self.kv_heads = text["num_hidden_layers"], text["num_key_value_heads"]
         self.head_dim = text["hidden_size"] // text["num_attention_heads"]
         self._vision = None
+        self._graphs: dict[str, Any] = {}  # the manifest's other graphs (run_graph), by key
         self._decoders: dict[int, DecoderBackend] = {}
         # Sessions are created on first use; the lock makes two threads' first requests create one, not two.
         self._load_lock = threading.Lock()  # decoders
@@ -186,6 +187,26 @@ class Pipeline:
                         self._vision = make_session(self.bundle.path(rel), self.session_cfg, cache_key=self._sha(rel))
         return self._vision
 
+    def run_graph(self, key: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
+        """Any graph ``graphs.<key>`` of the manifest (a family's projector, change module...) on ``feeds``,
+        each cast to its input's dtype; its session is created on first use, on this pipeline's device
+        (onnxruntime: TensorRT engines run the vision graph and the decoders only)."""
+        if key not in self.bundle.manifest["graphs"] or key == "decoder":
+            raise BundleError(f"{self.bundle.root}: the manifest has no graph {key!r} to run")
+        if key == "vision":
+            sess = self.vision()
+        else:
+            sess = self._graphs.get(key)
+            if sess is None:
+                with self._vision_lock:
+                    sess = self._graphs.get(key)
+                    if sess is None:
+                        rel = self.bundle.graph(key)["file"]
+                        sess = make_session(self.bundle.path(rel), self.session_cfg, cache_key=self._sha(rel))
+                        self._graphs[key] = sess
+        types = {i.name: ORT_DTYPES[i.type] for i in sess.get_inputs()}
+        return sess.run(None, {k: v.astype(types[k], copy=False) for k, v in feeds.items()})
+
     def _sha(self, rel: str) -> str:
         """A graph file's sha256 prefix from the manifest: the key of its TensorRT engine cache."""
         return str(self.bundle.manifest["files"].get(rel, {}).get("sha256", ""))[:16]
@@ -209,7 +230,7 @@ class Pipeline:
 
     def image_tokens(self, image: Image.Image) -> np.ndarray:
         """Visual tokens of one image, [N, H], exactly as the reference splices them."""
-        return self.family.visual_tokens(self.run_vision(self.family.pixel_values(image)), image)
+        return self.family.images_to_tokens([image], self.run_vision, self.run_graph)[0]
 
     def embed_rows(self, ids: list[int] | np.ndarray) -> np.ndarray:
         """Embedding rows [len(ids), H] of token ids."""
@@ -260,11 +281,11 @@ class Pipeline:
         if chosen not in self._decoders and pil:
             with ThreadPoolExecutor(1) as pool:
                 loading = pool.submit(self.decoder, chosen)
-                visual = self.family.images_to_tokens(pil, self.run_vision)
+                visual = self.family.images_to_tokens(pil, self.run_vision, self.run_graph)
                 t2 = time.perf_counter()
                 dec = loading.result()
         else:
-            visual = self.family.images_to_tokens(pil, self.run_vision)
+            visual = self.family.images_to_tokens(pil, self.run_vision, self.run_graph)
             t2 = time.perf_counter()
             dec = self.decoder(chosen)
         embeds = self.embed(ids, visual, dec.dtype)

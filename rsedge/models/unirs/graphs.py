@@ -43,12 +43,12 @@ def tower_layers(cfg: UniRSConfig) -> int:
 
 
 def build_tower_graph(
-    cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32"
+    cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32", file: str = VISION_BIN
 ) -> onnx.ModelProto:
     vc = cfg.vision
     # The RSUniVLM builders read SigLIP weights under LLaVA-OneVision's names: the same tensors, renamed.
     w = {f"{TOWER}.{k.removeprefix('vision_model.')}": v for k, v in weights["vision_tower"].items()}
-    b = GraphBuilder("unirs_tower", store, dtype, VISION_BIN)
+    b = GraphBuilder("unirs_tower", store, dtype, file)
     x = b.input(PIXEL_VALUES, b.elem_type, ["num_images", vc.num_channels, vc.image_size, vc.image_size])
     n = tower_layers(cfg)
     with b.scope("vision_tower"):
@@ -71,7 +71,7 @@ def _single_key(cfg: UniRSConfig, local: str) -> str:
 #   --Reshape [N,(G/2)^2,4C]: token = column-pair x G/2 + row-pair (base_projector.py flat_square)
 #   --LayerNorm(4C)--Linear 4C->H--GELU(erf)--Linear H->H--> image_tokens
 def build_projector_graph(
-    cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32"
+    cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32", file: str = VISION_BIN
 ) -> onnx.ModelProto:
     C, H, g, half = cfg.mm_hidden_size, cfg.text.hidden_size, cfg.vision.patches_per_side, cfg.downsampled_grid
     G = 2 * half
@@ -84,7 +84,7 @@ def build_projector_graph(
         f"{PROJECTOR}.2.weight": p[_single_key(cfg, "4.weight")],
         f"{PROJECTOR}.2.bias": p[_single_key(cfg, "4.bias")],
     }
-    b = GraphBuilder("unirs_projector", store, dtype, VISION_BIN)
+    b = GraphBuilder("unirs_projector", store, dtype, file)
     x = b.input(VISION_FEATURES, b.elem_type, ["num_images", g * g, C])
     with b.scope("downsample"):
         x = b.op("Reshape", [x, b.ints([0, g, g, C], "grid_shape")], out="grid")
@@ -126,14 +126,14 @@ def fold_batch_norm(w: Mapping[str, np.ndarray], conv: str, bn: str, channels: i
 #   Concat(a, b) + sim --Conv1 1x1--> x --[Conv+BN] ReLU [Conv3x3+BN] ReLU [Conv+BN]--> + x --ReLU
 #   --> [1,T,C] change_features
 def build_change_graph(
-    cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32"
+    cfg: UniRSConfig, weights: Weights, store: WeightStore, dtype: str = "float32", file: str = VISION_BIN
 ) -> onnx.ModelProto:
     if not cfg.has_change:
         raise CheckpointError("this checkpoint has no change module (a VILA-1.5 projector): it has no change graph")
     C, g, half = cfg.mm_hidden_size, cfg.change_grid, cfg.mm_hidden_size // 2
     T = g * g
     w = weights["mm_projector"]
-    b = GraphBuilder("unirs_change", store, dtype, VISION_BIN)
+    b = GraphBuilder("unirs_change", store, dtype, file)
     pair = b.input(PAIR_FEATURES, b.elem_type, [2, T, C])
     f1, f2 = b.op("Split", [pair, b.ints([1, 1], "pair_split")], out=["features1", "features2"], n_out=2, axis=0)
     pos = b.weight("layers.change.position_table", lambda: change_position_table(cfg, w))

@@ -21,7 +21,7 @@ if TYPE_CHECKING:
 
     from rsedge.runtime.bundle import Bundle
 
-BUILTIN = ("rsedge.runtime.families.llava_onevision",)
+BUILTIN = ("rsedge.runtime.families.llava_onevision", "rsedge.runtime.families.vila")
 ENTRY_POINT_GROUP = "rsedge.families"
 _FAMILIES: dict[str, type[Family]] = {}
 _loaded = False

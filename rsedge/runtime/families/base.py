@@ -24,6 +24,8 @@ if TYPE_CHECKING:
 
 # (pixels [views, 3, S, S]) -> features [views, T, H]: the vision graph, on whatever device runs it.
 VisionFn = Callable[[np.ndarray], np.ndarray]
+# (graph key, feeds) -> outputs: any graph of the manifest's ``graphs`` (e.g. a projector, a change module).
+GraphFn = Callable[[str, dict[str, np.ndarray]], list[np.ndarray]]
 # token ids -> embedding rows [len(ids), H]
 EmbedFn = Callable[[Sequence[int]], np.ndarray]
 
@@ -67,12 +69,16 @@ class Family(ABC):
     def pixel_values(self, image: Image.Image) -> np.ndarray:
         """float32 [views, 3, S, S] the vision graph takes for one image."""
 
-    @abstractmethod
     def visual_tokens(self, features: np.ndarray, image: Image.Image) -> np.ndarray:
-        """The vision graph's features of one image -> the [N, H] rows spliced at its sentinel."""
+        """The vision graph's features of one image -> the [N, H] rows spliced at its sentinel (a family that
+        overrides :meth:`images_to_tokens` need not have it)."""
+        raise NotImplementedError(f"{type(self).__name__} makes visual tokens in images_to_tokens")
 
-    def images_to_tokens(self, images: Sequence[Image.Image], vision: VisionFn) -> list[np.ndarray]:
-        """Visual tokens of every image of one request (a family that encodes images jointly overrides this)."""
+    def images_to_tokens(
+        self, images: Sequence[Image.Image], vision: VisionFn, graph: GraphFn | None = None
+    ) -> list[np.ndarray]:
+        """Visual tokens of every image of one request, one [N, H] block per sentinel. A family that encodes
+        images jointly or runs more graphs than ``vision`` (through ``graph``) overrides this."""
         return [self.visual_tokens(vision(self.pixel_values(im)), im) for im in images]
 
     def blank_image(self) -> Image.Image:
