@@ -53,3 +53,15 @@ def test_an_answer_ending_in_a_whole_multibyte_character(pipe, samples, monkeypa
     for forced, budget in ((ids, len(ids)), ([*ids, eos], len(ids) + 5)):  # cut by the budget, stopped by EOS
         text, pieces = _streamed(pipe, samples, monkeypatch, forced, max_new_tokens=budget)
         assert text == TEXT and "".join(pieces) == TEXT
+
+
+def test_rsedge_run_stream_prints_the_whole_answer(tiny_bundle, pipe, samples, monkeypatch):
+    """The issue as users met it: ``rsedge run --stream`` printed the answer without its last character."""
+    from tests.test_bad_input import run
+
+    ids = pipe.tokenizer.encode(TEXT, add_special_tokens=False).ids[:-1]
+    monkeypatch.setattr(pipeline_module, "Sampler", lambda sampling: Forced(ids))
+    res = run("run", tiny_bundle, "--image", samples / "dior_05863.png", "--prompt", "[CAP] x", "--stream",
+              "--max-new-tokens", str(len(ids)))  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert res.stdout == "the tank \ufffd\n"
