@@ -11,11 +11,12 @@ from pathlib import Path
 import pytest
 
 from rsedge.batch.answer import PipelineSpec
-from rsedge.batch.items import collect_items
+from rsedge.batch.items import Item, collect_items
 from rsedge.batch.journal import job_header
 from rsedge.batch.local import LocalPool, plan_pool
 from rsedge.batch.runner import run_batch
-from rsedge.batch.scenes import GeoJsonWriter
+from rsedge.batch.scenes import GeoJsonWriter, geojson_name
+from rsedge.errors import OptionError, OutputError
 from rsedge.runtime.bundle import Bundle
 from tests.batch_archive import read_output
 from tests.batch_scenes import CLI_OPTIONS, PNGS, SCENES, TRUNCATED, VG, answers_of, make_scene_archive, reference
@@ -119,3 +120,17 @@ def test_cli_scene_options_and_geojson_refusals(demo_bundle, archive, tmp_path, 
     res = run("batch", demo_bundle, "--inputs", pngs, "--prompt", VG.prompt, "--out", tmp_path / "p", "--gsd", "1")
     assert_one_error_line(res, "--gsd applies to scenes")
     assert not (tmp_path / "o.jsonl").exists() and not (tmp_path / "p").exists()
+
+
+def test_geojson_names_stay_inside_the_folder(tmp_path):
+    assert geojson_name("scenes/a.tif") == "scenes/a.geojson"
+    assert geojson_name("/data/scenes/a.tif") == "data/scenes/a.geojson"  # a list file's absolute path
+    assert geojson_name("../up/./a.tiff") == "up/a.geojson"
+    writer = GeoJsonWriter(tmp_path / "geo")
+    scenes = [Item("x/a.tif", "scene", ("x/a.tif",)), Item("x/a.tiff", "scene", ("x/a.tiff",))]
+    with pytest.raises(OptionError, match=r"would both write x/a\.geojson"):
+        writer.check(scenes)
+    writer.check([Item("x/a.png", "image", ("x/a.png",)), scenes[0]])  # images write no GeoJSON
+    (tmp_path / "geo").write_text("")
+    with pytest.raises(OutputError, match="is a file"):
+        writer.check(scenes[:1])

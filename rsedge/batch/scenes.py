@@ -86,8 +86,11 @@ def answer_scene_item(pipe: Pipeline, item: Item, job: Job) -> dict[str, Any]:
 
 
 def geojson_name(item_id: str) -> str:
-    """Where a scene's GeoJSON goes under ``--geojson-dir``: its archive path with the suffix .geojson."""
-    return Path(item_id).with_suffix(".geojson").as_posix()
+    """Where a scene's GeoJSON goes under ``--geojson-dir``: its archive path with the suffix .geojson, kept inside
+    the folder (a list file may name a scene by an absolute path or one going up with ..)."""
+    path = Path(item_id)
+    inside = [p for p in path.parts if p not in (path.anchor, ".", "..")]
+    return Path(*inside).with_suffix(".geojson").as_posix()
 
 
 class GeoJsonWriter:
