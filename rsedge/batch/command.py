@@ -82,7 +82,7 @@ def batch_cmd(
     geojson_dir: Path | None,
     force: bool,
 ) -> None:
-    """Answer PROMPT about every image or before/after pair of an archive, one JSON line per item in --out.
+    """Answer PROMPT about every image, before/after pair or scene of an archive, one JSON line per item in --out.
 
     Georeferenced, 16-bit or multiband rasters (the geo extra) are scenes, answered tile by tile as rsedge run
     answers them (--bands, --stretch, --gsd, --tile, --overlap, --iou), boxes in map coordinates.
