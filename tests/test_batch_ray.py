@@ -4,6 +4,7 @@ the optional ``ray`` extra)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -75,3 +76,42 @@ def test_cli_joins_the_running_cluster(ray_cluster, tiny_bundle, archive, tmp_pa
     _, records = read_output(out)
     items, _ = collect_items(archive, VG.prompt, None)
     assert answers_of(records) == reference(tiny_bundle, items, VG)
+
+
+def test_ray_answers_scenes_as_the_local_pool_does(ray_cluster, demo_bundle, tmp_path):
+    """An archive mixing images and GeoTIFF scenes: Ray's lines equal the local pool's (and answer_scene's), and
+    the GeoJSON files the driver writes from the actors' answers are the same bytes."""
+    from rsedge.batch.local import LocalPool, plan_pool
+    from rsedge.batch.scenes import GeoJsonWriter
+    from tests.batch_scenes import VG as SCENE_VG
+    from tests.batch_scenes import answers_of as scene_answers_of
+    from tests.batch_scenes import comparable_scene, make_scene_archive
+    from tests.batch_scenes import reference as scene_reference
+
+    archive = make_scene_archive(tmp_path / "archive")
+    items, _ = collect_items(archive, SCENE_VG.prompt, None)
+    job = dataclasses.replace(SCENE_VG, scene=dataclasses.replace(SCENE_VG.scene, geojson=True))
+    header = job_header(demo_bundle, Bundle.open(demo_bundle).manifest_bytes, job)
+    spec = PipelineSpec(str(demo_bundle))
+    pools = {"local": LocalPool(spec, job, plan_pool(1, None, 2, 0, None)), "ray": RayPool(spec, job, "auto", 2)}
+    lines, records = {}, {}
+    for name, pool in pools.items():
+        summary = run_batch(tmp_path / f"{name}.jsonl", header, items, pool, files=GeoJsonWriter(tmp_path / name))
+        assert (summary.answered, summary.errors) == (5, 1)
+        _, records[name] = read_output(tmp_path / f"{name}.jsonl")
+        lines[name] = {r["id"]: _same_everywhere(r, comparable_scene) for r in records[name]}
+    assert lines["ray"] == lines["local"]
+    assert scene_answers_of(records["ray"]) == scene_reference(demo_bundle, items, job)
+    assert sum(r["kind"] == "scene" and r["ok"] for r in records["ray"]) == 2
+    for path in sorted((tmp_path / "local").rglob("*.geojson")):
+        assert (tmp_path / "ray" / path.relative_to(tmp_path / "local")).read_bytes() == path.read_bytes()
+
+
+def _same_everywhere(record: dict, comparable_scene) -> dict:
+    """A record without what differs between two runs by nature: timings, the worker, the GeoJSON's folder."""
+    out = {k: v for k, v in record.items() if k not in ("item_ms", "worker")}
+    if record["ok"] and record["kind"] == "scene":
+        out["answer"] = comparable_scene(record["answer"])
+    elif record["ok"]:
+        out["answer"] = {k: v for k, v in record["answer"].items() if k != "timings_ms"}
+    return out

@@ -1,6 +1,6 @@
 """``rsedge batch``: answer one prompt about every item of an archive, resumably, on a process pool or on Ray.
 
-items (what to answer: images, before/after pairs, later GeoTIFF scenes) -> answer (one item through a loaded
+items (what to answer: images, before/after pairs, GeoTIFF scenes) -> answer (one item through a loaded
 Pipeline, by item kind) -> local / on_ray (where the answers run) -> journal (the JSONL output, appended line by
 line, read back on a resume) -> runner (the loop that ties them, with progress and a summary).
 

@@ -1,9 +1,8 @@
 """One item through a loaded Pipeline: the record the batch writes for it, an answer or an error.
 
 How an item is answered depends on its kind, looked up in :data:`ITEM_KINDS`. Images and pairs are one
-``Pipeline.generate`` call. A GeoTIFF scene (rsedge.geo: band selection, stretch, tiling, boxes merged in map
-coordinates) is meant to become one more entry here, ``"scene": <an rsedge.geo function>``, with
-rsedge.batch.items giving such files that kind; the runner, the workers and the journal need no change.
+``Pipeline.generate`` call; a scene (rsedge.batch.scenes: bands, stretch, tiling, boxes merged in map coordinates)
+is one ``rsedge.geo.tiling.answer_scene`` call.
 """
 
 from __future__ import annotations
@@ -12,10 +11,11 @@ import os
 import socket
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from rsedge.batch.items import Item
+from rsedge.batch.scenes import SceneSettings, answer_scene_item
 from rsedge.errors import RsedgeError
 from rsedge.runtime.pipeline import Pipeline
 from rsedge.runtime.sampling import Sampling
@@ -32,9 +32,18 @@ class Job:
     top_p: float = 1.0
     seed: int | None = None
     expert: int | None = None
+    scene: SceneSettings | None = None  # set when the archive holds scenes
 
     def sampling(self) -> Sampling:
         return Sampling(temperature=self.temperature, top_p=self.top_p, seed=self.seed)
+
+    def to_header(self) -> dict[str, Any]:
+        """The settings that decide the answers, for the output's header: a scene's GeoJSON file is an output
+        beside them, so a resume may add or drop ``--geojson-dir``."""
+        out = asdict(self)
+        if out["scene"] is not None:
+            del out["scene"]["geojson"]
+        return out
 
 
 @dataclass(frozen=True)
@@ -69,6 +78,7 @@ def answer_images(pipe: Pipeline, item: Item, job: Job) -> dict[str, Any]:
 ITEM_KINDS: dict[str, Callable[[Pipeline, Item, Job], dict[str, Any]]] = {
     "image": answer_images,
     "pair": answer_images,
+    "scene": answer_scene_item,
 }
 
 

@@ -1,4 +1,5 @@
-"""What a batch answers: the items of a folder or a list file, single images or before/after pairs.
+"""What a batch answers: the items of a folder or a list file, single images, before/after pairs, or scenes
+(rasters rsedge.geo reads: georeferenced, more bits or bands than Pillow takes; answered tiled, rsedge.batch.scenes).
 
 An item's id is its place in the archive (a path relative to the folder or as written in the list; for a pair,
 the part its two names share), so a resumed run recognises the items already answered whatever order the files
@@ -18,9 +19,10 @@ from rsedge.errors import OptionError
 from rsedge.runtime.prompt import IMAGE_PLACEHOLDER
 from rsedge.runtime.router import IMAGE_COUNTS, task_tag
 
-# Files a folder walk takes: what Pillow reads for load_image (8-bit TIFFs included; GeoTIFF scenes become their
-# own kind once rsedge.geo exists, see rsedge.batch.answer.ITEM_KINDS).
-IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp"})
+# Files a folder walk takes: what Pillow reads for load_image, and rasters GDAL reads as scenes.
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp", ".jp2"})
+# Suffixes of files that may be scenes: only these are opened to decide (a PNG archive is not read twice).
+SCENE_SUFFIXES = frozenset({".tif", ".tiff", ".jp2"})
 
 
 @dataclass(frozen=True)
@@ -183,7 +185,17 @@ def collect_items(inputs: Path, prompt: str, rule: PairRule | None) -> tuple[lis
     items, left_out = make_items(files, counts, rule, pairs)
     if not items:
         raise OptionError(f"--inputs {inputs}: no items to answer ({_what_needed(counts)})")
-    return [Item(it.id, it.kind, it.names, it.problem, str(root)) for it in items], left_out
+    return [Item(it.id, _kind(it, root), it.names, it.problem, str(root)) for it in items], left_out
+
+
+def _kind(item: Item, root: Path) -> str:
+    """A single image becomes a scene where rsedge.geo would read it as one (as ``rsedge run`` does); a file GDAL
+    cannot open stays an image, for Pillow to say what is wrong with it."""
+    if item.kind != "image" or Path(item.names[0]).suffix.lower() not in SCENE_SUFFIXES:
+        return item.kind
+    from rsedge.geo.scene import wants_scene
+
+    return "scene" if wants_scene(root / item.names[0]) else "image"
 
 
 def _what_needed(counts: tuple[int, ...]) -> str:

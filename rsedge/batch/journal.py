@@ -16,7 +16,7 @@ import fcntl
 import hashlib
 import json
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,8 @@ def job_header(bundle: str | Path, manifest_bytes: bytes, job: Job) -> dict[str,
         "format_version": FORMAT_VERSION,
         "bundle": str(bundle),
         "bundle_sha256": hashlib.sha256(manifest_bytes).hexdigest(),
-        "job": asdict(job),
+        # through JSON, so tuples are the lists a resume reads back from the file
+        "job": json.loads(json.dumps(job.to_header())),
     }
 
 

@@ -24,6 +24,15 @@ class Pool(Protocol):
     def answers(self, items: Iterable[Item]) -> Iterator[dict[str, Any]]: ...
 
 
+class RecordFiles(Protocol):
+    """Files a record makes beside its line (rsedge.batch.scenes.GeoJsonWriter): ``check`` refuses, before any
+    work, what the items to answer would overwrite; calling it writes a record's files and returns the record as
+    the output holds it."""
+
+    def check(self, items: Iterable[Item]) -> None: ...
+    def __call__(self, record: dict[str, Any]) -> dict[str, Any]: ...
+
+
 @dataclass
 class Summary:
     items: int  # in the archive
@@ -75,9 +84,12 @@ def run_batch(
     left_out: int = 0,
     retry_errors: bool = False,
     progress: bool = False,
+    files: RecordFiles | None = None,
 ) -> Summary:
     """Answer every item ``out`` does not hold yet (with ``retry_errors``, also those it holds as errors: the new
-    record supersedes the old), appending one line per item. The pool is started only when there is work."""
+    record supersedes the old), appending one line per item. The pool is started only when there is work.
+    ``files`` writes each record's own files (a scene's GeoJSON) before its line: a line is never there without
+    them."""
     journal = Journal.open(out, header)  # a wrong --out is refused before any worker starts
     summary = Summary(len(items), 0, 0, 0, journal.torn, left_out, 0.0, None)
     try:
@@ -85,10 +97,12 @@ def run_batch(
         summary.skipped = len(items) - len(todo)
         if not todo:
             return summary
+        if files is not None:
+            files.check(todo)
         t0 = time.perf_counter()
         with _progress_bar(progress, len(todo)) as advance, pool:
             for record in pool.answers(todo):
-                journal.append(record)
+                journal.append(record if files is None else files(record))
                 summary.answered += 1
                 summary.errors += not record.get("ok")
                 if summary.first_seconds is None:

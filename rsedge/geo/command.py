@@ -1,7 +1,7 @@
 """``rsedge run`` on a scene: its options, the checks made before the bundle loads, and the run with a progress bar.
 
-The options live here so that cli.py gains one decorator and one branch; nothing here imports rasterio until a
-scene is read.
+The options live here so that cli.py gains one decorator and one branch (rsedge batch takes the reading and tiling
+ones, READ_OPTIONS, through the same definitions); nothing here imports rasterio until a scene is read.
 """
 
 from __future__ import annotations
@@ -39,40 +39,58 @@ class GeoRequest:
         return [f"--{f.name.replace('_', '-')}" for f in fields(self) if getattr(self, f.name) is not None]
 
 
-_OPTIONS = [
-    click.option(
+# GeoRequest field -> its option, in --help's order
+_OPTIONS = {
+    "bands": click.option(
         "--bands", default=None, help="scene bands to show, from 1: three (red,green,blue) or one, e.g. 3,2,1"
     ),
-    click.option(
+    "stretch": click.option(
         "--stretch",
         default=None,
         help="percentiles LOW,HIGH mapped to 0 and 255 per band [default: 2,98 for 16-bit and float scenes]",
     ),
-    click.option("--tile", type=int, default=None, help="tile size in pixels for a large scene [default: model input]"),
-    click.option(
+    "tile": click.option(
+        "--tile", type=int, default=None, help="tile size in pixels for a large scene [default: model input]"
+    ),
+    "overlap": click.option(
         "--overlap", type=int, default=None, help="pixels shared by neighbouring tiles [default: an eighth of a tile]"
     ),
-    click.option("--gsd", type=float, default=None, help="resample the scene to this ground resolution, in metres"),
-    click.option("--iou", type=float, default=None, help=f"IoU above which NMS merges tile boxes [{DEFAULT_IOU}]"),
-    click.option("--geojson", type=click.Path(path_type=Path), default=None, help="write boxes and mask as GeoJSON"),
-    click.option(
+    "gsd": click.option(
+        "--gsd", type=float, default=None, help="resample the scene to this ground resolution, in metres"
+    ),
+    "iou": click.option(
+        "--iou", type=float, default=None, help=f"IoU above which NMS merges tile boxes [{DEFAULT_IOU}]"
+    ),
+    "geojson": click.option(
+        "--geojson", type=click.Path(path_type=Path), default=None, help="write boxes and mask as GeoJSON"
+    ),
+    "mask_tif": click.option(
         "--mask-tif", type=click.Path(path_type=Path), default=None, help="write a [SEG] mask as a label GeoTIFF"
     ),
-]
+}
+# The options that decide how a scene is read and tiled (rsedge batch takes these; its outputs are its own).
+READ_OPTIONS = ("bands", "stretch", "tile", "overlap", "gsd", "iou")
 
 
-def geo_options(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Add the scene options to a click command; it receives them as one ``geo: GeoRequest`` argument."""
-    names = [f.name for f in fields(GeoRequest)]
+def scene_options(*names: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """A decorator adding the named scene options (GeoRequest fields) to a click command; it receives them as one
+    ``geo: GeoRequest`` argument, the options it lacks None."""
 
-    @functools.wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        request = GeoRequest(**{n: kwargs.pop(n) for n in names})
-        return command(*args, geo=request, **kwargs)
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        @functools.wraps(command)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            request = GeoRequest(**{n: kwargs.pop(n) for n in names})
+            return command(*args, geo=request, **kwargs)
 
-    for option in reversed(_OPTIONS):
-        wrapper = option(wrapper)
-    return wrapper
+        for name in reversed(names):
+            wrapper = _OPTIONS[name](wrapper)
+        return wrapper
+
+    return decorate
+
+
+# rsedge run: every scene option
+geo_options = scene_options(*(f.name for f in fields(GeoRequest)))
 
 
 def _same_file(a: Path, b: Path) -> bool:

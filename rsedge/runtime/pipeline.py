@@ -37,6 +37,13 @@ MAX_NEW_TOKENS_LIMIT = 32000  # upstream demo's budget
 PREFILL_CHUNK = 1024
 
 
+def stream_tail(streamed: str, text: str) -> str:
+    """What a token stream still owes once decoding stops: DecodeStream holds back the bytes of an unfinished UTF-8
+    character (an answer cut by max_new_tokens or a cancel mid-character), which the full decode renders as U+FFFD,
+    so the pieces alone would miss the answer's last character. Empty when the stream already holds ``text``."""
+    return text[len(streamed) :] if text.startswith(streamed) else ""
+
+
 @dataclass
 class Answer:
     text: str
@@ -298,6 +305,7 @@ class Pipeline:
         state = dec.new_state(embeds.shape[1] + max_new_tokens)
         sampler = Sampler(sampling or Sampling())
         stream = DecodeStream(skip_special_tokens=True)
+        streamed: list[str] = []
         tokens: list[int] = []
         seen: list[np.ndarray] = []
         logits = self.prefill(dec, embeds, state)
@@ -317,12 +325,17 @@ class Pipeline:
             if on_token is not None:
                 piece = stream.step(self.tokenizer, tok)
                 if piece:
+                    streamed.append(piece)
                     on_token(piece)
             if len(tokens) >= max_new_tokens:
                 break
             logits = dec.step(self.embed_rows([tok])[None].astype(dec.dtype, copy=False), state)
         t4 = time.perf_counter()
         answer_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
+        if on_token is not None:
+            tail = stream_tail("".join(streamed), answer_text)
+            if tail:
+                on_token(tail)
         timings.update(
             preprocess=(t1 - t0) * 1e3,
             vision=(t2 - t1) * 1e3,

@@ -82,7 +82,7 @@ class Runner:
             model.ensure_expert(expert)
             self.metrics.resident.labels(model.name, f"expert{expert}").set(model.resident.get(f"expert{expert}") or 0)
             if ask.scene is not None:
-                return self._scene(ask, cancel, arrival)
+                return self._scene(ask, cancel, arrival, on_token)
             ans = model.pipe.generate(
                 ask.images,
                 ask.prompt,
@@ -97,8 +97,11 @@ class Runner:
 
         return self.pool.submit(job, cancel, deadline), cancel, deadline
 
-    def _scene(self, ask: Ask, cancel: threading.Event, arrival: float) -> SceneAnswer:
-        """A scene's tiles, one generate call each; ``cancel`` (client gone, deadline) stops it between tiles."""
+    def _scene(
+        self, ask: Ask, cancel: threading.Event, arrival: float, on_token: Callable[[str], None] | None = None
+    ) -> SceneAnswer:
+        """A scene's tiles, one generate call each; ``cancel`` (client gone, deadline) stops it between tiles.
+        ``on_token`` gets the answer's text in one piece: a scene's text (each tile's line) exists once all are done."""
         job, name = ask.scene, ask.model.name
         task = task_tag(ask.prompt) or "none"
         answer = answer_scene(
@@ -119,6 +122,8 @@ class Runner:
         self.metrics.tokens.labels(*labels).inc(sum(t.tokens for t in answer.tiles))
         for t in answer.tiles:
             self.metrics.answers.labels(t.stopped_by).inc()
+        if on_token is not None and answer.text:
+            on_token(answer.text)
         return answer
 
     def admit(self) -> None:
@@ -324,7 +329,6 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
             return f"data: {obj if isinstance(obj, str) else json.dumps(obj)}\n\n"
 
         async def events() -> AsyncIterator[str]:
-            sent: list[str] = []
             gone = asyncio.ensure_future(_client_gone(request))
             gone.add_done_callback(lambda t: t.cancelled() or cancel.set())
             try:
@@ -339,7 +343,6 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
                         return
                     if item is _DONE:
                         break
-                    sent.append(item)
                     yield sse(chat.chunk(rid, name, {"content": item}))
                 try:
                     ans = fut.result()
@@ -347,10 +350,6 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
                     yield sse({"error": {"message": str(e), "type": "invalid_request_error", "code": 400}})
                     return
                 note(request, ask, ans)
-                streamed = "".join(sent)
-                if len(ans.text) > len(streamed) and ans.text.startswith(streamed):
-                    # bytes of an unfinished UTF-8 character the token stream held back when decoding stopped
-                    yield sse(chat.chunk(rid, name, {"content": ans.text[len(streamed) :]}))
                 extra = {"rsedge": await asyncio.to_thread(asks.result_json, ask, ans)}
                 yield sse(chat.chunk(rid, name, {}, asks.finish_reason(ans), **extra))
                 if include_usage:
