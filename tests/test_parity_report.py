@@ -38,6 +38,8 @@ def test_fp32_bundle_matches_reference_and_int4_is_measured(tiny_checkpoint, tin
         assert mem["peak_rss_mb"] > mem["rss_before_load_mb"] > 10 and mem["peak_over_floor_mb"] > 0
     assert 0.5 < q4["logits_cosine"] < 1.0
     assert [r["label"] for r in res["rows"]] == ["fp32 reference", "fp32", "int4 b32"]
+    # the reference is timed as the bundles are: its prompt pass apart from its one-token steps
+    assert ref["prefill_ms_median"] > 0 and ref["decode_ms_per_token"] > 0
     page = render(res)
     assert "<svg" in page and "int4 b32" in page and "Fidelity targets" in page
     targets = [t for t in res["targets"] if t["precision"] == "int4"]
@@ -129,3 +131,15 @@ def test_the_reference_is_fed_as_each_bundle_is(anyres_checkpoint, anyres_bundle
         assert row["greedy_token_agreement"] == 1.0 and row["logits_cosine"] > 0.999999
         assert row["metrics"] == ref["metrics"] and row["vision"]["sqnr_db"] > 60
     assert moved["reference_row"] == 1 and plain["reference_row"] == 0
+
+
+def test_reference_generate_times_prefill_and_steps_apart(tiny_reference, tiny_checkpoint):
+    from tokenizers import Tokenizer
+
+    from rsedge.runtime.prompt import build_prompt, tokenize
+
+    tok = Tokenizer.from_file(str(tiny_checkpoint / "tokenizer.json"))
+    ids = tokenize(tok, build_prompt("[CAP] Describe.", 0))
+    took: dict[str, float] = {}
+    tokens, _ = tiny_reference.generate(ids, [], [], 0, 5, eos_token_id=None, timings=took)
+    assert len(tokens) == 5 and took["decode_steps"] == 5 and took["prefill_ms"] > 0 and took["decode_ms"] > 0

@@ -64,10 +64,14 @@ def render(report: dict[str, Any]) -> str:
             extra = (
                 f"<td>{r['logits_cosine']:.5f}</td><td>{r['logits_sqnr_db']:.1f}</td>"
                 f"<td>{r['greedy_token_agreement']:.3f}</td><td>{r['decoder_linear_mb']:.1f}*</td>"
-                f"<td>-</td><td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
+                f"<td>{r.get('prefill_ms_median', float('nan')):.1f}</td>"
+                f"<td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
             )
         else:
-            extra = f"<td colspan=5>reference</td><td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
+            extra = (
+                f"<td colspan=4>reference</td><td>{r.get('prefill_ms_median', float('nan')):.1f}</td>"
+                f"<td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
+            )
         body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}{extra}</tr>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rsedge parity report</title>
 <style>body{{font-family:sans-serif}} td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}</style>

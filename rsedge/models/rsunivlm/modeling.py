@@ -8,6 +8,7 @@ The building blocks are transformers' own SigLIP and Qwen2 modules, as upstream 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,10 +187,13 @@ class RSUniVLMForCausalLM(nn.Module):
         expert: int,
         max_new_tokens: int,
         eos_token_id: int | Collection[int] | None,
+        timings: dict[str, float] | None = None,
     ) -> tuple[list[int], list[np.ndarray]]:
         """Greedy decoding until a stop id (Qwen2 stops on <|im_end|> and <|endoftext|>) or the budget.
 
-        Returns the new tokens and each step's last-position logits.
+        Returns the new tokens and each step's last-position logits. ``timings``, when given, receives
+        ``prefill_ms`` (embedding + the prompt's forward pass, after the vision tower, as the runtime times its
+        prefill), ``decode_ms`` and ``decode_steps`` (the one-token forward passes).
         """
         stops = {eos_token_id} if isinstance(eos_token_id, int) else set(eos_token_id or ())
         weight = self.lm.model.embed_tokens.weight
@@ -197,10 +201,13 @@ class RSUniVLMForCausalLM(nn.Module):
             self.image_tokens(torch.from_numpy(p).to(weight.device, weight.dtype), s)
             for p, s in zip(pixel_values, image_sizes, strict=False)
         ]
+        t0 = time.perf_counter()
         embeds = self.embed_prompt(input_ids, images)
         tokens: list[int] = []
         logits_seen: list[np.ndarray] = []
         out = self.step(embeds, expert)
+        t1 = time.perf_counter()
+        steps = 0
         for _ in range(max_new_tokens):
             last = out.logits[0, -1]
             logits_seen.append(last.cpu().numpy().copy())
@@ -209,4 +216,8 @@ class RSUniVLMForCausalLM(nn.Module):
             if tok in stops:
                 break
             out = self.step(self.lm.model.embed_tokens(torch.tensor([[tok]], device=weight.device)), expert, out.cache)
+            steps += 1
+        if timings is not None:
+            t2 = time.perf_counter()
+            timings.update(prefill_ms=(t1 - t0) * 1e3, decode_ms=(t2 - t1) * 1e3, decode_steps=steps)
         return tokens, logits_seen
