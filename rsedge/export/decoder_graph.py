@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from dataclasses import asdict
+from typing import Any
 
 import numpy as np
 import onnx
@@ -112,6 +113,51 @@ def store_embedding_table(
     emb = get_weight(weights, EMBED_TOKENS, (text.vocab_size, text.hidden_size))
     b.weight(EMBED_TOKENS, emb)
     return store.record(EMBED_TOKENS, DECODER_SHARED_BIN)
+
+
+def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per-row symmetric INT8 of an embedding table: the runtime dequantizes only the rows it looks up."""
+    scales = np.abs(table).max(axis=1) / 127.0
+    scales[scales == 0] = 1.0
+    q = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)
+    return q, scales.astype(np.float32)
+
+
+def store_embedding_arrays(
+    cfg: RSUniVLMConfig | TextConfig | DecoderSpec,
+    weights: Mapping[str, np.ndarray],
+    store: WeightStore,
+    dtype: str | type,
+    int8_rows: bool,
+) -> dict[str, dict]:
+    """The manifest's ``arrays`` entries of the embedding table, stored in ``decoder_shared.bin``: per-row INT8
+    codes and scales (a quantized bundle's ``int8-rows``), or the table in the model dtype."""
+    if not int8_rows:
+        return {"embed_tokens": store_embedding_table(cfg, weights, store, dtype)._asdict()}
+    q, scales = quantize_rows(weights[EMBED_TOKENS])
+    store.cache[("embed_rows",)] = (q, scales)  # validation reads the codes the runtime will
+    store.tensor(f"{EMBED_TOKENS}.int8", q, file=DECODER_SHARED_BIN)
+    store.tensor(f"{EMBED_TOKENS}.scales", scales, file=DECODER_SHARED_BIN)
+    return {
+        "embed_tokens": store.record(f"{EMBED_TOKENS}.int8", DECODER_SHARED_BIN)._asdict(),
+        "embed_scales": store.record(f"{EMBED_TOKENS}.scales", DECODER_SHARED_BIN)._asdict(),
+    }
+
+
+def decoder_record(
+    cfg: RSUniVLMConfig | TextConfig | DecoderSpec, experts: dict[str, Any], attention: str
+) -> dict[str, Any]:
+    """The manifest's ``graphs.decoder`` entry for ``experts`` (key -> file and io record) built in ``attention``."""
+    return {
+        "experts": experts,
+        "attention": attention,
+        "max_positions": max_positions(cfg),  # portable graphs too: their prefill's scores grow with its square
+        "kv_layout": "[batch, kv_heads, seq, head_dim]",
+        # "shared": past and present are one [B, kv, capacity, hd] buffer per layer and kind, bound as both;
+        # "past-present": present = past + the new rows, a second buffer (the runtime ping-pongs two)
+        "kv_cache": "shared" if attention in SHARED_KV else "past-present",
+        "logits": "last position only",
+    }
 
 
 def build_decoder_graph(

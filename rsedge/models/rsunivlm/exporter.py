@@ -19,11 +19,9 @@ from rsedge.calibration.calibset import CalibrationSet
 from rsedge.errors import OptionError
 from rsedge.export.decoder_graph import (
     DECODER_SHARED_BIN,
-    EMBED_TOKENS,
-    SHARED_KV,
     build_decoder_graph,
-    max_positions,
-    store_embedding_table,
+    decoder_record,
+    store_embedding_arrays,
 )
 from rsedge.export.driver import ExportContext, Exporter, Progress
 from rsedge.export.onnx_builder import OPSET, save_graph
@@ -86,14 +84,6 @@ def parse_router(table: Mapping[str, int] | None, cfg: RSUniVLMConfig) -> dict[s
         if not 0 <= expert < cfg.text.num_experts:
             raise OptionError(f"router sends {tag} to expert {expert}; the model has {cfg.text.num_experts}")
     return {k: int(v) for k, v in table.items()}
-
-
-def quantize_rows(table: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per-row symmetric INT8 of an embedding table: the runtime dequantizes only the rows it looks up."""
-    scales = np.abs(table).max(axis=1) / 127.0
-    scales[scales == 0] = 1.0
-    q = np.clip(np.rint(table / scales[:, None]), -127, 127).astype(np.int8)
-    return q, scales.astype(np.float32)
 
 
 def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: RSUniVLMConfig) -> dict[str, Any]:
@@ -181,31 +171,15 @@ class RSUniVLMExporter(Exporter):
             if opts.prefill == "int8":
                 save_graph(build_prefill_graph(dec, store, e, memo), tmp / prefill_onnx(e))
                 experts[str(e)]["prefill_file"] = prefill_onnx(e)
-        graphs["decoder"] = {
-            "experts": experts,
-            "attention": opts.attention,
-            "max_positions": max_positions(cfg),  # portable graphs too: their prefill's scores grow with its square
-            "kv_layout": "[batch, kv_heads, seq, head_dim]",
-            # "shared": past and present are one [B, kv, capacity, hd] buffer per layer and kind, bound as both;
-            # "past-present": present = past + the new rows, a second buffer (the runtime ping-pongs two)
-            "kv_cache": "shared" if opts.attention in SHARED_KV else "past-present",
-            "logits": "last position only",
-        }
+        graphs["decoder"] = decoder_record(cfg, experts, opts.attention)
         if opts.prefill == "int8":
             graphs["decoder"]["prefill"] = PREFILL_FORM
         # image_newline is read by the runtime, not by a graph: it lives with the decoder's shared weights, so a
         # re-quantized vision graph can replace vision.bin whole.
         store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file=DECODER_SHARED_BIN)
         arrays = {"image_newline": store.record("model.image_newline", DECODER_SHARED_BIN)._asdict()}
-        if plan is not None and plan.recipe.embeddings == "int8-rows":
-            q, scales = quantize_rows(weights[EMBED_TOKENS])
-            store.cache[("embed_rows",)] = (q, scales)
-            store.tensor(f"{EMBED_TOKENS}.int8", q, file=DECODER_SHARED_BIN)
-            store.tensor(f"{EMBED_TOKENS}.scales", scales, file=DECODER_SHARED_BIN)
-            arrays["embed_tokens"] = store.record(f"{EMBED_TOKENS}.int8", DECODER_SHARED_BIN)._asdict()
-            arrays["embed_scales"] = store.record(f"{EMBED_TOKENS}.scales", DECODER_SHARED_BIN)._asdict()
-        else:
-            arrays["embed_tokens"] = store_embedding_table(cfg, weights, store, dtype)._asdict()
+        int8_rows = plan is not None and plan.recipe.embeddings == "int8-rows"
+        arrays |= store_embedding_arrays(cfg, weights, store, dtype, int8_rows)
         return graphs, arrays
 
     def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:

@@ -26,7 +26,7 @@ import torch
 from tokenizers import Tokenizer
 
 from rsedge.errors import ExportValidationError, OptionError
-from rsedge.export.decoder_graph import DECODER_SHARED_BIN, EMBED_TOKENS, build_decoder_graph, max_positions
+from rsedge.export.decoder_graph import build_decoder_graph, decoder_record, store_embedding_arrays
 from rsedge.export.decoder_spec import llama
 from rsedge.export.driver import ExportContext, Exporter, ExportOptions, Progress
 from rsedge.export.onnx_builder import OPSET, save_graph
@@ -42,7 +42,6 @@ from rsedge.export.validate import (
     validation_image,
 )
 from rsedge.export.weight_store import WeightStore
-from rsedge.models.rsunivlm.exporter import quantize_rows
 from rsedge.models.rsunivlm.weights import checkpoint_files
 from rsedge.models.unirs.config import EvalOverrides, UniRSConfig
 from rsedge.models.unirs.graphs import (
@@ -182,25 +181,11 @@ class UniRSExporter(Exporter):
         llm = weights["llm"]
         dec = build_decoder_graph(spec, llm, 0, store, dtype, quant=plan, opset=opset, attention=opts.attention)
         save_graph(dec, tmp / "decoder_expert0.onnx")
-        graphs["decoder"] = {
-            "experts": {"0": {"file": "decoder_expert0.onnx", **graph_io(dec)}},
-            "attention": opts.attention,
-            "max_positions": max_positions(spec),
-            "kv_layout": "[batch, kv_heads, seq, head_dim]",
-            "kv_cache": "shared" if opts.attention in ("gqa-shared", "scatter-shared") else "past-present",
-            "logits": "last position only",
-        }
-        arrays: dict[str, Any] = {}
-        if plan is not None and plan.recipe.embeddings == "int8-rows":
-            q, scales = quantize_rows(llm[EMBED_TOKENS])
-            store.cache[("embed_rows",)] = (q, scales)
-            store.tensor(f"{EMBED_TOKENS}.int8", q, file=DECODER_SHARED_BIN)
-            store.tensor(f"{EMBED_TOKENS}.scales", scales, file=DECODER_SHARED_BIN)
-            arrays["embed_tokens"] = store.record(f"{EMBED_TOKENS}.int8", DECODER_SHARED_BIN)._asdict()
-            arrays["embed_scales"] = store.record(f"{EMBED_TOKENS}.scales", DECODER_SHARED_BIN)._asdict()
-        else:
-            store.tensor(EMBED_TOKENS, llm[EMBED_TOKENS].astype(dtype), file=DECODER_SHARED_BIN)
-            arrays["embed_tokens"] = store.record(EMBED_TOKENS, DECODER_SHARED_BIN)._asdict()
+        graphs["decoder"] = decoder_record(
+            spec, {"0": {"file": "decoder_expert0.onnx", **graph_io(dec)}}, opts.attention
+        )
+        int8_rows = plan is not None and plan.recipe.embeddings == "int8-rows"
+        arrays = store_embedding_arrays(spec, llm, store, dtype, int8_rows)
         return graphs, arrays
 
     def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:
