@@ -77,6 +77,9 @@ def machine() -> dict[str, Any]:
         if key.strip() in ("flags", "Features"):
             have = set(value.split())
             info["cpu_flags"] = [f for f in CPU_FLAGS if f in have]
+    from rsedge.runtime import hugepages
+
+    info["transparent_huge_pages"] = hugepages.thp_mode()  # rsedge collapses its weights unless "never"/None
     gpu = _nvml(lambda nv, h: nv.nvmlDeviceGetName(h))
     if gpu is not None:
         info["gpu"] = gpu if isinstance(gpu, str) else gpu.decode()
