@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -22,6 +22,7 @@ import onnx
 
 from rsedge.calibration.calibset import CalibrationSet, resolve_calibration
 from rsedge.errors import OptionError
+from rsedge.export.kv_cache import KV_DTYPES, quantize_decoder_caches
 from rsedge.export.ort_requirements import bundle_runtime
 from rsedge.export.records import graph_io, tool_versions
 from rsedge.export.weight_store import WeightStore
@@ -46,7 +47,8 @@ class ExportOptions:
     Q/DQ (the int8 default), "model" keeps it. ``keep``: regexes of decoder weight names kept unquantized.
     ``attention``: the decoder's attention form (default "gqa-shared" for the MatMulNBits form, which only
     onnxruntime runs, "standard" elsewhere). ``prefill`` "int8" adds an INT8 prefill twin per decoder graph.
-    ``router``: a task-routed model's table, overriding its checkpoint's.
+    ``router``: a task-routed model's table, overriding its checkpoint's. ``kv_cache`` "int8" keeps the decoder's
+    KV cache as INT8 with per-channel scales calibrated on ``calibration`` (fused attention forms only).
     """
 
     precision: str = "fp32"
@@ -62,6 +64,7 @@ class ExportOptions:
     attention: str | None = None
     keep: tuple[str, ...] = ()
     prefill: str = "same"
+    kv_cache: str = "float"
     recipe: Recipe | None = field(default=None, compare=False)
 
     def resolve(self) -> ExportOptions:
@@ -88,6 +91,13 @@ class ExportOptions:
             raise OptionError(
                 "an INT8 prefill twin needs an INT8/INT4 bundle of the onnxruntime form (--form ort) with fp32 "
                 "compute (onnxruntime's DynamicQuantizeMatMul takes float32 activations)"
+            )
+        if self.kv_cache not in KV_DTYPES:
+            raise OptionError(f"kv cache must be {' or '.join(KV_DTYPES)}, got {self.kv_cache!r}")
+        if self.kv_cache == "int8" and (attention not in ("gqa", "gqa-shared") or self.form != "ort"):
+            raise OptionError(
+                "an INT8 KV cache is onnxruntime's GroupQueryAttention's: it needs --attention gqa-shared or gqa "
+                f"(this export's is {attention}) and the onnxruntime form (--form ort)"
             )
         return ExportOptions(**{**self.__dict__, "compute": compute, "attention": attention, "recipe": recipe})
 
@@ -149,6 +159,11 @@ class Exporter(ABC):
         """Every graph and raw array into ``ctx.tmp`` (``ctx.store`` set); returns the manifest's ``graphs`` and
         ``arrays``."""
 
+    def kv_calibration(self, ctx: ExportContext, routing: list[int]) -> Iterator[tuple[np.ndarray, int]]:
+        """(inputs_embeds [1, S, H] float32, expert) per calibration item, prompt and answer teacher-forced: what
+        calibrates an INT8 KV cache. An architecture without it cannot export ``--kv-cache int8``."""
+        raise OptionError(f"{self.architecture}: --kv-cache int8 needs calibration prompts its exporter does not give")
+
     def vision_graph_size(self) -> int:
         """The side of the vision graph's square input (static INT8 calibration feeds it)."""
         raise NotImplementedError
@@ -182,7 +197,8 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
         exporter.load(progress)
         source_hash = exporter.checkpoint_hash()  # once: the AWQ cache key and the manifest's record
         plan = QuantPlan(recipe) if recipe is not None else None
-        calib = resolve_calibration(opts.calibration) if recipe is not None and recipe.needs_calibration else None
+        wants_calibration = (recipe is not None and recipe.needs_calibration) or opts.kv_cache == "int8"
+        calib = resolve_calibration(opts.calibration) if wants_calibration else None
         ctx = ExportContext(tmp, opts, plan, calib, source_hash, progress)
         routing: list[int] = []
         if calib is not None:
@@ -198,6 +214,11 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
             progress("collecting calibration statistics")
             ctx.calib_record["statistics_cached"] = exporter.collect_statistics(ctx, routing)
         graphs, arrays = exporter.write_graphs(ctx)
+        if opts.kv_cache == "int8":
+            progress("calibrating the INT8 KV cache")
+            graphs["decoder"]["kv_cache_quantization"] = quantize_decoder_caches(
+                tmp, graphs["decoder"], exporter.kv_calibration(ctx, routing)
+            )
         if recipe is not None and recipe.vision == "int8" and "vision" in graphs:
             progress(f"quantizing the vision graph to INT8 ({recipe.vision_calibration} calibration)")
             src = graphs["vision"]["file"]

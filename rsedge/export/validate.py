@@ -17,6 +17,7 @@ import onnxruntime as ort
 import torch
 
 from rsedge.errors import ExportValidationError
+from rsedge.export.kv_cache import float_cache
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.runtime.backends import DecoderSpec
 from rsedge.runtime.backends.ort_cpu import OrtCpuDecoder
@@ -215,8 +216,9 @@ def _run_decoder(
 
 @contextmanager
 def float_activation_twin(path: Path) -> Iterator[Path | None]:
-    """The graph with every MatMulNBits at accuracy_level 0 (float activations), beside it so its external
-    weights resolve; None when no node rounds activations. Removed on exit."""
+    """The graph with every MatMulNBits at accuracy_level 0 (float activations) and a float KV cache (where it was
+    INT8), beside it so its external weights resolve: what is left to differ from the fake-quantized reference is
+    the weights' rounding alone. None when no node rounds activations. Removed on exit."""
     proto = onnx.load(str(path), load_external_data=False)
     changed = False
     for node in proto.graph.node:
@@ -225,6 +227,7 @@ def float_activation_twin(path: Path) -> Iterator[Path | None]:
         for attr in node.attribute:
             if attr.name == "accuracy_level" and attr.i > 0:
                 attr.i, changed = 0, True
+    changed = float_cache(proto) or changed
     if not changed:
         yield None
         return

@@ -34,7 +34,7 @@ from rsedge.export.weight_store import WeightStore
 from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.weights import check_finite, checkpoint_files, load_checkpoint_tensors
-from rsedge.quantize.calibrate import calibration_routing, calibration_stats
+from rsedge.quantize.calibrate import calibration_inputs, calibration_routing, calibration_stats
 from rsedge.runtime.bundle import sha256_file
 from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, TEMPLATE_SPECIALS
 from rsedge.runtime.router import IMAGE_COUNTS
@@ -143,6 +143,12 @@ class RSUniVLMExporter(Exporter):
         tok = Tokenizer.from_file(str(self.checkpoint / "tokenizer.json"))
         ctx.plan.stats, cached = calibration_stats(self.reference(), tok, ctx.calibration, ctx.source_hash, routing)
         return cached
+
+    def kv_calibration(self, ctx: ExportContext, routing: list[int]) -> Iterator[tuple[np.ndarray, int]]:
+        tok = Tokenizer.from_file(str(self.checkpoint / "tokenizer.json"))
+        with torch.no_grad():
+            for embeds, expert in calibration_inputs(self.reference(), tok, ctx.calibration, routing):
+                yield embeds.float().numpy(), expert
 
     def vision_graph_size(self) -> int:
         return self.cfg.vision.image_size
