@@ -10,12 +10,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from click.testing import CliRunner
 from PIL import Image
 
 import rsedge.models.unirs.exporter as unirs_exporter
 from rsedge.calibration.calibset import CalibrationSet
 from rsedge.calibration.readers import CalibrationError
 from rsedge.calibration.unirs_set import RS_DEFAULT_UNIRS, rs_default_unirs
+from rsedge.cli import main
 from rsedge.export.driver import ExportOptions
 from rsedge.export.validate import TOLERANCES
 from rsedge.models.unirs import export, make_checkpoint
@@ -148,7 +150,10 @@ def test_int4_awq_export_answers_like_its_reference(checkpoint, small_set, root,
             flipped += 1
     assert flipped <= 1, "at most one request flips a near tie"
 
-    # The statistics are cached by (checkpoint, eval overrides, set): a second export reads them back.
-    again = export(checkpoint, root / "again", precision="int4", block_size=32, algorithm="awq",
-                   calibration=str(small_set), validate=False)  # fmt: skip
+    # The statistics are cached by (checkpoint, eval overrides, set): a second export, through the CLI, reads them.
+    args = ["export", str(checkpoint), "-o", str(root / "again"), "--precision", "int4", "--algorithm", "awq",
+            "--block-size", "32", "--calibration", str(small_set), "--no-validate"]  # fmt: skip
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    again = json.loads((root / "again" / "manifest.json").read_text())
     assert again["calibration"]["statistics_cached"] is True and again["awq"] == m["awq"]

@@ -79,11 +79,12 @@ def test_fp32_agrees_exactly_and_int4_has_every_metric_column(checkpoint, bundle
 
 
 def test_cli_parity_exits_zero_for_an_int8_bundle(checkpoint, bundles, tmp_path):
-    out = tmp_path / "parity.json"
-    res = CliRunner().invoke(
-        main, ["parity", str(bundles["int8"]), "--reference", str(checkpoint), "--per-task", "1", "--json", str(out)]
-    )
+    out, page = tmp_path / "parity.json", tmp_path / "parity.html"
+    args = ["parity", str(bundles["int8"]), "--reference", str(checkpoint), "--per-task", "1", "--json", str(out),
+            "--report", str(page)]  # fmt: skip
+    res = CliRunner().invoke(main, args)
     assert res.exit_code == 0, res.output
+    assert "video accuracy" in page.read_text() and "ccd bleu4" in page.read_text()
     report = json.loads(out.read_text())
     q8 = report["rows"][1]
     assert q8["precision"] == "int8" and set(q8["agreement"]) == TASKS

@@ -60,8 +60,9 @@ def _overrides(bundles: Sequence[Bundle]) -> EvalOverrides:
 
 
 def eval_samples(data: str, per_task: int, seed: int, bundles: Sequence[Bundle]) -> list[UniRSSample]:
-    """Up to ``per_task`` samples of each task (labelled ones first) from ``real-test`` and/or ``real-train``; no
-    change pairs when a bundle has no change module."""
+    """Up to ``per_task`` samples of each task (labelled ones first, then manifest order: the real split is fixed,
+    so ``seed`` changes nothing) from ``real-test`` and/or ``real-train``; no change pairs when a bundle has no
+    change module."""
     frames = {int(b.model.get("num_video_frames", 8)) for b in bundles}
     if len(frames) != 1:
         raise OptionError(f"the bundles take different numbers of video frames ({sorted(frames)})")
