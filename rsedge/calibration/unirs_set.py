@@ -19,12 +19,12 @@ Runtime module: numpy, Pillow and the stdlib only.
 from __future__ import annotations
 
 import functools
+import hashlib
 
 from rsedge.calibration.calibset import (
     DATA_DIR,
     CalibrationItem,
     CalibrationSet,
-    _shuffled,
     content_hash,
     pixel_digest,
     prepare_image,
@@ -42,11 +42,16 @@ def _quotas(size: int) -> dict[str, int]:
     return {t: base + (1 if k < extra else 0) for k, t in enumerate(TASKS)}
 
 
+def seeded_order(items: list[UniRSItem], seed: int, salt: str) -> list[UniRSItem]:
+    """``items`` ordered by sha256 of (seed, salt, id): stable under any numpy or Python, as RSUniVLM's sets."""
+    return sorted(items, key=lambda i: hashlib.sha256(f"{seed}\0{salt}\0{i.id}".encode()).hexdigest())
+
+
 def select(items: list[UniRSItem], size: int, seed: int) -> list[UniRSItem]:
     """A balanced, deterministic choice of at most ``size`` items, interleaved across tasks."""
     pools: dict[str, list[UniRSItem]] = {}
     for t in TASKS:
-        mine = _shuffled([i for i in items if i.task == t], [i.id for i in items if i.task == t], seed, t)
+        mine = seeded_order([i for i in items if i.task == t], seed, t)
         pools[t] = [i for i in mine if i.answer is not None] + [i for i in mine if i.answer is None]
     share, pos = _quotas(size), dict.fromkeys(TASKS, 0)
     picked: list[UniRSItem] = []
