@@ -10,7 +10,11 @@ Graphs, each with its own weight file so the driver's static INT8 pass can repla
 - ``decoder``: one dense LLaMA decoder (``decoder_spec.llama``), ``decoder_expert0``.
 
 An image and each video frame run vision -> projector; a pair runs vision (both) -> change -> projector: one
-block.
+block. ``prefill="int8"`` (the cpu target) adds the decoder's INT8 prefill twin, as for RSUniVLM.
+
+Quantization reads the decoder's :meth:`UniRSExporter.linear_map`; AWQ and the static INT8 vision graph calibrate on
+UniRS's own set (``rs-default`` means ``rs-default-unirs``), fed through the reference as the bundle's runtime
+family will feed the graphs (``rsedge.models.unirs.calibration``).
 """
 
 from __future__ import annotations
