@@ -685,9 +685,9 @@ def bench_cmd(
 @click.option("--reference", type=click.Path(path_type=Path), required=True, help="the checkpoint they came from")
 @click.option(
     "--data",
-    default="synthetic-test,real-test",
-    show_default=True,
-    help="synthetic-test and/or real-test, comma-separated",
+    default=None,
+    help="evaluation data, comma-separated: synthetic-test and/or real-test for RSUniVLM (default both), "
+    "real-test and/or real-train for UniRS (default real-test)",
 )
 @click.option("--per-task", type=click.IntRange(1, 10000), default=25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -703,7 +703,7 @@ def bench_cmd(
 def parity_cmd(
     bundles: tuple[Path, ...],
     reference: Path,
-    data: str,
+    data: str | None,
     per_task: int,
     seed: int,
     threads: int | None,
@@ -730,7 +730,7 @@ def parity_cmd(
         baselines=baselines,
     )
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
-    table = Table(title=f"parity: {res['samples']} samples ({data})")
+    table = Table(title=f"parity: {res['samples']} samples ({res['data']})")
     table.add_column("bundle", no_wrap=True)
     for col in (*names, "cos", "agree", "decoder MB", "ms/tok", "peak MB"):
         table.add_column(col)

@@ -138,7 +138,6 @@ def run(
     """Benchmark one bundle in this process (call it in a fresh one: the first request is measured)."""
     from rsedge.runtime.images import load_image
     from rsedge.runtime.pipeline import Pipeline
-    from rsedge.runtime.prompt import build_prompt, tokenize
 
     gpu0 = _gpu_used_bytes()
     t0 = time.perf_counter()
@@ -162,9 +161,9 @@ def run(
     image_tokens_ms = _median_ms(lambda: pipe.image_tokens(pil[0]), 5) if pil else 0.0
 
     dec = pipe.decoder(first.expert)
-    if depth is None:
-        ids = tokenize(pipe.tokenizer, build_prompt(prompt, len(pil)))
-        embeds = pipe.embed(ids, [pipe.image_tokens(im) for im in pil], dec.dtype)
+    if depth is None:  # the request's own prompt, as the bundle's family builds it (its template, its images)
+        ids = pipe.family.prompt_ids(prompt, len(pil))
+        embeds = pipe.embed(ids, pipe.family.images_to_tokens(pil, pipe.run_vision, pipe.run_graph), dec.dtype)
     else:  # a synthetic prompt of this many random ids: decode speed at a chosen depth
         vocab = int(pipe.bundle.model["text"]["vocab_size"])
         ids = np.random.default_rng(0).integers(0, vocab, size=depth)

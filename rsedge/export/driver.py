@@ -20,9 +20,11 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from rsedge.calibration.calibset import CalibrationSet, resolve_calibration
+from rsedge.calibration.calibset import RS_DEFAULT, CalibrationSet, resolve_calibration
+from rsedge.calibration.readers import CalibrationError
 from rsedge.errors import OptionError
 from rsedge.export.kv_cache import KV_DTYPES, quantize_decoder_caches
+from rsedge.export.linear_map import LINEAR_MAP, LinearMap
 from rsedge.export.ort_requirements import bundle_runtime
 from rsedge.export.records import graph_io, tool_versions
 from rsedge.export.weight_store import WeightStore
@@ -118,6 +120,7 @@ class ExportContext:
     progress: Progress
     calib_record: dict[str, Any] | None = None
     store: WeightStore | None = None
+    linear_map: LinearMap | None = None  # the exporter's: AWQ's statistics and validation's reference weights
 
 
 class Exporter(ABC):
@@ -125,6 +128,7 @@ class Exporter(ABC):
     package's ``EXPORTER``. One instance per export."""
 
     architecture: ClassVar[str]
+    default_calibration: ClassVar[str] = RS_DEFAULT  # the set "rs-default" means for this architecture
 
     def __init__(self, checkpoint: Path, options: ExportOptions) -> None:
         self.checkpoint = checkpoint
@@ -138,6 +142,28 @@ class Exporter(ABC):
     @abstractmethod
     def load(self, progress: Progress) -> None:
         """Read the tensors (strictly) and refuse non-finite weights."""
+
+    @abstractmethod
+    def linear_map(self) -> LinearMap:
+        """Which reference linears each quantizable decoder-graph weight stands for (``export.linear_map``): the
+        ONE map that AWQ's activation statistics and validation's dequantized reference weights both read."""
+
+    def calibration_set(self, name_or_path: str | Path) -> CalibrationSet:
+        """The calibration set ``--calibration`` names ("rs-default": this architecture's built-in set); a set
+        made for another architecture's prompts is refused."""
+        name = self.default_calibration if str(name_or_path) == RS_DEFAULT else name_or_path
+        calib = resolve_calibration(name)
+        made_for = calib.info.get("architecture", "rsunivlm")  # sets made before the field are RSUniVLM's
+        if made_for != self.architecture:
+            raise CalibrationError(
+                f"calibration set {calib.name} was made for {made_for} prompts, not {self.architecture}'s; "
+                f"use rs-default (the {self.architecture} set) or a set made for {self.architecture}"
+            )
+        return calib
+
+    def calibration_info(self, calib: CalibrationSet) -> dict[str, Any]:
+        """What the manifest's ``calibration`` record adds for this architecture (e.g. items per task)."""
+        return {}
 
     @abstractmethod
     def checkpoint_hash(self) -> str:
@@ -198,8 +224,8 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
         source_hash = exporter.checkpoint_hash()  # once: the AWQ cache key and the manifest's record
         plan = QuantPlan(recipe) if recipe is not None else None
         wants_calibration = (recipe is not None and recipe.needs_calibration) or opts.kv_cache == "int8"
-        calib = resolve_calibration(opts.calibration) if wants_calibration else None
-        ctx = ExportContext(tmp, opts, plan, calib, source_hash, progress)
+        calib = exporter.calibration_set(opts.calibration) if wants_calibration else None
+        ctx = ExportContext(tmp, opts, plan, calib, source_hash, progress, linear_map=exporter.linear_map())
         routing: list[int] = []
         if calib is not None:
             # Each item goes to the expert this bundle's router picks, which --router may move.
@@ -209,11 +235,14 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
                 "sha256": calib.content_hash,
                 "items": len(calib.items),
                 "per_expert": {str(e): routing.count(e) for e in range(exporter.num_experts())},
+                **exporter.calibration_info(calib),
             }
         if plan is not None and recipe.algorithm == "awq":
             progress("collecting calibration statistics")
             ctx.calib_record["statistics_cached"] = exporter.collect_statistics(ctx, routing)
         graphs, arrays = exporter.write_graphs(ctx)
+        if ctx.store is not None:  # validation splits each quantized graph weight back by this map
+            ctx.store.cache[LINEAR_MAP] = ctx.linear_map
         if opts.kv_cache == "int8":
             progress("calibrating the INT8 KV cache")
             graphs["decoder"]["kv_cache_quantization"] = quantize_decoder_caches(

@@ -3,7 +3,7 @@
 - "vg": target ``{"box": [x1, y1, x2, y2]}`` (0-100) -> ``acc@0.5`` (``grounding_accuracy``).
 - "seg", "cseg": ``{"grid": np.ndarray, "labels": [...]}``, optionally ``"label"`` (the class to score;
   all non-"others" labels when absent) -> ``miou`` (per-sample mean) and ``class_miou`` (per class).
-- "vqa", "cls": ``{"answer": str}`` -> ``accuracy`` (``exact_match_accuracy``).
+- "vqa", "cls", "video" (a clip's class): ``{"answer": str}`` -> ``accuracy`` (``exact_match_accuracy``).
 - "cap", "ccd", "ref": ``{"references": [str, ...]}`` -> ``bleu4`` and ``cider`` (``caption_scores``).
 
 "ref" (a region caption for a given box) and "ccd" (change captioning) are scored as captions; "cseg"
@@ -24,7 +24,7 @@ from rsedge.metrics.text import exact_match_accuracy
 
 GROUNDING_TASKS = ("vg",)
 SEGMENTATION_TASKS = ("seg", "cseg")
-ANSWER_TASKS = ("vqa", "cls")
+ANSWER_TASKS = ("vqa", "cls", "video")  # "video": a clip's class (UniRS)
 CAPTION_TASKS = ("cap", "ccd", "ref")
 TASKS = GROUNDING_TASKS + SEGMENTATION_TASKS + ANSWER_TASKS + CAPTION_TASKS
 

@@ -23,7 +23,9 @@ from rsedge.export.decoder_graph import (
     decoder_record,
     store_embedding_arrays,
 )
+from rsedge.export.decoder_spec import qwen2_experts
 from rsedge.export.driver import ExportContext, Exporter, Progress
+from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.prefill_graph import FORM as PREFILL_FORM
 from rsedge.export.prefill_graph import build_prefill_graph, prefill_onnx
@@ -128,6 +130,9 @@ class RSUniVLMExporter(Exporter):
     def checkpoint_hash(self) -> str:
         return checkpoint_hash(self.checkpoint)
 
+    def linear_map(self) -> LinearMap:
+        return decoder_linear_map(qwen2_experts(self.cfg.text))  # the reference keeps Qwen2 under ``lm``
+
     def num_experts(self) -> int:
         return self.cfg.text.num_experts
 
@@ -141,7 +146,9 @@ class RSUniVLMExporter(Exporter):
 
     def collect_statistics(self, ctx: ExportContext, routing: list[int]) -> bool:
         tok = Tokenizer.from_file(str(self.checkpoint / "tokenizer.json"))
-        ctx.plan.stats, cached = calibration_stats(self.reference(), tok, ctx.calibration, ctx.source_hash, routing)
+        ctx.plan.stats, cached = calibration_stats(
+            self.reference(), tok, ctx.calibration, ctx.source_hash, routing, ctx.linear_map
+        )
         return cached
 
     def kv_calibration(self, ctx: ExportContext, routing: list[int]) -> Iterator[tuple[np.ndarray, int]]:
