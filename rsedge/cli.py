@@ -146,7 +146,7 @@ def make_checkpoint_cmd(
     "--calibration",
     default="rs-default",
     show_default=True,
-    help="calibration set folder (rsedge calibrate build) or rs-default (shipped RS images)",
+    help="calibration set folder (rsedge calibrate build), rs-default (shipped RS images) or rs-grounding-reasoning",
 )
 @click.option(
     "--vision",
