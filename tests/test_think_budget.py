@@ -201,3 +201,33 @@ def test_rsedge_run_takes_the_flags(demo_bundle, image):
     assert out["reasoning"] == ""
     res = run("run", demo_bundle, "--image", image, "--prompt", "x", "--max-think-tokens", "-2")
     assert_one_error_line(res, "max_think_tokens")
+
+
+def test_the_service_takes_the_fields(demo_bundle, pipe, image):
+    from fastapi.testclient import TestClient
+
+    from rsedge.serve.app import create_app
+    from rsedge.serve.config import ServeConfig
+    from rsedge.serve.models import ModelSet
+    from tests.serve_helpers import data_uri
+
+    want = pipe.generate([image], "[VG] Where is the windmill?", max_new_tokens=40, think=ThinkOptions(think=False))
+    body = {"task": "vg", "question": "Where is the windmill?", "images": [data_uri(image)], "max_new_tokens": 40}
+    with TestClient(create_app(ModelSet.load([demo_bundle]), ServeConfig())) as c:
+        off = c.post("/v1/rs/answer", json={**body, "think": False})
+        form = c.post(
+            "/v1/rs/answer",
+            data={"task": "vg", "question": "Where is the windmill?", "max_new_tokens": "40", "think": "false"},
+            files={"image": (image.name, image.read_bytes(), "image/png")},
+        )
+        plain = c.post("/v1/rs/answer", json=body)
+        bad = c.post("/v1/rs/answer", json={**body, "max_think_tokens": "many"})
+    for r in (off, form):
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["token_ids"] == want.tokens and out["think"] == want.think
+        assert out["reasoning"] == "" and out["answer"] == want.final_answer
+    assert plain.status_code == 200 and "think" not in plain.json() and "reasoning" not in plain.json()
+    assert (
+        bad.status_code == 400 and "max_think_tokens must be a non-negative integer" in bad.json()["error"]["message"]
+    )
