@@ -77,9 +77,14 @@ def by_hand(pipe: Pipeline, image, prompt: str, script: list[int | None], keep: 
     return out
 
 
-def test_the_budget_forces_the_close_after_n_reasoning_tokens(pipe, image, opened):
+def test_the_budget_forces_the_close_after_n_reasoning_tokens(pipe, image, opened, monkeypatch):
     close = encode(pipe, "</think>\n<answer>")
+    dec, states = pipe.decoder(pipe.choose_expert(SEG)), []
+    new_state = dec.new_state
+    monkeypatch.setattr(dec, "new_state", lambda capacity: states.append(new_state(capacity)) or states[-1])
     ans = pipe.generate([image], SEG, max_new_tokens=NEW, think=ThinkOptions(max_think_tokens=BUDGET), keep_logits=True)
+    # the KV cache holds the prompt and every answer token but the last (eos, or the one the budget cut): forced ids too
+    assert states[0].length == ans.prompt_tokens + len(ans.tokens) - 1
     assert ans.tokens[BUDGET : BUDGET + len(close)] == close
     assert close not in [ans.tokens[i : i + len(close)] for i in range(BUDGET)]  # not earlier
     assert ans.think == {"tokens": BUDGET, "budget": BUDGET, "stopped_by": BY_BUDGET}
