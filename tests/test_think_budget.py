@@ -10,6 +10,7 @@ ids are fed by hand (greedy tokens identical, logits within 1e-4), so the KV cac
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -176,6 +177,36 @@ def test_the_model_closing_its_own_block_is_counted_not_forced():
     assert out[-1] == [] and out[-2] == [ord(c) for c in "</think>\n<answer>"]  # after 2 reasoning tokens "ab"
 
 
+def test_the_monitor_counts_as_a_whole_text_scan_would():
+    """Random pieces (markers split across them, stray brackets): the monitor's windowed search agrees with scanning
+    the whole text each step, on the state, the count and what closed the block."""
+    rng = random.Random(1)
+    alphabet = [*"ab<>/thinkz ", "<think>", "</think>", "</", "think>", "k>", "<thin", "</think", "<think", "</thin"]
+    for _ in range(2000):
+        pieces = [rng.choice(alphabet) for _ in range(rng.randrange(0, 30))]
+        opened = rng.random() < 0.5
+        mon = ThinkMonitor(ThinkOptions(), ThinkMarkers(), list, pieces.__getitem__, prompt_open=opened)
+        for i in range(len(pieces)):
+            mon.feed(i)
+        text, rest = "", pieces
+        if not opened:
+            at = next((k for k in range(len(pieces)) if "<think>" in "".join(pieces[: k + 1])), None)
+            if at is None:
+                assert mon.state == "before"
+                continue
+            joined = "".join(pieces[: at + 1])
+            text, rest = joined[joined.find("<think>") + len("<think>") :], pieces[at + 1 :]
+        starts, count, closed = [], 0, None
+        for p in rest:
+            starts.append(len(text))
+            text += p
+            if "</think>" in text:
+                count, closed = sum(s < text.find("</think>") for s in starts), BY_MODEL
+                break
+            count = len(starts)
+        assert (mon.think_tokens, mon.stopped_by) == (count, closed), pieces
+
+
 def test_count_think_tokens_replays_an_answer(pipe, image, opened):
     ans = pipe.generate([image], SEG, max_new_tokens=NEW, think=ThinkOptions(max_think_tokens=BUDGET))
     assert count_think_tokens(pipe.tokenizer, ans.tokens, prompt_open=True) == BUDGET
@@ -194,6 +225,16 @@ def test_count_think_tokens_replays_an_answer(pipe, image, opened):
 def test_bad_options_are_refused(kwargs):
     with pytest.raises(OptionError):
         ThinkOptions(**kwargs)
+
+
+def test_rsedge_run_streams_the_forced_text(demo_bundle, image):
+    from tests.test_bad_input import run
+
+    args = ("run", demo_bundle, "--image", image, "--prompt", "[VG] Where is the windmill?", "--no-think")
+    streamed, whole = run(*args, "--stream"), run(*args, "--json")
+    assert streamed.exit_code == 0 and whole.exit_code == 0, streamed.output + whole.output
+    assert streamed.stdout.strip() == json.loads(whole.stdout)["text"].strip()
+    assert streamed.stdout.startswith("<think>\n</think>\n<answer>")
 
 
 def test_rsedge_run_takes_the_flags(demo_bundle, image):
