@@ -182,9 +182,18 @@ def _tokenizer_fns(tokenizer: Any) -> tuple[Callable[[str], list[int]], Callable
     from tokenizers.decoders import DecodeStream
 
     stream = DecodeStream(skip_special_tokens=False)
-    return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), (
-        lambda t: stream.step(tokenizer, t) or ""
-    )
+
+    def piece(t: int) -> str:
+        nonlocal stream
+        try:
+            return stream.step(tokenizer, t) or ""
+        except Exception:  # tokenizers raises a bare Exception
+            # DecodeStream refuses a special token after text with some decoders (a Metaspace "<s>": "Invalid
+            # prefix encountered"): that token is decoded alone and the stream starts over after it.
+            stream = DecodeStream(skip_special_tokens=False)
+            return tokenizer.decode([t], skip_special_tokens=False)
+
+    return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), piece
 
 
 def monitor_for(tokenizer: Any, options: ThinkOptions, markers: ThinkMarkers, prompt_open: bool) -> ThinkMonitor:
