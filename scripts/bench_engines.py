@@ -122,7 +122,7 @@ def summary(rounds: list[dict]) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("bundle", type=Path)
+    ap.add_argument("bundle", type=Path, nargs="+", help="rsedge bundle(s) (e.g. with and without --kv-cache int8)")
     ap.add_argument("--genai", type=Path, action="append", default=[], help="onnxruntime-genai model folder(s)")
     ap.add_argument("--llama-bench", default=None, help="llama.cpp's llama-bench binary")
     ap.add_argument("--gguf", default=None, help="the GGUF model llama-bench runs")
@@ -138,11 +138,14 @@ def main() -> None:
     from rsedge.bench.bench import machine
 
     n, s = str(a.prompt_tokens), str(a.steps)
-    engines = {"rsedge": lambda: one(RSEDGE, str(a.bundle), n, s, str(a.threads), python=sys.executable)}
+    engines: dict = {}
+    for bundle in a.bundle:
+        name = "rsedge" if len(a.bundle) == 1 else f"rsedge ({bundle.name})"
+        engines[name] = lambda b=bundle: one(RSEDGE, str(b), n, s, str(a.threads), python=sys.executable)
     if a.thp_variants:
         off = {"RSEDGE_HUGE_PAGES": "0"}
-        engines["rsedge THP off"] = lambda: one(
-            RSEDGE, str(a.bundle), n, s, str(a.threads), python=sys.executable, env=off
+        engines[f"rsedge ({a.bundle[0].name}) THP off"] = lambda: one(
+            RSEDGE, str(a.bundle[0]), n, s, str(a.threads), python=sys.executable, env=off
         )
     skipped: dict[str, str] = {}
     for folder in a.genai:
