@@ -45,11 +45,11 @@ def test_written_memory_is_collapsed_and_sparse_memory_is_not():
         pytest.skip("this kernel has no MADV_COLLAPSE (Linux < 6.1): khugepaged collapses advised memory later")
     written = _malloc(48 * MB, 48 * MB)
     sparse = _malloc(48 * MB, 1 * MB)  # a reservation, mostly untouched: collapsing it would grow RSS by 47 MB
-    assert _huge_kb(*written) == 0
+    sparse_before = _huge_kb(*sparse)  # (in a long test process an earlier test may have left a range advised)
     done = hugepages.collapse_resident()
     assert done.runs >= 1 and done.collapsed >= 1
     assert _huge_kb(*written) >= 44 * 1024  # every whole 2 MiB page inside the allocation
-    assert _huge_kb(*sparse) == 0
+    assert _huge_kb(*sparse) <= max(sparse_before, 2 * 1024)  # at most the one written huge page
     # Nothing left to do a second time: regions already in huge pages are skipped.
     again = hugepages.collapse_resident()
     assert _huge_kb(*written) >= 44 * 1024 and again.nbytes < done.nbytes
@@ -58,9 +58,10 @@ def test_written_memory_is_collapsed_and_sparse_memory_is_not():
 def test_switch_turns_it_off(monkeypatch):
     monkeypatch.setenv(hugepages.ENV_SWITCH, "0")
     written = _malloc(16 * MB, 16 * MB)
+    before = _huge_kb(*written)
     assert hugepages.collapse_resident().runs == 0
     assert hugepages.collapse_soon() is None
-    assert _huge_kb(*written) == 0
+    assert _huge_kb(*written) == before
 
 
 def _matmul_model(path, rows: int = 2048, cols: int = 2048) -> None:
