@@ -298,6 +298,13 @@ def export_cmd(
 @click.option("--json", "as_json", is_flag=True, help="print structured output")
 @click.option("--overlay", type=click.Path(path_type=Path), default=None, help="draw boxes or mask to this PNG")
 @click.option("--stream", is_flag=True, help="print tokens as they are generated")
+@click.option(
+    "--max-think-tokens",
+    type=int,
+    default=None,
+    help="reasoning models: close the <think> block after this many reasoning tokens and go on with the answer",
+)
+@click.option("--no-think", is_flag=True, help="reasoning models: answer directly (an empty <think> block is forced)")
 @verify_option
 @click.option(
     "--trust",
@@ -331,6 +338,8 @@ def run_cmd(
     as_json: bool,
     overlay: Path | None,
     stream: bool,
+    max_think_tokens: int | None,
+    no_think: bool,
     verify: str,
     trust: tuple[Path, ...],
     force: bool,
@@ -345,8 +354,10 @@ def run_cmd(
     from rsedge.runtime.overlay import check_overlay_target, write_overlay
     from rsedge.runtime.pipeline import Pipeline
     from rsedge.runtime.sampling import Sampling
+    from rsedge.runtime.think import ThinkOptions
 
     sampling = Sampling(temperature=temperature, top_p=top_p, seed=seed)
+    think = ThinkOptions(max_think_tokens=max_think_tokens, think=not no_think)  # refused here, before any load
     check_video_options(images, video, frames_dir, frames, overlay)
     if max_pixels is not None:  # for this command only: the limit is restored when its context closes
         from rsedge.runtime.images import pixel_limit
@@ -359,6 +370,8 @@ def run_cmd(
     from rsedge.geo.command import prepare_scene
 
     scene = prepare_scene(geo, list(images), prompt, force)  # None: an image for the Pillow path
+    if scene is not None and think.active:
+        raise OptionError("--max-think-tokens / --no-think are not supported for scenes (tiled answers) yet")
     with _bundle_load_errors(bundle, verify):
         pipe = Pipeline.load(
             bundle, device=device, threads=threads, verify=verify, trust=list(trust) or None, engines=engines
@@ -384,7 +397,13 @@ def run_cmd(
         inputs = read_clip(pipe, video, frames_dir, frames)
     with _onnxruntime_errors(bundle):
         ans = pipe.generate(
-            inputs, prompt, max_new_tokens=max_new_tokens, sampling=sampling, expert=expert, on_token=on_token
+            inputs,
+            prompt,
+            max_new_tokens=max_new_tokens,
+            sampling=sampling,
+            expert=expert,
+            on_token=on_token,
+            think=think if think.active else None,
         )
     out = ans.to_json()
     if overlay is not None:

@@ -27,8 +27,10 @@ from rsedge.runtime.engines import EngineSet
 from rsedge.runtime.families import family_for
 from rsedge.runtime.images import load_image, validate_image
 from rsedge.runtime.outputs import Box, RleMask
+from rsedge.runtime.reasoning import parse_reasoning
 from rsedge.runtime.sampling import Sampler, Sampling
 from rsedge.runtime.sessions import ORT_DTYPES, SessionConfig, make_session
+from rsedge.runtime.think import ThinkMarkers, ThinkOptions, decoded_tail_open, monitor_for
 
 ImageInput = str | Path | Image.Image
 MAX_NEW_TOKENS_LIMIT = 32000  # upstream demo's budget
@@ -57,6 +59,11 @@ class Answer:
     stopped_by: str = "eos"
     timings: dict[str, float] = field(default_factory=dict)
     step_logits: list[np.ndarray] | None = None
+    # A reasoning answer's parts (set when the text has think / answer tags; a family maps its boxes):
+    reasoning: str | None = None
+    final_answer: str | None = None
+    box_labels: list[str | None] = field(default_factory=list)
+    think: dict[str, Any] | None = None  # ThinkMonitor.report() when a think budget or think off was asked
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -74,6 +81,12 @@ class Answer:
             out["boxes"] = [b.to_list() for b in self.boxes]
         if self.mask is not None:
             out["mask"] = {"labels": self.mask.labels, "grid": list(self.mask.grid.shape)}
+        if self.final_answer is not None:  # only reasoning answers: other answers' JSON is as it was
+            out["reasoning"], out["answer"] = self.reasoning, self.final_answer
+            if any(label is not None for label in self.box_labels):
+                out["box_labels"] = list(self.box_labels)
+        if self.think is not None:
+            out["think"] = dict(self.think)
         return out
 
 
@@ -264,13 +277,15 @@ class Pipeline:
         keep_logits: bool = False,
         ignore_eos: bool = False,
         cancel: threading.Event | None = None,
+        think: ThinkOptions | None = None,
     ) -> Answer:
         """Answer ``prompt`` about ``images``: one, or a before/after pair for [CCD] and a change [SEG].
 
         ``ignore_eos`` decodes the whole budget (benchmarks, parity runs); ``keep_logits`` keeps each
-        step's last-position logits on the answer. ``cancel``, once set (a service's client went away or its
-        deadline passed), stops the request before its next decode step: the answer so far is returned with
-        ``stopped_by="cancelled"``.
+        step's last-position logits on the answer (forced tokens have none). ``cancel``, once set (a service's
+        client went away or its deadline passed), stops the request before its next decode step: the answer so far
+        is returned with ``stopped_by="cancelled"``. ``think`` bounds or skips a reasoning model's think block
+        (rsedge.runtime.think): forced tokens are part of the answer's tokens and count against max_new_tokens.
         """
         if not 1 <= max_new_tokens <= MAX_NEW_TOKENS_LIMIT:
             raise OptionError(f"max_new_tokens must be between 1 and {MAX_NEW_TOKENS_LIMIT}, got {max_new_tokens}")
@@ -310,10 +325,29 @@ class Pipeline:
         streamed: list[str] = []
         tokens: list[int] = []
         seen: list[np.ndarray] = []
+
+        def emit(tok: int) -> None:
+            if on_token is not None:
+                piece = stream.step(self.tokenizer, tok)
+                if piece:
+                    streamed.append(piece)
+                    on_token(piece)
+
+        markers = ThinkMarkers.from_manifest(self.bundle.manifest)
+        prompt_open = decoded_tail_open(self.tokenizer, ids, markers)  # the template opened a think block
+        monitor = (
+            monitor_for(self.tokenizer, think, markers, prompt_open) if think is not None and think.active else None
+        )
         logits = self.prefill(dec, embeds, state)
         t3 = time.perf_counter()
         stopped_by = "max_new_tokens"
-        while True:
+        forced = monitor.start()[:max_new_tokens] if monitor is not None else []
+        if forced:  # think off: the empty block is the answer's first tokens, through the decoder
+            tokens.extend(forced)
+            for f in forced:
+                emit(f)
+            logits = dec.step(self.embed_rows(forced)[None].astype(dec.dtype, copy=False), state)
+        while len(tokens) < max_new_tokens:
             if cancel is not None and cancel.is_set():
                 stopped_by = "cancelled"
                 break
@@ -324,14 +358,19 @@ class Pipeline:
             if tok in self.stop_ids and not ignore_eos:
                 stopped_by = "eos"
                 break
-            if on_token is not None:
-                piece = stream.step(self.tokenizer, tok)
-                if piece:
-                    streamed.append(piece)
-                    on_token(piece)
+            emit(tok)
             if len(tokens) >= max_new_tokens:
                 break
-            logits = dec.step(self.embed_rows([tok])[None].astype(dec.dtype, copy=False), state)
+            feed = [tok]
+            if monitor is not None:  # the budget's close marker goes in with the token that spent it
+                forced = monitor.feed(tok)[: max_new_tokens - len(tokens)]
+                tokens.extend(forced)
+                for f in forced:
+                    emit(f)
+                feed += forced
+                if len(tokens) >= max_new_tokens:
+                    break
+            logits = dec.step(self.embed_rows(feed)[None].astype(dec.dtype, copy=False), state)
         t4 = time.perf_counter()
         answer_text = self.tokenizer.decode(tokens, skip_special_tokens=True)
         if on_token is not None:
@@ -359,6 +398,11 @@ class Pipeline:
             timings=timings,
             step_logits=seen if keep_logits else None,
         )
+        parsed = parse_reasoning(answer_text, prompt_open=prompt_open)
+        if parsed.tagged or monitor is not None:
+            ans.reasoning, ans.final_answer = parsed.reasoning, parsed.answer
+        if monitor is not None:
+            ans.think = monitor.report()
         self.family.parse(ans, pil)
         return ans
 
