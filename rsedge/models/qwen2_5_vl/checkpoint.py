@@ -145,6 +145,11 @@ def preprocessor_dict(size: str) -> dict[str, Any]:
     }
 
 
+# Gains on the decoder's projections: peaked, position-dependent attention and layers that outweigh the input
+# embedding, so a random model's greedy answer changes token to token instead of repeating one.
+LM_GAINS = {"q_proj": 2.0, "k_proj": 2.0, "o_proj": 2.0, "down_proj": 2.0}
+
+
 def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> torch.Tensor:
     """Weights scaled so activations stay O(1) and the logits peaked (greedy tokens far from ties); norm
     scales near 1, biases small but non-zero so a dropped bias shows."""
@@ -153,9 +158,13 @@ def random_tensor(name: str, shape: tuple[int, ...], gen: torch.Generator, dtype
     elif len(shape) == 1:
         t = 0.1 * torch.randn(shape, generator=gen)
     elif name == "model.embed_tokens.weight":
-        t = torch.randn(shape, generator=gen)
+        # small beside the layers' outputs: with a tied head, a residual stream that is mostly the input
+        # embedding echoes the last token forever (greedy decoding of one repeated token proves little)
+        t = 0.25 * torch.randn(shape, generator=gen)
     else:
         t = torch.randn(shape, generator=gen) / math.prod(shape[1:]) ** 0.5
+        if name.startswith("model.layers.") and any(p in name for p in LM_GAINS):
+            t = t * LM_GAINS[next(p for p in LM_GAINS if p in name)]
     return t.to(dtype).contiguous()
 
 
