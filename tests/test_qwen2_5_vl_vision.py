@@ -25,7 +25,9 @@ from rsedge.runtime.families.qwen2_5_vl_image import (
     FRAME_SEGMENTS,
     REVERSE_INDEX,
     WINDOW_INDEX,
-    WINDOW_SEGMENTS,
+    WINDOW_MASK,
+    WINDOW_ROWS,
+    WINDOW_SLOTS,
     VisionPreprocess,
     preprocess,
     smart_resize,
@@ -158,9 +160,15 @@ def test_window_index_equals_transformers(grid: list[list[int]]) -> None:
     np.testing.assert_array_equal(cu, want_cu.numpy())
     feeds = vision_feeds(np.array(grid), VISION)
     np.testing.assert_array_equal(feeds[WINDOW_INDEX][feeds[REVERSE_INDEX]], np.arange(index.size))
-    # segments: one id per cu_window_seqlens interval, one per frame
-    seg = feeds[WINDOW_SEGMENTS]
-    assert seg.size == cu[-1] and np.array_equal(np.bincount(seg), np.diff(cu))
+    # the padded window table: window w holds exactly the patches cu[w]:cu[w+1], each patch one slot
+    rows, mask, slots = feeds[WINDOW_ROWS], feeds[WINDOW_MASK], feeds[WINDOW_SLOTS]
+    lengths = np.diff(cu)
+    assert rows.shape == mask.shape == (lengths.size, lengths.max()) and slots.shape == (cu[-1],)
+    real = mask == 0
+    np.testing.assert_array_equal(real.sum(1), lengths)
+    np.testing.assert_array_equal(rows[real], np.arange(cu[-1]))  # row-major over windows: patch order
+    np.testing.assert_array_equal(rows.reshape(-1)[slots], np.arange(cu[-1]))
+    assert (mask[~real] == np.finfo(np.float32).min).all()
     frames = sum(t for t, _, _ in grid)
     assert feeds[FRAME_SEGMENTS].max() == frames - 1
 
@@ -286,7 +294,12 @@ def test_windows_and_rotary_matter(tiny_model, vision_graphs) -> None:
     pixel_values, grid_thw, _ = preprocess(shapes()["square"], PRE)
     want = _reference(tiny_model, pixel_values, grid_thw)
     n = pixel_values.shape[0]
-    no_windows = _run(sessions["float32"], record, pixel_values, grid_thw, **{WINDOW_SEGMENTS: np.zeros(n, np.int64)})
+    one_window = {  # every patch in a single window: windowed blocks attend across windows
+        WINDOW_ROWS: np.arange(n, dtype=np.int64)[None],
+        WINDOW_MASK: np.zeros((1, n), np.float32),
+        WINDOW_SLOTS: np.arange(n, dtype=np.int64),
+    }
+    no_windows = _run(sessions["float32"], record, pixel_values, grid_thw, **one_window)
     assert np.abs(no_windows - want).max() > 1000 * FP32_ATOL
     hd = TINY_VISION["hidden_size"] // TINY_VISION["num_heads"]
     identity = {ROTARY_COS: np.ones((n, hd), np.float32), ROTARY_SIN: np.zeros((n, hd), np.float32)}

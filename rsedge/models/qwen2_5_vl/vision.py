@@ -18,7 +18,7 @@ import json
 import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import onnx
@@ -32,12 +32,15 @@ from rsedge.export.weight_store import WeightStore
 from rsedge.runtime.families.qwen2_5_vl_image import (
     FRAME_SEGMENTS,
     IMAGE_EMBEDS,
+    MASKED,
     PIXEL_VALUES,
     REVERSE_INDEX,
     ROTARY_COS,
     ROTARY_SIN,
     WINDOW_INDEX,
-    WINDOW_SEGMENTS,
+    WINDOW_MASK,
+    WINDOW_ROWS,
+    WINDOW_SLOTS,
     VisionPreprocess,
     preprocess,
     vision_feeds,
@@ -46,8 +49,7 @@ from rsedge.runtime.families.qwen2_5_vl_image import (
 VISION_BIN = "vision.bin"
 PREFIX = "model.visual"  # transformers 5 names; older checkpoints say "visual.", a bare tower none
 RMS_EPS = 1e-6  # Qwen2_5_VLVisionBlock and the PatchMerger hard-code it
-MASKED = float(np.finfo(np.float32).min)  # exp() of it after the max is subtracted is exactly 0
-N, TOKENS = "num_patches", "num_tokens"
+N, TOKENS, WINDOWS, WINDOW_LEN = "num_patches", "num_tokens", "num_windows", "window_len"
 ACTIVATIONS = ("silu",)
 RECORD_KEYS = (
     "depth",
@@ -145,7 +147,9 @@ def vision_graph(
     reverse = b.input(REVERSE_INDEX, onnx.TensorProto.INT64, [TOKENS])
     cos = b.input(ROTARY_COS, onnx.TensorProto.FLOAT, [N, hd])
     sin = b.input(ROTARY_SIN, onnx.TensorProto.FLOAT, [N, hd])
-    window_seg = b.input(WINDOW_SEGMENTS, onnx.TensorProto.INT64, [N])
+    window_rows = b.input(WINDOW_ROWS, onnx.TensorProto.INT64, [WINDOWS, WINDOW_LEN])
+    window_mask = b.input(WINDOW_MASK, onnx.TensorProto.FLOAT, [WINDOWS, WINDOW_LEN])
+    window_slots = b.input(WINDOW_SLOTS, onnx.TensorProto.INT64, [N])
     frame_seg = b.input(FRAME_SEGMENTS, onnx.TensorProto.INT64, [N])
 
     with b.scope("visual"):
@@ -153,7 +157,9 @@ def vision_graph(
             x = _patch_embed(b, x, tracked, v, patch_dim)
             x = _permute_units(b, x, index, unit, D, "window_order")
         with b.scope("attention_masks"):
-            masks = {"window": _segment_mask(b, window_seg, "window"), "full": _segment_mask(b, frame_seg, "full")}
+            full_attention = _Attention(_segment_mask(b, frame_seg, "full"))
+            key_mask = b.op("Unsqueeze", [window_mask, b.ints([1, 2], "head_query_axes")], out="window_keys")
+            windowed_attention = _Attention(key_mask, window_rows, window_slots)
         with b.scope("rotary"):
             rotary = (
                 b.op("Unsqueeze", [cos, b.ints([1], "head_axis")], out="cos"),
@@ -162,7 +168,7 @@ def vision_graph(
         full = set(v["fullatt_block_indexes"])
         for i in range(depth):
             with b.scope(f"blocks.{i}"):
-                x = _block(b, x, tracked, v, i, rotary, masks["full" if i in full else "window"])
+                x = _block(b, x, tracked, v, i, rotary, full_attention if i in full else windowed_attention)
         with b.scope("merger"):
             x = _merger(b, x, tracked, v)
             x = b.op("Gather", [x, reverse], name="image_order/Gather", out="image_order", axis=0)
@@ -173,7 +179,7 @@ def vision_graph(
     doc = (
         f"Qwen2.5-VL vision tower ({depth} blocks; full attention at {sorted(full)}, windows of "
         f"{v['window_size']} px at {windowed}) + 2x2 PatchMerger, {b.dtype.name}. inputs: pixel_values[N,{patch_dim}] "
-        f"and the grid feeds (window order, rotary tables, attention segments); output: image_embeds[N/{unit},"
+        f"and the grid feeds (window order, rotary tables, padded windows, frames); output: image_embeds[N/{unit},"
         f"{out_hidden}] in image order."
     )
     meta = {
@@ -397,14 +403,14 @@ def _block(
     v: Mapping[str, Any],
     i: int,
     rotary: tuple[str, str],
-    mask: str,
+    attention: _Attention,
 ) -> str:
     pre = f"{PREFIX}.blocks.{i}"
     D = int(v["hidden_size"])
     with b.scope("norm1"):
         h = _rms_norm(b, x, f"{pre}.norm1.weight", w, D)
     with b.scope("attn"):
-        h = _attention(b, h, w, v, pre, rotary, mask)
+        h = _attention(b, h, w, v, pre, rotary, attention)
     x = b.op("Add", [x, h], name="residual_attn/Add", out="residual_attn")
     with b.scope("norm2"):
         h = _rms_norm(b, x, f"{pre}.norm2.weight", w, D)
@@ -426,11 +432,21 @@ def _rms_norm(b: GraphBuilder, x: str, wname: str, w: Mapping[str, np.ndarray], 
     return b.op("Mul", [normed, weight], name="Mul_weight", out="output")
 
 
+class _Attention(NamedTuple):
+    """Who attends to whom in a block: an additive float32 mask, and for windowed blocks the padded window
+    table (``rows`` [W, L]) and each patch's slot in it (``slots`` [N]); full blocks have neither."""
+
+    mask: str  # [N, N] (full) or [W, 1, 1, L] (windowed: padding keys)
+    rows: str | None = None
+    slots: str | None = None
+
+
 #   x --MatMul W_qkv [D,3D] + b--Split--> q, k, v [N, heads, hd]
 #   q, k --Cast f32-- * cos + rotate_half(.) * sin --Cast model-->   (rotate_half: [x1|x2] -> [-x2|x1])
-#   q [heads,N,hd] * hd^-0.5 @ k^T [heads,hd,N] --Cast f32-- + mask [N,N] --Softmax--Cast model--> @ v
-#   --Transpose [N,heads,hd]--Reshape [N,D]--proj--> out
-#   The scores are [heads, N, N]: a full-attention layer needs them; a windowed one masks all but its window.
+#   full:     q [heads,N,hd] * hd^-0.5 @ k^T [heads,hd,N] --Cast f32-- + mask [N,N] (frames)
+#   windowed: Gather(rows) -> [W,L,heads,hd]; q [W,heads,L,hd] @ k^T --Cast f32-- + mask [W,1,1,L] (padding)
+#   --Softmax--Cast model--> @ v --Transpose--Reshape [rows,D] (windowed: --Gather(slots)--> [N,D]) --proj--> out
+#   A windowed block's scores are W x heads x L x L (L = 64 patches for 112 px windows), not heads x N x N.
 def _attention(
     b: GraphBuilder,
     x: str,
@@ -438,7 +454,7 @@ def _attention(
     v: Mapping[str, Any],
     pre: str,
     rotary: tuple[str, str],
-    mask: str,
+    attention: _Attention,
 ) -> str:
     D, heads = int(v["hidden_size"]), int(v["num_heads"])
     hd = D // heads
@@ -456,16 +472,26 @@ def _attention(
     val = b.op("Reshape", [val, shape], name="v/Reshape", out="v_nhd")
     q = _rotate(b, q, rotary, hd, "q")
     k = _rotate(b, k, rotary, hd, "k")
-    q = b.op("Transpose", [q], name="q/Transpose", out="q_hnd", perm=[1, 0, 2])
+    if attention.rows is None:  # [N, heads, hd] -> [heads, N, hd]; keys [heads, hd, N]
+        heads_first, keys_last = [1, 0, 2], [1, 2, 0]
+    else:  # [N, heads, hd] -> [W, L, heads, hd] -> [W, heads, L, hd]; keys [W, heads, hd, L]
+        heads_first, keys_last = [0, 2, 1, 3], [0, 2, 3, 1]
+        q, k, val = (
+            b.op("Gather", [t, attention.rows], name=f"{n}/Gather_windows", out=f"{n}_windows", axis=0)
+            for n, t in (("q", q), ("k", k), ("v", val))
+        )
+    q = b.op("Transpose", [q], name="q/Transpose", out="q_heads", perm=heads_first)
     q = b.op("Mul", [q, b.scalar(hd**-0.5, "attn_scale")], name="q/Mul_scale", out="q")
-    kt = b.op("Transpose", [k], name="k/Transpose", out="key_t", perm=[1, 2, 0])
-    val = b.op("Transpose", [val], name="v/Transpose", out="v", perm=[1, 0, 2])
+    kt = b.op("Transpose", [k], name="k/Transpose", out="key_t", perm=keys_last)
+    val = b.op("Transpose", [val], name="v/Transpose", out="v", perm=heads_first)
     scores = b.op("MatMul", [q, kt], name="scores/MatMul", out="scores")
-    scores = b.op("Add", [b.to_float(scores), mask], name="scores/Add_mask", out="scores_masked")
+    scores = b.op("Add", [b.to_float(scores), attention.mask], name="scores/Add_mask", out="scores_masked")
     probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
     ctx = b.op("MatMul", [probs, val], name="context/MatMul", out="context_heads")
-    ctx = b.op("Transpose", [ctx], name="context/Transpose", out="context_nhd", perm=[1, 0, 2])
-    ctx = b.op("Reshape", [ctx, b.ints([0, D], "merge_heads_shape")], name="context/Reshape", out="context")
+    ctx = b.op("Transpose", [ctx], name="context/Transpose", out="context_rows", perm=heads_first)  # self-inverse
+    ctx = b.op("Reshape", [ctx, b.ints([-1, D], "merge_heads_shape")], name="context/Reshape", out="context")
+    if attention.slots is not None:  # padded window rows back to the N patches
+        ctx = b.op("Gather", [ctx, attention.slots], name="context/Gather_patches", out="context_patches", axis=0)
     proj_w = get_weight(w, f"{pre}.proj.weight", (D, D))
     proj_b = get_weight(w, f"{pre}.proj.bias", (D,))
     with b.scope("proj"):
