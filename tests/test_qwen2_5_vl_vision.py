@@ -344,6 +344,7 @@ def test_vision_config_record_from_config_json() -> None:
     """An older config.json's vision_config (``in_chans``, no rope_parameters) gives the same record."""
     from transformers import Qwen2_5_VLConfig
 
+    from rsedge.errors import CheckpointError
     from rsedge.models.qwen2_5_vl.vision import vision_config_record
 
     hf = Qwen2_5_VLConfig(vision_config=TINY_VISION).vision_config
@@ -351,6 +352,12 @@ def test_vision_config_record_from_config_json() -> None:
     old["in_chans"] = 3
     record = vision_config_record(hf)
     assert vision_config_record(old) == record
+    # the sizes only, everything structural left to transformers' defaults, which the record then carries
+    sizes = {k: TINY_VISION[k] for k in ("depth", "hidden_size", "intermediate_size", "num_heads", "out_hidden_size")}
+    want = Qwen2_5_VLConfig(vision_config=sizes).vision_config
+    assert vision_config_record(sizes) == vision_config_record(want)
+    with pytest.raises(CheckpointError, match="lacks out_hidden_size"):
+        vision_config_record({k: v for k, v in sizes.items() if k != "out_hidden_size"})
     assert record["rope_theta"] == 10000.0 and record["fullatt_block_indexes"] == [1, 3]
     import json
 

@@ -66,6 +66,16 @@ RECORD_KEYS = (
     "hidden_act",
 )
 
+# Qwen2_5_VLVisionConfig's defaults for the fields that fix the layout, not the size (a config.json may omit them).
+HF_DEFAULTS = {
+    "in_channels": 3,
+    "patch_size": 14,
+    "temporal_patch_size": 2,
+    "spatial_merge_size": 2,
+    "window_size": 112,
+    "hidden_act": "silu",
+    "fullatt_block_indexes": [7, 15, 23, 31],
+}
 Tensors = Mapping[str, Any]  # name -> torch.Tensor | np.ndarray
 
 
@@ -73,19 +83,29 @@ def vision_config_record(cfg: Any) -> dict[str, Any]:
     """The manifest's vision record (what ``vision_feeds`` and :func:`build_vision_graph` read), JSON-able.
 
     ``cfg`` is a transformers ``Qwen2_5_VLVisionConfig`` or the ``vision_config`` dict of a config.json
-    (older ones say ``in_chans`` and carry no ``rope_parameters``: theta 10000, as upstream's default).
+    (older ones say ``in_chans`` and carry no ``rope_parameters``: theta 10000, as upstream's default). A
+    structural field the dict leaves out takes transformers' default; the sizes must be given.
     """
     d = dict(cfg) if isinstance(cfg, Mapping) else cfg.to_dict()
-    if "in_channels" not in d and "in_chans" in d:
-        d["in_channels"] = d["in_chans"]
+    for alias, key in (
+        ("in_chans", "in_channels"),
+        ("num_attention_heads", "num_heads"),
+        ("num_hidden_layers", "depth"),
+    ):
+        if key not in d and alias in d:
+            d[key] = d[alias]
+    d = {**HF_DEFAULTS, **d}
     missing = [k for k in RECORD_KEYS if k not in d]
     if missing:
         raise CheckpointError(f"vision_config lacks {', '.join(missing)}")
     rec: dict[str, Any] = {k: d[k] for k in RECORD_KEYS}
-    for k in RECORD_KEYS:
-        if k not in ("hidden_act", "fullatt_block_indexes"):
-            rec[k] = int(rec[k])
-    rec["fullatt_block_indexes"] = sorted(int(i) for i in rec["fullatt_block_indexes"])
+    try:
+        for k in RECORD_KEYS:
+            if k not in ("hidden_act", "fullatt_block_indexes"):
+                rec[k] = int(rec[k])
+        rec["fullatt_block_indexes"] = sorted(int(i) for i in rec["fullatt_block_indexes"])
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"vision_config has a malformed size: {e}") from None
     rope = d.get("rope_parameters") or {}
     if rope.get("rope_type", "axial") not in ("axial", "default"):
         raise CheckpointError(f"vision rope_type {rope['rope_type']!r} is not the axial 2D rotary Qwen2.5-VL uses")
