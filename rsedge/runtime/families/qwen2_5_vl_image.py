@@ -32,10 +32,23 @@ WINDOW_INDEX = "window_index"  # [N/unit] int64: merge units in window order (HF
 REVERSE_INDEX = "reverse_index"  # [N/unit] int64: argsort(window_index), back to the image's order
 ROTARY_COS = "rotary_cos"  # [N, head_dim] float32, rows already in window order
 ROTARY_SIN = "rotary_sin"
-WINDOW_SEGMENTS = "window_segments"  # [N] int64: the window of each (permuted) patch; windowed layers
+# Windowed layers attend within each window only, computed window by window: W windows padded to L rows.
+WINDOW_ROWS = "window_rows"  # [W, L] int64: the (permuted) patch in each slot of each window; padding -> 0
+WINDOW_MASK = "window_mask"  # [W, L] float32: 0 for a real slot, MASKED for padding (an additive key mask)
+WINDOW_SLOTS = "window_slots"  # [N] int64: each patch's flat slot w * L + j, to gather the outputs back
 FRAME_SEGMENTS = "frame_segments"  # [N] int64: the frame (image) of each patch; full-attention layers
 IMAGE_EMBEDS = "image_embeds"
-FEED_NAMES = (WINDOW_INDEX, REVERSE_INDEX, ROTARY_COS, ROTARY_SIN, WINDOW_SEGMENTS, FRAME_SEGMENTS)
+FEED_NAMES = (
+    WINDOW_INDEX,
+    REVERSE_INDEX,
+    ROTARY_COS,
+    ROTARY_SIN,
+    WINDOW_ROWS,
+    WINDOW_MASK,
+    WINDOW_SLOTS,
+    FRAME_SEGMENTS,
+)
+MASKED = float(np.finfo(np.float32).min)  # exp() of it after the row max is subtracted is exactly 0
 
 MAX_ASPECT_RATIO = 200  # transformers' smart_resize refuses anything longer
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -229,13 +242,27 @@ def vision_feeds(grid_thw: np.ndarray, vision: Mapping[str, Any]) -> dict[str, n
     # window order, a merge unit (its merge x merge patches) at a time, as the hidden states are permuted
     angles = angles.reshape(n // unit, unit, head_dim)[index].reshape(n, head_dim)
 
-    positions = np.arange(n)
     frames = np.repeat(grid[:, 1] * grid[:, 2], grid[:, 0])
     return {
         WINDOW_INDEX: index.astype(np.int64),
         REVERSE_INDEX: np.argsort(index, kind="stable").astype(np.int64),
         ROTARY_COS: np.cos(angles).astype(np.float32),
         ROTARY_SIN: np.sin(angles).astype(np.float32),
-        WINDOW_SEGMENTS: (np.searchsorted(cu_windows, positions, side="right") - 1).astype(np.int64),
+        **window_slots(cu_windows),
         FRAME_SEGMENTS: np.repeat(np.arange(frames.size), frames).astype(np.int64),
+    }
+
+
+def window_slots(cu_windows: np.ndarray) -> dict[str, np.ndarray]:
+    """The windows of ``cu_window_seqlens`` as a padded [W, L] table (L: the longest window), its key mask,
+    and each patch's slot in it: attention then costs W x L x L per head, not N x N."""
+    starts, lengths = cu_windows[:-1], np.diff(cu_windows)
+    L = int(lengths.max())
+    slot = np.arange(L)
+    real = slot[None, :] < lengths[:, None]
+    owner = np.repeat(np.arange(lengths.size), lengths)  # the window of each patch
+    return {
+        WINDOW_ROWS: np.where(real, starts[:, None] + slot[None, :], 0).astype(np.int64),
+        WINDOW_MASK: np.where(real, np.float32(0.0), np.float32(MASKED)).astype(np.float32),
+        WINDOW_SLOTS: (owner * L + np.arange(int(cu_windows[-1])) - starts[owner]).astype(np.int64),
     }
