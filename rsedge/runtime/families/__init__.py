@@ -59,8 +59,9 @@ def _load() -> None:
 
 
 def known() -> list[str]:
+    """Registered architectures, built-in ones first in the order they were added (then plug-ins)."""
     _load()
-    return sorted(_FAMILIES)
+    return list(_FAMILIES)
 
 
 def family_class(architecture: str) -> type[Family]:
