@@ -118,11 +118,14 @@ def test_end_to_end_matches_transformers(bundles, oracle, precision, kind):
 
 @pytest.mark.parametrize("precision", ["int8", "int4"])
 def test_quantized_bundles_export_and_run(bundles, oracle, precision):
-    """INT8 / INT4 (RTN, the vision graph kept float): validated at export against the fake-quantized reference;
+    """INT8 / INT4 (RTN): validated at export against the fake-quantized reference (the INT8 vision graph within the
+    vision-int8 bound);
     at run time the first step's logits stay close to the float model's, and the answer runs to its budget."""
     image, _, tokens, logits = oracle["wide"]
     pipe = Pipeline.load(bundles(precision), threads=1)
     assert pipe.bundle.manifest["quantization"]["decoder"]["bits"] == (8 if precision == "int8" else 4)
+    # the recipes' vision defaults: static INT8 (calibrated through the grid feeds) for INT8, float for INT4
+    assert pipe.bundle.graph("vision").get("quantized") == ("int8-qdq" if precision == "int8" else None)
     ans = pipe.generate([image], QUESTION, max_new_tokens=8, keep_logits=True, ignore_eos=True)
     first = ans.step_logits[0]
     cosine = float(first @ logits[0] / (np.linalg.norm(first) * np.linalg.norm(logits[0])))

@@ -19,8 +19,8 @@ def export(
 ) -> dict[str, Any]:
     """Export a Qwen2.5-VL checkpoint (Hugging Face layout) to a bundle folder; returns the manifest.
 
-    ``options`` are :class:`rsedge.export.driver.ExportOptions` fields; the vision graph stays in the compute
-    dtype (``vision="model"``) unless a caller asks otherwise (static INT8 of it is refused: not built).
+    ``options`` are :class:`rsedge.export.driver.ExportOptions` fields (the recipes' defaults: an INT8 export
+    quantizes the vision graph to static INT8, INT4 keeps it in the compute dtype).
     """
     from rsedge.export.driver import run_export
     from rsedge.fsutil import refuse_existing

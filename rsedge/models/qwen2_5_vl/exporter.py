@@ -5,8 +5,8 @@ record, mrope sections) and validation. The generic steps are rsedge.export.driv
 Graphs:
 
 - ``vision`` (``vision.onnx``, ``vision.bin``): tower + PatchMerger, ``pixel_values`` and the grid feeds ->
-  ``image_embeds`` (rsedge.models.qwen2_5_vl.vision); kept in the compute dtype at every precision (the driver's
-  static INT8 pass feeds square images to a one-input graph, which this is not);
+  ``image_embeds`` (rsedge.models.qwen2_5_vl.vision); static INT8 (``vision_int8.onnx``, the INT8 recipe's default)
+  is calibrated here through the runtime's own preprocessing and grid feeds, not by the driver's square-pixel pass;
 - ``decoder``: one dense Qwen2 decoder with multimodal rotary (``decoder_spec.qwen2_5_vl``), ``decoder_expert0``.
 """
 
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import torch
 from PIL import Image
@@ -43,7 +44,7 @@ from rsedge.export.validate import (
 from rsedge.export.weight_store import WeightStore
 from rsedge.models.qwen2_5_vl.config import Qwen25VLConfig
 from rsedge.models.qwen2_5_vl.modeling import Qwen25VLReference
-from rsedge.models.qwen2_5_vl.vision import build_vision_graph, vision_config_record
+from rsedge.models.qwen2_5_vl.vision import build_vision_graph, quantize_vision_graph, vision_config_record
 from rsedge.models.qwen2_5_vl.weights import load_checkpoint_tensors
 from rsedge.models.rsunivlm.weights import checkpoint_files
 from rsedge.runtime.backends import DecoderSpec
@@ -65,6 +66,7 @@ TOKENIZER_FILES = (
 IMAGE_PLACEHOLDER = "<|vision_start|><|image_pad|><|vision_end|>"
 TEMPLATE_SPECIALS = ("<|im_start|>", "<|im_end|>")
 STOP_TOKENS = ("<|im_end|>", "<|endoftext|>")  # generation_config.json's eos_token_id pair
+VISION_INT8 = "vision_int8.onnx"
 PIL_RESAMPLE = {0: "nearest", 1: "lanczos", 2: "bilinear", 3: "bicubic"}  # preprocessor_config's resample ints
 
 
@@ -142,8 +144,6 @@ class Qwen25VLExporter(Exporter):
         recipe = self.options.recipe
         if recipe is not None and recipe.algorithm == "awq":
             raise OptionError("AWQ is not built for Qwen2.5-VL bundles yet; use --algorithm rtn")
-        if recipe is not None and recipe.vision == "int8":
-            raise OptionError("static INT8 of the Qwen2.5-VL vision graph is not built; use --vision model")
         if self.options.prefill == "int8":
             raise OptionError("an INT8 prefill twin is not built for Qwen2.5-VL bundles yet")
         self.cfg = Qwen25VLConfig.from_checkpoint(self.checkpoint)
@@ -175,11 +175,27 @@ class Qwen25VLExporter(Exporter):
         dtype = np.dtype(opts.dtype).name
         store = ctx.store = WeightStore(tmp)
         ctx.progress("building vision graph")
+        # A vision graph headed for static INT8 is built and calibrated in float32, as the other exporters do.
+        int8_vision = plan is not None and plan.recipe.vision == "int8"
+        vision_dtype = "float32" if int8_vision else dtype
         graphs: dict[str, Any] = {
             "vision": build_vision_graph(
-                self.tensors, self.vision, tmp, "vision", dtype, store=store, file="vision.bin"
+                self.tensors, self.vision, tmp, "vision", vision_dtype, store=store, file="vision.bin"
             )
         }
+        if int8_vision:  # the driver's own pass feeds square pixels to a one-input graph, which this is not
+            method = plan.recipe.vision_calibration
+            ctx.progress(f"quantizing the vision graph to INT8 ({method} calibration)")
+            dst = quantize_vision_graph(
+                tmp / "vision.onnx", tmp / VISION_INT8, ctx.calibration, self.pre, self.vision, method
+            )
+            (tmp / "vision.onnx").unlink()
+            (tmp / "vision.bin").unlink()
+            graphs["vision"] = {
+                "file": VISION_INT8,
+                "quantized": "int8-qdq",
+                **graph_io(onnx.load(str(dst), load_external_data=False)),
+            }
         ctx.progress("building decoder graph")
         weights = {k: v.float().numpy() for k, v in self.tensors.items() if not k.startswith("visual.")}
         opset = plan.recipe.opset if plan is not None else OPSET
@@ -280,7 +296,8 @@ def _validate(
     feeds = {PIXEL_VALUES: pixels, **vision_feeds(grid, manifest["vision"])}
     got = sess.run(None, {k: v.astype(types[k]) if types[k] is not None else v for k, v in feeds.items()})[0]
     image_ref = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid)).pooler_output[0]
-    checks.append(compare("vision", got.astype(np.float32), image_ref.numpy(), compute))
+    vision_bound = "vision-int8" if graphs["vision"].get("quantized") else compute
+    checks.append(compare("vision", got.astype(np.float32), image_ref.numpy(), vision_bound))
     del sess
 
     rng = np.random.default_rng(0)
@@ -320,5 +337,5 @@ def _validate(
 
 
 def export_options(options: dict[str, Any]) -> ExportOptions:
-    """The export's options, the vision graph kept in the compute dtype unless asked otherwise."""
-    return ExportOptions(**{"vision": "model", **{k: v for k, v in options.items() if v is not None}}).resolve()
+    """The export's options (a None is the option's default)."""
+    return ExportOptions(**{k: v for k, v in options.items() if v is not None}).resolve()
