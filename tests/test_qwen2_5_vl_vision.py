@@ -364,27 +364,36 @@ def test_vision_config_record_from_config_json() -> None:
     assert json.loads(json.dumps(record)) == record
 
 
-def test_int8_vision_graph_within_the_vision_int8_bound(vision_graphs, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def int8_graph(vision_graphs, tmp_path_factory):
+    """The FP32 graph quantized (percentile) on the built-in RS calibration set: 28 real images, many sizes."""
+    from rsedge.calibration.calibset import rs_default
+    from rsedge.models.qwen2_5_vl.vision import quantize_vision_graph
+
+    record, sessions = vision_graphs
+    dst = tmp_path_factory.mktemp("qwen_vision_int8") / "vision_int8.onnx"
+    return quantize_vision_graph(sessions["float32_path"], dst, rs_default(), PRE, record)
+
+
+def test_int8_vision_graph_within_the_vision_int8_bound(vision_graphs, int8_graph) -> None:
     """Static INT8 (percentile, the built-in RS calibration set: 28 real images of many sizes) stays within the
     project's ``vision-int8`` bound of the FP32 graph on all five shapes: max|d| <= 0.05 + 0.5 max|ref| and
     cosine >= 0.99 (measured on this tower: max|d| <= 0.28, cosine >= 0.995)."""
     import onnx
     import onnxruntime as ort
 
-    from rsedge.calibration.calibset import rs_default
     from rsedge.export.validate import compare
-    from rsedge.models.qwen2_5_vl.vision import float_matmuls, quantize_vision_graph
+    from rsedge.models.qwen2_5_vl.vision import float_matmuls
 
     record, sessions = vision_graphs
-    dst = quantize_vision_graph(sessions["float32_path"], tmp_path / "vision_int8.onnx", rs_default(), PRE, record)
-    graph = onnx.load(str(dst), load_external_data=False).graph
+    graph = onnx.load(str(int8_graph), load_external_data=False).graph
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     kept = set(float_matmuls(onnx.load(str(sessions["float32_path"]), load_external_data=False)))
     assert len(kept) == 1 + TINY_VISION["depth"]  # the stem and each block's probabilities x V
     produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     for node in matmuls:  # every other MatMul reads INT8 Q/DQ inputs; the kept ones read none
         assert any(i in produced_by_dq for i in node.input) == (node.name not in kept), node.name
-    int8 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(int8_graph), providers=["CPUExecutionProvider"])
     for case, image in shapes().items():
         pixel_values, grid_thw, _ = preprocess(image, PRE)
         want = _run(sessions["float32"], record, pixel_values, grid_thw)
@@ -393,12 +402,12 @@ def test_int8_vision_graph_within_the_vision_int8_bound(vision_graphs, tmp_path)
 
 
 @pytest.mark.parametrize("trt", ["8.5", "8.6", "10.3"])
-def test_vision_graphs_pass_the_tensorrt_parser_check(vision_graphs, trt: str) -> None:
-    """No node, type or opset the TensorRT parser of JetPack 5.1 / 6.0 / 6.1 rejects (int64 inputs are a
-    warning on 8.x: bound as int32 there)."""
+def test_vision_graphs_pass_the_tensorrt_parser_check(vision_graphs, int8_graph, trt: str) -> None:
+    """No node, type, Q/DQ layout or opset the TensorRT parser of JetPack 5.1 / 6.0 / 6.1 rejects, FP32, FP16 and
+    INT8 (int64 inputs are a warning on 8.x: bound as int32 there)."""
     from rsedge.export.trt_support import check_graph, passes
 
     _, sessions = vision_graphs
-    for dtype in ("float32", "float16"):
-        issues = check_graph(sessions[f"{dtype}_path"], trt)
-        assert passes(issues), [i for i in issues if i.severity == "error"]
+    for path in (sessions["float32_path"], sessions["float16_path"], int8_graph):
+        issues = check_graph(path, trt)
+        assert passes(issues), (path.name, [i for i in issues if i.severity == "error"])
