@@ -140,6 +140,22 @@ def test_extreme_aspect_ratio_is_one_image_error() -> None:
     smart_resize(10, 2000)  # exactly 200 is taken
 
 
+def test_preprocess_from_the_checkpoints_preprocessor_config(tmp_path) -> None:
+    """What transformers saves (size {shortest_edge, longest_edge}, PIL filter code 3) and the released
+    Qwen2.5-VL file's spelling (min_pixels / max_pixels beside the other fields) read back as the processor."""
+    import json
+
+    Qwen2VLImageProcessorPil(min_pixels=PRE.min_pixels, max_pixels=PRE.max_pixels).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert "min_pixels" not in saved and saved["resample"] == 3  # this transformers writes size + a code
+    assert VisionPreprocess.from_preprocessor_config(saved) == PRE
+    released = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2}
+    released |= {"merge_size": 2, "image_mean": list(PRE.image_mean), "image_std": list(PRE.image_std)}
+    assert VisionPreprocess.from_preprocessor_config(released) == VisionPreprocess(max_pixels=12845056)
+    with pytest.raises(BundleError, match="do_normalize"):
+        VisionPreprocess.from_preprocessor_config({**saved, "do_normalize": False})
+
+
 def test_preprocess_manifest_round_trip() -> None:
     assert VisionPreprocess.from_manifest(PRE.to_manifest()) == PRE
     assert VisionPreprocess.from_manifest({}) == VisionPreprocess()

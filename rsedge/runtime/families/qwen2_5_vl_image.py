@@ -135,6 +135,26 @@ class VisionPreprocess:
             raise BundleError(f"manifest preprocess section: {'; '.join(problems)}")
         return out
 
+    @classmethod
+    def from_preprocessor_config(cls, d: Mapping[str, Any]) -> VisionPreprocess:
+        """From a checkpoint's preprocessor_config.json, read as transformers' processor reads it: ``min_pixels``
+        / ``max_pixels`` override ``size`` {shortest_edge, longest_edge}; ``resample`` is a PIL filter code."""
+        for step in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if d.get(step, True) is not True:
+                raise BundleError(f"preprocessor_config.json sets {step} false; Qwen2.5-VL bundles take the default")
+        size = d.get("size") or {}
+        codes = {int(Image.NEAREST): "nearest", int(Image.BILINEAR): "bilinear", int(Image.BICUBIC): "bicubic"}
+        codes[int(Image.LANCZOS)] = "lanczos"
+        resample = d.get("resample", int(Image.BICUBIC))
+        fields = {
+            "min_pixels": d.get("min_pixels", size.get("shortest_edge")),
+            "max_pixels": d.get("max_pixels", size.get("longest_edge")),
+            "resample": codes.get(resample, resample) if isinstance(resample, int) else resample,
+        }
+        keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
+        fields.update({k: d[k] for k in keys if k in d})
+        return cls.from_manifest({k: v for k, v in fields.items() if v is not None})
+
     def to_manifest(self) -> dict[str, Any]:
         d = asdict(self)
         d["kind"] = "qwen2_vl_dynamic"
