@@ -22,13 +22,16 @@ from PIL import Image
 from rsedge.demo import SAMPLES
 from rsedge.errors import BundleError, ImageError
 from rsedge.runtime.families.qwen2_5_vl_image import (
+    FEED_NAMES,
     FRAME_SEGMENTS,
+    PIXEL_VALUES,
     REVERSE_INDEX,
     WINDOW_INDEX,
     WINDOW_MASK,
     WINDOW_ROWS,
     WINDOW_SLOTS,
     VisionPreprocess,
+    image_feeds,
     preprocess,
     smart_resize,
     vision_feeds,
@@ -48,6 +51,7 @@ from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
 # Small pixel budget: 196 to 256 patches an image keeps the graphs' attention tiny.
 PRE = VisionPreprocess(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+VISION = {"spatial_merge_size": 2, "patch_size": 14, "hidden_size": 64, "num_heads": 4, "window_size": 56}
 
 
 def _sample(name: str) -> Image.Image:
@@ -73,6 +77,9 @@ def test_preprocess_equals_transformers_processor(case: str) -> None:
     hf = Qwen2VLImageProcessorPil(min_pixels=PRE.min_pixels, max_pixels=PRE.max_pixels)
     want = hf(images=[image], return_tensors="np")
     pixel_values, grid_thw, (h, w) = preprocess(image, PRE)
+    feeds, grid_again, resized = image_feeds(image, PRE, VISION, np.float16)
+    assert feeds[PIXEL_VALUES].dtype == np.float16 and np.array_equal(grid_again, grid_thw) and resized == (h, w)
+    assert set(feeds) == {PIXEL_VALUES, *FEED_NAMES}
     assert pixel_values.dtype == np.float32 and grid_thw.dtype == np.int64
     np.testing.assert_array_equal(grid_thw, want["image_grid_thw"])
     assert pixel_values.shape == want["pixel_values"].shape
@@ -163,9 +170,6 @@ def test_preprocess_manifest_round_trip() -> None:
         VisionPreprocess.from_manifest({"min_pixels": 10, "max_pixels": 5})
     with pytest.raises(BundleError, match="resample"):
         VisionPreprocess.from_manifest({"resample": "box-ish"})
-
-
-VISION = {"spatial_merge_size": 2, "patch_size": 14, "hidden_size": 64, "num_heads": 4, "window_size": 56}
 
 
 @pytest.mark.parametrize("grid", [[[1, 14, 14]], [[1, 8, 12]], [[1, 4, 30]], [[1, 16, 16]], [[1, 8, 12], [2, 4, 6]]])
@@ -270,8 +274,6 @@ def _reference(model, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndar
 
 
 def _run(session, record: dict, pixel_values: np.ndarray, grid_thw: np.ndarray, **override) -> np.ndarray:
-    from rsedge.runtime.families.qwen2_5_vl_image import PIXEL_VALUES
-
     feeds = vision_feeds(grid_thw, record)
     fp16 = session.get_inputs()[0].type == "tensor(float16)"
     feeds[PIXEL_VALUES] = pixel_values.astype(np.float16 if fp16 else np.float32)

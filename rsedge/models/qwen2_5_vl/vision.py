@@ -44,8 +44,7 @@ from rsedge.runtime.families.qwen2_5_vl_image import (
     WINDOW_ROWS,
     WINDOW_SLOTS,
     VisionPreprocess,
-    preprocess,
-    vision_feeds,
+    image_feeds,
 )
 
 VISION_BIN = "vision.bin"
@@ -220,7 +219,7 @@ def vision_graph(
 class CalibrationFeeds:
     """onnxruntime calibration reader: one image's full feeds per call (each image its own token count N).
 
-    Images are read and preprocessed as the runtime does (:func:`preprocess`, :func:`vision_feeds`); one per
+    Images are read and preprocessed as the runtime does (:func:`image_feeds`); one per
     ``collect_data`` call (``set_range``) keeps the histogram calibrators' memory to one image's tensors.
     """
 
@@ -243,10 +242,7 @@ class CalibrationFeeds:
         self._next += 1
         if not isinstance(image, Image.Image):
             image = prepare_image(Path(image))
-        pixel_values, grid_thw, _ = preprocess(image, self._pre)
-        feeds = vision_feeds(grid_thw, self._vision)
-        feeds[PIXEL_VALUES] = pixel_values.astype(self._dtype)
-        return feeds
+        return image_feeds(image, self._pre, self._vision, self._dtype)[0]
 
 
 def float_matmuls(model: onnx.ModelProto) -> list[str]:

@@ -273,6 +273,18 @@ def vision_feeds(grid_thw: np.ndarray, vision: Mapping[str, Any]) -> dict[str, n
     }
 
 
+def image_feeds(
+    image: Image.Image, cfg: VisionPreprocess, vision: Mapping[str, Any], pixel_dtype: np.dtype | type = np.float32
+) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int]]:
+    """Every input of the vision graph for one image (``pixel_values`` in the graph's dtype, float16 for an FP16
+    graph), its ``grid_thw`` [1, 3] and resized (height, width); the graph returns grid_h * grid_w / merge^2
+    rows of ``image_embeds``."""
+    pixel_values, grid_thw, resized = preprocess(image, cfg)
+    feeds = vision_feeds(grid_thw, vision)
+    feeds[PIXEL_VALUES] = pixel_values.astype(pixel_dtype, copy=False)
+    return feeds, grid_thw, resized
+
+
 def window_slots(cu_windows: np.ndarray) -> dict[str, np.ndarray]:
     """The windows of ``cu_window_seqlens`` as a padded [W, L] table (L: the longest window), its key mask,
     and each patch's slot in it: attention then costs W x L x L per head, not N x N."""
