@@ -7,7 +7,8 @@
 The graph has no data-dependent control flow: the window permutation, the rotary tables and which patches
 attend to which (the padded window table, each patch's frame) are inputs computed in numpy from ``grid_thw``,
 so one graph takes every image size (dynamic N). Windowed blocks attend window by window (W x L x L scores per
-head); full-attention blocks attend over all N patches of a frame (N x N, the frame mask).
+head); full-attention blocks attend over all N patches of a frame (N x N, the frame mask), a few heads at a
+time (``heads_per_pass``) so that their scores, the largest tensors of a large image, stay bounded.
 Weights go to ``vision.bin`` (external data, stored once) through the project's :class:`GraphBuilder`;
 :func:`quantize_vision_graph` makes its static INT8 form.
 """
@@ -52,6 +53,10 @@ PREFIX = "model.visual"  # transformers 5 names; older checkpoints say "visual."
 RMS_EPS = 1e-6  # Qwen2_5_VLVisionBlock and the PatchMerger hard-code it
 N, TOKENS, WINDOWS, WINDOW_LEN = "num_patches", "num_tokens", "num_windows", "window_len"
 ACTIVATIONS = ("silu",)
+# Full-attention blocks compute 2 heads at a time. Measured (one full block, width 1280, 16 heads, N = 4,096
+# patches = an 896 px square, onnxruntime CPU, 2 threads): all heads at once +3,100 MB over the session's
+# start, 14.4 s; 4 heads +568 MB, 12.3 s; 2 heads +331 MB, 13.2 s; 1 head +253 MB, 15.6 s (a shared 2-core VM).
+HEADS_PER_PASS = 2
 RECORD_KEYS = (
     "depth",
     "hidden_size",
@@ -152,10 +157,17 @@ def vision_graph(
     store: WeightStore,
     dtype: str = "float32",
     file: str = VISION_BIN,
+    heads_per_pass: int | None = HEADS_PER_PASS,
 ) -> onnx.ModelProto:
     """The tower and merger as an ONNX model whose weights go to ``file`` in ``store`` (the exporters' form:
     one store shared with the decoder's graphs). The tower's tensors are checked against :func:`tower_shapes`
-    first: a missing, misshapen or unexpected one is a one-line :class:`CheckpointError`."""
+    first: a missing, misshapen or unexpected one is a one-line :class:`CheckpointError`.
+
+    ``heads_per_pass``: full-attention blocks compute that many heads at a time (None: all at once), which
+    bounds their [heads, N, N] scores, the graph's largest tensors for a large image, to [heads_per_pass, N, N].
+    """
+    if heads_per_pass is not None and heads_per_pass < 1:
+        raise OptionError(f"heads_per_pass must be at least 1, got {heads_per_pass}")
     v = dict(vision)
     weights = vision_tensors(state_dict)
     check_tensors(weights, v)  # before any byte is written
@@ -182,7 +194,7 @@ def vision_graph(
             x = _patch_embed(b, x, weights32, v, patch_dim)
             x = _permute_units(b, x, index, unit, D, "window_order")
         with b.scope("attention_masks"):
-            full_attention = _Attention(_segment_mask(b, frame_seg, "full"))
+            full_attention = _Attention(_segment_mask(b, frame_seg, "full"), heads_per_pass=heads_per_pass)
             key_mask = b.op("Unsqueeze", [window_mask, b.ints([1, 2], "head_query_axes")], out="window_keys")
             windowed_attention = _Attention(key_mask, window_rows, window_slots)
         with b.scope("rotary"):
@@ -212,6 +224,7 @@ def vision_graph(
         "rsedge.dtype": b.dtype.name,
         "rsedge.vision_config": json.dumps(dict(v), sort_keys=True),
         "rsedge.weight_files": json.dumps([file]),
+        "rsedge.full_attention_heads_per_pass": str(heads_per_pass or heads),
     }
     return b.make_model(doc, meta)
 
@@ -254,8 +267,12 @@ def float_matmuls(model: onnx.ModelProto) -> list[str]:
     - each block's probabilities x V: Q/DQ around a Softmax's output costs accuracy, and onnxruntime's CPU
       provider would fuse it into a slow QLinearSoftmax.
     """
-    keep = ("/visual/patch_embed/proj/MatMul", "/attn/context/MatMul")
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(keep)]
+    stem = "/visual/patch_embed/proj/MatMul"
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and (n.name == stem or ("/attn/" in n.name and n.name.endswith("/context/MatMul")))
+    ]
 
 
 def quantize_vision_graph(
@@ -326,12 +343,13 @@ def build_vision_graph(
     *,
     store: WeightStore | None = None,
     file: str | None = None,
+    heads_per_pass: int | None = HEADS_PER_PASS,
 ) -> dict[str, Any]:
     """Write ``out_dir/<name>.onnx`` (weights in ``<name>.bin``, or ``file`` of a shared ``store``) and return
     its manifest graph record: ``{"file": ..., "inputs": [...], "outputs": [...]}`` as the exporters write."""
     out_dir = Path(out_dir)
     store = store if store is not None else WeightStore(out_dir)
-    model = vision_graph(state_dict, vision_cfg, store, dtype, file or f"{name}.bin")
+    model = vision_graph(state_dict, vision_cfg, store, dtype, file or f"{name}.bin", heads_per_pass)
     save_graph(model, out_dir / f"{name}.onnx")
     return {"file": f"{name}.onnx", **graph_io(model)}
 
@@ -462,6 +480,7 @@ class _Attention(NamedTuple):
     mask: str  # [N, N] (full) or [W, 1, 1, L] (windowed: padding keys)
     rows: str | None = None
     slots: str | None = None
+    heads_per_pass: int | None = None  # full attention: heads computed together (None: all)
 
 
 #   x --MatMul W_qkv [D,3D] + b--Split--> q, k, v [N, heads, hd]
@@ -507,10 +526,22 @@ def _attention(
     q = b.op("Mul", [q, b.scalar(hd**-0.5, "attn_scale")], name="q/Mul_scale", out="q")
     kt = b.op("Transpose", [k], name="k/Transpose", out="key_t", perm=keys_last)
     val = b.op("Transpose", [val], name="v/Transpose", out="v", perm=heads_first)
-    scores = b.op("MatMul", [q, kt], name="scores/MatMul", out="scores")
-    scores = b.op("Add", [b.to_float(scores), attention.mask], name="scores/Add_mask", out="scores_masked")
-    probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
-    ctx = b.op("MatMul", [probs, val], name="context/MatMul", out="context_heads")
+    group = attention.heads_per_pass
+    if attention.rows is None and group and group < heads:
+        # Full attention a few heads at a time: the scores of one pass ([group, N, N]) are freed before the
+        # next pass starts, so the peak is group/heads of all heads' scores (heads is static: a plain Split).
+        sizes = b.ints([min(group, heads - g) for g in range(0, heads, group)], "head_groups")
+        n = len(range(0, heads, group))
+        qs = b.op("Split", [q, sizes], name="q/Split_heads", out=[f"q_{i}" for i in range(n)], n_out=n, axis=0)
+        ks = b.op("Split", [kt, sizes], name="k/Split_heads", out=[f"key_t_{i}" for i in range(n)], n_out=n, axis=0)
+        vs = b.op("Split", [val, sizes], name="v/Split_heads", out=[f"v_{i}" for i in range(n)], n_out=n, axis=0)
+        parts = []
+        for i in range(n):
+            with b.scope(f"heads.{i}"):
+                parts.append(_softmax_attention(b, qs[i], ks[i], vs[i], attention.mask))
+        ctx = b.op("Concat", parts, name="context/Concat_heads", out="context_heads", axis=0)
+    else:
+        ctx = _softmax_attention(b, q, kt, val, attention.mask)
     ctx = b.op("Transpose", [ctx], name="context/Transpose", out="context_rows", perm=heads_first)  # self-inverse
     ctx = b.op("Reshape", [ctx, b.ints([-1, D], "merge_heads_shape")], name="context/Reshape", out="context")
     if attention.slots is not None:  # padded window rows back to the N patches
@@ -519,6 +550,14 @@ def _attention(
     proj_b = get_weight(w, f"{pre}.proj.bias", (D,))
     with b.scope("proj"):
         return b.linear(ctx, f"{pre}.proj.weight_t", lambda: proj_w.T, out="output", bias=(f"{pre}.proj.bias", proj_b))
+
+
+#   q @ k^T --Cast f32-- + mask --Softmax--Cast model--> @ v
+def _softmax_attention(b: GraphBuilder, q: str, kt: str, val: str, mask: str) -> str:
+    scores = b.op("MatMul", [q, kt], name="scores/MatMul", out="scores")
+    scores = b.op("Add", [b.to_float(scores), mask], name="scores/Add_mask", out="scores_masked")
+    probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
+    return b.op("MatMul", [probs, val], name="context/MatMul", out="context_heads")
 
 
 def _rotate(b: GraphBuilder, x: str, rotary: tuple[str, str], hd: int, name: str) -> str:
