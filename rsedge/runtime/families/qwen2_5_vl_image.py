@@ -6,9 +6,10 @@ multiples of ``patch_size * merge_size``, a Pillow resize of the 8-bit image (bi
 with transformers' operation order (bit-identical values), and the patch layout
 ``[grid_h * grid_w, C * temporal * patch * patch]`` in merge-block order, the image repeated along time.
 
-``vision_feeds`` computes everything that depends only on the image grid (the window permutation, the 2D
-rotary tables, the attention segments), as onnxruntime-genai does for Qwen2.5-VL, so the vision graph has
-no data-dependent control flow: its inputs are ``pixel_values`` plus these arrays.
+``vision_feeds`` computes everything that depends only on the image grid (the window permutation and its
+inverse, the 2D rotary tables, the padded window table and each patch's frame), as onnxruntime-genai does for
+Qwen2.5-VL, so the vision graph has no data-dependent control flow: its inputs are ``pixel_values`` plus these
+arrays (``image_feeds`` makes them all for one image).
 
 Runtime module: numpy, Pillow and the stdlib only (Python 3.10).
 """
@@ -26,7 +27,7 @@ from PIL import Image
 from rsedge.errors import BundleError, ImageError
 from rsedge.runtime.preprocess import RESAMPLE, Normalization
 
-# Input names of the vision graph besides ``pixel_values`` (the export side builds its graph with these).
+# The vision graph's input and output names (the export side builds its graph with these).
 PIXEL_VALUES = "pixel_values"
 WINDOW_INDEX = "window_index"  # [N/unit] int64: merge units in window order (HF get_vision_window_index)
 REVERSE_INDEX = "reverse_index"  # [N/unit] int64: argsort(window_index), back to the image's order
