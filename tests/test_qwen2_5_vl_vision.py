@@ -22,13 +22,16 @@ from PIL import Image
 from rsedge.demo import SAMPLES
 from rsedge.errors import BundleError, ImageError
 from rsedge.runtime.families.qwen2_5_vl_image import (
+    FEED_NAMES,
     FRAME_SEGMENTS,
+    PIXEL_VALUES,
     REVERSE_INDEX,
     WINDOW_INDEX,
     WINDOW_MASK,
     WINDOW_ROWS,
     WINDOW_SLOTS,
     VisionPreprocess,
+    image_feeds,
     preprocess,
     smart_resize,
     vision_feeds,
@@ -48,6 +51,7 @@ from transformers.vision_utils import get_vision_window_index  # noqa: E402
 
 # Small pixel budget: 196 to 256 patches an image keeps the graphs' attention tiny.
 PRE = VisionPreprocess(min_pixels=56 * 56, max_pixels=28 * 28 * 64)
+VISION = {"spatial_merge_size": 2, "patch_size": 14, "hidden_size": 64, "num_heads": 4, "window_size": 56}
 
 
 def _sample(name: str) -> Image.Image:
@@ -73,6 +77,9 @@ def test_preprocess_equals_transformers_processor(case: str) -> None:
     hf = Qwen2VLImageProcessorPil(min_pixels=PRE.min_pixels, max_pixels=PRE.max_pixels)
     want = hf(images=[image], return_tensors="np")
     pixel_values, grid_thw, (h, w) = preprocess(image, PRE)
+    feeds, grid_again, resized = image_feeds(image, PRE, VISION, np.float16)
+    assert feeds[PIXEL_VALUES].dtype == np.float16 and np.array_equal(grid_again, grid_thw) and resized == (h, w)
+    assert set(feeds) == {PIXEL_VALUES, *FEED_NAMES}
     assert pixel_values.dtype == np.float32 and grid_thw.dtype == np.int64
     np.testing.assert_array_equal(grid_thw, want["image_grid_thw"])
     assert pixel_values.shape == want["pixel_values"].shape
@@ -140,6 +147,22 @@ def test_extreme_aspect_ratio_is_one_image_error() -> None:
     smart_resize(10, 2000)  # exactly 200 is taken
 
 
+def test_preprocess_from_the_checkpoints_preprocessor_config(tmp_path) -> None:
+    """What transformers saves (size {shortest_edge, longest_edge}, PIL filter code 3) and the released
+    Qwen2.5-VL file's spelling (min_pixels / max_pixels beside the other fields) read back as the processor."""
+    import json
+
+    Qwen2VLImageProcessorPil(min_pixels=PRE.min_pixels, max_pixels=PRE.max_pixels).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert "min_pixels" not in saved and saved["resample"] == 3  # this transformers writes size + a code
+    assert VisionPreprocess.from_preprocessor_config(saved) == PRE
+    released = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "temporal_patch_size": 2}
+    released |= {"merge_size": 2, "image_mean": list(PRE.image_mean), "image_std": list(PRE.image_std)}
+    assert VisionPreprocess.from_preprocessor_config(released) == VisionPreprocess(max_pixels=12845056)
+    with pytest.raises(BundleError, match="do_normalize"):
+        VisionPreprocess.from_preprocessor_config({**saved, "do_normalize": False})
+
+
 def test_preprocess_manifest_round_trip() -> None:
     assert VisionPreprocess.from_manifest(PRE.to_manifest()) == PRE
     assert VisionPreprocess.from_manifest({}) == VisionPreprocess()
@@ -147,9 +170,6 @@ def test_preprocess_manifest_round_trip() -> None:
         VisionPreprocess.from_manifest({"min_pixels": 10, "max_pixels": 5})
     with pytest.raises(BundleError, match="resample"):
         VisionPreprocess.from_manifest({"resample": "box-ish"})
-
-
-VISION = {"spatial_merge_size": 2, "patch_size": 14, "hidden_size": 64, "num_heads": 4, "window_size": 56}
 
 
 @pytest.mark.parametrize("grid", [[[1, 14, 14]], [[1, 8, 12]], [[1, 4, 30]], [[1, 16, 16]], [[1, 8, 12], [2, 4, 6]]])
@@ -240,8 +260,10 @@ def vision_graphs(tiny_model, tmp_path_factory):
     record = vision_config_record(tiny_model.config.vision_config)
     out = tmp_path_factory.mktemp("qwen_vision")
     sessions = {}
-    for dtype in ("float32", "float16"):
-        graph = build_vision_graph(tiny_model.state_dict(), record, out, name=f"vision_{dtype}", dtype=dtype)
+    # FP32: full-attention blocks 2 heads a pass (the default); FP16: all 4 heads at once (both forms checked)
+    for dtype, heads_per_pass in (("float32", 2), ("float16", None)):
+        name = f"vision_{dtype}"
+        graph = build_vision_graph(tiny_model.state_dict(), record, out, name, dtype, heads_per_pass=heads_per_pass)
         sessions[dtype] = ort.InferenceSession(str(out / graph["file"]), providers=["CPUExecutionProvider"])
         sessions[f"{dtype}_path"] = out / graph["file"]
     return record, sessions
@@ -254,8 +276,6 @@ def _reference(model, pixel_values: np.ndarray, grid_thw: np.ndarray) -> np.ndar
 
 
 def _run(session, record: dict, pixel_values: np.ndarray, grid_thw: np.ndarray, **override) -> np.ndarray:
-    from rsedge.runtime.families.qwen2_5_vl_image import PIXEL_VALUES
-
     feeds = vision_feeds(grid_thw, record)
     fp16 = session.get_inputs()[0].type == "tensor(float16)"
     feeds[PIXEL_VALUES] = pixel_values.astype(np.float16 if fp16 else np.float32)
@@ -364,27 +384,37 @@ def test_vision_config_record_from_config_json() -> None:
     assert json.loads(json.dumps(record)) == record
 
 
-def test_int8_vision_graph_within_the_vision_int8_bound(vision_graphs, tmp_path) -> None:
+@pytest.fixture(scope="module")
+def int8_graph(vision_graphs, tmp_path_factory):
+    """The FP32 graph quantized (percentile) on the built-in RS calibration set: 28 real images, many sizes."""
+    from rsedge.calibration.calibset import rs_default
+    from rsedge.models.qwen2_5_vl.vision import quantize_vision_graph
+
+    record, sessions = vision_graphs
+    dst = tmp_path_factory.mktemp("qwen_vision_int8") / "vision_int8.onnx"
+    return quantize_vision_graph(sessions["float32_path"], dst, rs_default(), PRE, record)
+
+
+def test_int8_vision_graph_within_the_vision_int8_bound(vision_graphs, int8_graph) -> None:
     """Static INT8 (percentile, the built-in RS calibration set: 28 real images of many sizes) stays within the
     project's ``vision-int8`` bound of the FP32 graph on all five shapes: max|d| <= 0.05 + 0.5 max|ref| and
     cosine >= 0.99 (measured on this tower: max|d| <= 0.28, cosine >= 0.995)."""
     import onnx
     import onnxruntime as ort
 
-    from rsedge.calibration.calibset import rs_default
     from rsedge.export.validate import compare
-    from rsedge.models.qwen2_5_vl.vision import float_matmuls, quantize_vision_graph
+    from rsedge.models.qwen2_5_vl.vision import float_matmuls
 
     record, sessions = vision_graphs
-    dst = quantize_vision_graph(sessions["float32_path"], tmp_path / "vision_int8.onnx", rs_default(), PRE, record)
-    graph = onnx.load(str(dst), load_external_data=False).graph
+    graph = onnx.load(str(int8_graph), load_external_data=False).graph
     matmuls = [n for n in graph.node if n.op_type == "MatMul"]
     kept = set(float_matmuls(onnx.load(str(sessions["float32_path"]), load_external_data=False)))
-    assert len(kept) == 1 + TINY_VISION["depth"]  # the stem and each block's probabilities x V
+    # the stem, and probabilities x V: one per windowed block, one per 2-head pass in the 2 full blocks (4 heads)
+    assert len(kept) == 1 + 2 + 2 * 2
     produced_by_dq = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
     for node in matmuls:  # every other MatMul reads INT8 Q/DQ inputs; the kept ones read none
         assert any(i in produced_by_dq for i in node.input) == (node.name not in kept), node.name
-    int8 = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    int8 = ort.InferenceSession(str(int8_graph), providers=["CPUExecutionProvider"])
     for case, image in shapes().items():
         pixel_values, grid_thw, _ = preprocess(image, PRE)
         want = _run(sessions["float32"], record, pixel_values, grid_thw)
@@ -393,12 +423,12 @@ def test_int8_vision_graph_within_the_vision_int8_bound(vision_graphs, tmp_path)
 
 
 @pytest.mark.parametrize("trt", ["8.5", "8.6", "10.3"])
-def test_vision_graphs_pass_the_tensorrt_parser_check(vision_graphs, trt: str) -> None:
-    """No node, type or opset the TensorRT parser of JetPack 5.1 / 6.0 / 6.1 rejects (int64 inputs are a
-    warning on 8.x: bound as int32 there)."""
+def test_vision_graphs_pass_the_tensorrt_parser_check(vision_graphs, int8_graph, trt: str) -> None:
+    """No node, type, Q/DQ layout or opset the TensorRT parser of JetPack 5.1 / 6.0 / 6.1 rejects, FP32, FP16 and
+    INT8 (int64 inputs are a warning on 8.x: bound as int32 there)."""
     from rsedge.export.trt_support import check_graph, passes
 
     _, sessions = vision_graphs
-    for dtype in ("float32", "float16"):
-        issues = check_graph(sessions[f"{dtype}_path"], trt)
-        assert passes(issues), [i for i in issues if i.severity == "error"]
+    for path in (sessions["float32_path"], sessions["float16_path"], int8_graph):
+        issues = check_graph(path, trt)
+        assert passes(issues), (path.name, [i for i in issues if i.severity == "error"])

@@ -5,9 +5,12 @@
 ``model.visual(pixel_values, grid_thw).pooler_output`` of transformers, in the image's own token order.
 
 The graph has no data-dependent control flow: the window permutation, the rotary tables and which patches
-attend to which (window or frame segments) are inputs computed in numpy from ``grid_thw``, so one graph takes
-every image size (dynamic N). Windowed and full-attention layers differ only in the additive mask they add.
-Weights go to ``vision.bin`` (external data, stored once) through the project's :class:`GraphBuilder`.
+attend to which (the padded window table, each patch's frame) are inputs computed in numpy from ``grid_thw``,
+so one graph takes every image size (dynamic N). Windowed blocks attend window by window (W x L x L scores per
+head); full-attention blocks attend over all N patches of a frame (N x N, the frame mask), a few heads at a
+time (``heads_per_pass``) so that their scores, the largest tensors of a large image, stay bounded.
+Weights go to ``vision.bin`` (external data, stored once) through the project's :class:`GraphBuilder`;
+:func:`quantize_vision_graph` makes its static INT8 form.
 """
 
 from __future__ import annotations
@@ -42,8 +45,7 @@ from rsedge.runtime.families.qwen2_5_vl_image import (
     WINDOW_ROWS,
     WINDOW_SLOTS,
     VisionPreprocess,
-    preprocess,
-    vision_feeds,
+    image_feeds,
 )
 
 VISION_BIN = "vision.bin"
@@ -51,6 +53,10 @@ PREFIX = "model.visual"  # transformers 5 names; older checkpoints say "visual."
 RMS_EPS = 1e-6  # Qwen2_5_VLVisionBlock and the PatchMerger hard-code it
 N, TOKENS, WINDOWS, WINDOW_LEN = "num_patches", "num_tokens", "num_windows", "window_len"
 ACTIVATIONS = ("silu",)
+# Full-attention blocks compute 2 heads at a time. Measured (one full block, width 1280, 16 heads, N = 4,096
+# patches = an 896 px square, onnxruntime CPU, 2 threads): all heads at once +3,100 MB over the session's
+# start, 14.4 s; 4 heads +568 MB, 12.3 s; 2 heads +331 MB, 13.2 s; 1 head +253 MB, 15.6 s (a shared 2-core VM).
+HEADS_PER_PASS = 2
 RECORD_KEYS = (
     "depth",
     "hidden_size",
@@ -141,20 +147,31 @@ def _numpy(t: Any) -> np.ndarray:
     return np.asarray(t, dtype=np.float32)
 
 
+#   pixel_values [N, C*T*P*P] --patch_embed MatMul--> [N, D] --Gather(window_index) per merge unit--> window order
+#   blocks.i: RMSNorm, attention (rotary; windows, or the whole frame at fullatt_block_indexes), RMSNorm, SwiGLU
+#   merger: RMSNorm ln_q --Reshape [N/4, 4D]--Linear--GELU--Linear--> [N/4, out] --Gather(reverse_index)-->
+#   image_embeds in the image's token order
 def vision_graph(
     state_dict: Tensors,
     vision: Mapping[str, Any],
     store: WeightStore,
     dtype: str = "float32",
     file: str = VISION_BIN,
+    heads_per_pass: int | None = HEADS_PER_PASS,
 ) -> onnx.ModelProto:
     """The tower and merger as an ONNX model whose weights go to ``file`` in ``store`` (the exporters' form:
     one store shared with the decoder's graphs). The tower's tensors are checked against :func:`tower_shapes`
-    first: a missing, misshapen or unexpected one is a one-line :class:`CheckpointError`."""
+    first: a missing, misshapen or unexpected one is a one-line :class:`CheckpointError`.
+
+    ``heads_per_pass``: full-attention blocks compute that many heads at a time (None: all at once), which
+    bounds their [heads, N, N] scores, the graph's largest tensors for a large image, to [heads_per_pass, N, N].
+    """
+    if heads_per_pass is not None and heads_per_pass < 1:
+        raise OptionError(f"heads_per_pass must be at least 1, got {heads_per_pass}")
     v = dict(vision)
     weights = vision_tensors(state_dict)
     check_tensors(weights, v)  # before any byte is written
-    tracked = _Float32(weights)
+    weights32 = _Float32(weights)
     D, heads, depth = int(v["hidden_size"]), int(v["num_heads"]), int(v["depth"])
     b = GraphBuilder("qwen2_5_vl_vision", store, dtype, file)
     merge = int(v["spatial_merge_size"])
@@ -174,10 +191,10 @@ def vision_graph(
 
     with b.scope("visual"):
         with b.scope("patch_embed"):
-            x = _patch_embed(b, x, tracked, v, patch_dim)
+            x = _patch_embed(b, x, weights32, v, patch_dim)
             x = _permute_units(b, x, index, unit, D, "window_order")
         with b.scope("attention_masks"):
-            full_attention = _Attention(_segment_mask(b, frame_seg, "full"))
+            full_attention = _Attention(_segment_mask(b, frame_seg, "full"), heads_per_pass=heads_per_pass)
             key_mask = b.op("Unsqueeze", [window_mask, b.ints([1, 2], "head_query_axes")], out="window_keys")
             windowed_attention = _Attention(key_mask, window_rows, window_slots)
         with b.scope("rotary"):
@@ -188,9 +205,9 @@ def vision_graph(
         full = set(v["fullatt_block_indexes"])
         for i in range(depth):
             with b.scope(f"blocks.{i}"):
-                x = _block(b, x, tracked, v, i, rotary, full_attention if i in full else windowed_attention)
+                x = _block(b, x, weights32, v, i, rotary, full_attention if i in full else windowed_attention)
         with b.scope("merger"):
-            x = _merger(b, x, tracked, v)
+            x = _merger(b, x, weights32, v)
             x = b.op("Gather", [x, reverse], name="image_order/Gather", out="image_order", axis=0)
     out_hidden = int(v["out_hidden_size"])
     b.output(x, IMAGE_EMBEDS, b.elem_type, [TOKENS, out_hidden])
@@ -207,6 +224,7 @@ def vision_graph(
         "rsedge.dtype": b.dtype.name,
         "rsedge.vision_config": json.dumps(dict(v), sort_keys=True),
         "rsedge.weight_files": json.dumps([file]),
+        "rsedge.full_attention_heads_per_pass": str(heads_per_pass or heads),
     }
     return b.make_model(doc, meta)
 
@@ -214,7 +232,7 @@ def vision_graph(
 class CalibrationFeeds:
     """onnxruntime calibration reader: one image's full feeds per call (each image its own token count N).
 
-    Images are read and preprocessed as the runtime does (:func:`preprocess`, :func:`vision_feeds`); one per
+    Images are read and preprocessed as the runtime does (:func:`image_feeds`); one per
     ``collect_data`` call (``set_range``) keeps the histogram calibrators' memory to one image's tensors.
     """
 
@@ -237,22 +255,24 @@ class CalibrationFeeds:
         self._next += 1
         if not isinstance(image, Image.Image):
             image = prepare_image(Path(image))
-        pixel_values, grid_thw, _ = preprocess(image, self._pre)
-        feeds = vision_feeds(grid_thw, self._vision)
-        feeds[PIXEL_VALUES] = pixel_values.astype(self._dtype)
-        return feeds
+        return image_feeds(image, self._pre, self._vision, self._dtype)[0]
 
 
 def float_matmuls(model: onnx.ModelProto) -> list[str]:
     """The MatMuls static INT8 leaves in float, by node name:
 
-    - the patch embedding (the stem): its inputs are normalised pixels; quantizing it cost most of the
-      tower's INT8 error on the test tower (min cosine to FP32 0.9894 -> 0.9917 without it);
+    - the patch embedding (the stem), whose inputs are normalised pixels: on the test tower calibrated with
+      4 images, keeping it in float raised the worst cosine to FP32 from 0.989 to 0.992 (the largest gain of
+      any one exclusion tried: scores, merger, stem);
     - each block's probabilities x V: Q/DQ around a Softmax's output costs accuracy, and onnxruntime's CPU
       provider would fuse it into a slow QLinearSoftmax.
     """
-    keep = ("/visual/patch_embed/proj/MatMul", "/attn/context/MatMul")
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and n.name.endswith(keep)]
+    stem = "/visual/patch_embed/proj/MatMul"
+    return [
+        n.name
+        for n in model.graph.node
+        if n.op_type == "MatMul" and (n.name == stem or ("/attn/" in n.name and n.name.endswith("/context/MatMul")))
+    ]
 
 
 def quantize_vision_graph(
@@ -286,7 +306,7 @@ def quantize_vision_graph(
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
         "QuantizeBias": False,
-        "CalibStridedMinMax": 1,
+        "CalibStridedMinMax": 1,  # one image per collect_data call: bounded memory for every method
     }
     if method == "percentile":
         extra["CalibPercentile"] = 99.99
@@ -323,12 +343,13 @@ def build_vision_graph(
     *,
     store: WeightStore | None = None,
     file: str | None = None,
+    heads_per_pass: int | None = HEADS_PER_PASS,
 ) -> dict[str, Any]:
     """Write ``out_dir/<name>.onnx`` (weights in ``<name>.bin``, or ``file`` of a shared ``store``) and return
     its manifest graph record: ``{"file": ..., "inputs": [...], "outputs": [...]}`` as the exporters write."""
     out_dir = Path(out_dir)
     store = store if store is not None else WeightStore(out_dir)
-    model = vision_graph(state_dict, vision_cfg, store, dtype, file or f"{name}.bin")
+    model = vision_graph(state_dict, vision_cfg, store, dtype, file or f"{name}.bin", heads_per_pass)
     save_graph(model, out_dir / f"{name}.onnx")
     return {"file": f"{name}.onnx", **graph_io(model)}
 
@@ -459,6 +480,7 @@ class _Attention(NamedTuple):
     mask: str  # [N, N] (full) or [W, 1, 1, L] (windowed: padding keys)
     rows: str | None = None
     slots: str | None = None
+    heads_per_pass: int | None = None  # full attention: heads computed together (None: all)
 
 
 #   x --MatMul W_qkv [D,3D] + b--Split--> q, k, v [N, heads, hd]
@@ -504,10 +526,22 @@ def _attention(
     q = b.op("Mul", [q, b.scalar(hd**-0.5, "attn_scale")], name="q/Mul_scale", out="q")
     kt = b.op("Transpose", [k], name="k/Transpose", out="key_t", perm=keys_last)
     val = b.op("Transpose", [val], name="v/Transpose", out="v", perm=heads_first)
-    scores = b.op("MatMul", [q, kt], name="scores/MatMul", out="scores")
-    scores = b.op("Add", [b.to_float(scores), attention.mask], name="scores/Add_mask", out="scores_masked")
-    probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
-    ctx = b.op("MatMul", [probs, val], name="context/MatMul", out="context_heads")
+    group = attention.heads_per_pass
+    if attention.rows is None and group and group < heads:
+        # Full attention a few heads at a time: the scores of one pass ([group, N, N]) are freed before the
+        # next pass starts, so the peak is group/heads of all heads' scores (heads is static: a plain Split).
+        sizes = b.ints([min(group, heads - g) for g in range(0, heads, group)], "head_groups")
+        n = len(range(0, heads, group))
+        qs = b.op("Split", [q, sizes], name="q/Split_heads", out=[f"q_{i}" for i in range(n)], n_out=n, axis=0)
+        ks = b.op("Split", [kt, sizes], name="k/Split_heads", out=[f"key_t_{i}" for i in range(n)], n_out=n, axis=0)
+        vs = b.op("Split", [val, sizes], name="v/Split_heads", out=[f"v_{i}" for i in range(n)], n_out=n, axis=0)
+        parts = []
+        for i in range(n):
+            with b.scope(f"heads.{i}"):
+                parts.append(_softmax_attention(b, qs[i], ks[i], vs[i], attention.mask))
+        ctx = b.op("Concat", parts, name="context/Concat_heads", out="context_heads", axis=0)
+    else:
+        ctx = _softmax_attention(b, q, kt, val, attention.mask)
     ctx = b.op("Transpose", [ctx], name="context/Transpose", out="context_rows", perm=heads_first)  # self-inverse
     ctx = b.op("Reshape", [ctx, b.ints([-1, D], "merge_heads_shape")], name="context/Reshape", out="context")
     if attention.slots is not None:  # padded window rows back to the N patches
@@ -516,6 +550,14 @@ def _attention(
     proj_b = get_weight(w, f"{pre}.proj.bias", (D,))
     with b.scope("proj"):
         return b.linear(ctx, f"{pre}.proj.weight_t", lambda: proj_w.T, out="output", bias=(f"{pre}.proj.bias", proj_b))
+
+
+#   q @ k^T --Cast f32-- + mask --Softmax--Cast model--> @ v
+def _softmax_attention(b: GraphBuilder, q: str, kt: str, val: str, mask: str) -> str:
+    scores = b.op("MatMul", [q, kt], name="scores/MatMul", out="scores")
+    scores = b.op("Add", [b.to_float(scores), mask], name="scores/Add_mask", out="scores_masked")
+    probs = b.to_model(b.op("Softmax", [scores], out="probs", axis=-1))
+    return b.op("MatMul", [probs, val], name="context/MatMul", out="context_heads")
 
 
 def _rotate(b: GraphBuilder, x: str, rotary: tuple[str, str], hd: int, name: str) -> str:

@@ -6,9 +6,10 @@ multiples of ``patch_size * merge_size``, a Pillow resize of the 8-bit image (bi
 with transformers' operation order (bit-identical values), and the patch layout
 ``[grid_h * grid_w, C * temporal * patch * patch]`` in merge-block order, the image repeated along time.
 
-``vision_feeds`` computes everything that depends only on the image grid (the window permutation, the 2D
-rotary tables, the attention segments), as onnxruntime-genai does for Qwen2.5-VL, so the vision graph has
-no data-dependent control flow: its inputs are ``pixel_values`` plus these arrays.
+``vision_feeds`` computes everything that depends only on the image grid (the window permutation and its
+inverse, the 2D rotary tables, the padded window table and each patch's frame), as onnxruntime-genai does for
+Qwen2.5-VL, so the vision graph has no data-dependent control flow: its inputs are ``pixel_values`` plus these
+arrays (``image_feeds`` makes them all for one image).
 
 Runtime module: numpy, Pillow and the stdlib only (Python 3.10).
 """
@@ -26,7 +27,7 @@ from PIL import Image
 from rsedge.errors import BundleError, ImageError
 from rsedge.runtime.preprocess import RESAMPLE, Normalization
 
-# Input names of the vision graph besides ``pixel_values`` (the export side builds its graph with these).
+# The vision graph's input and output names (the export side builds its graph with these).
 PIXEL_VALUES = "pixel_values"
 WINDOW_INDEX = "window_index"  # [N/unit] int64: merge units in window order (HF get_vision_window_index)
 REVERSE_INDEX = "reverse_index"  # [N/unit] int64: argsort(window_index), back to the image's order
@@ -134,6 +135,26 @@ class VisionPreprocess:
         if problems:
             raise BundleError(f"manifest preprocess section: {'; '.join(problems)}")
         return out
+
+    @classmethod
+    def from_preprocessor_config(cls, d: Mapping[str, Any]) -> VisionPreprocess:
+        """From a checkpoint's preprocessor_config.json, read as transformers' processor reads it: ``min_pixels``
+        / ``max_pixels`` override ``size`` {shortest_edge, longest_edge}; ``resample`` is a PIL filter code."""
+        for step in ("do_resize", "do_rescale", "do_normalize", "do_convert_rgb"):
+            if d.get(step, True) is not True:
+                raise BundleError(f"preprocessor_config.json sets {step} false; Qwen2.5-VL bundles take the default")
+        size = d.get("size") or {}
+        codes = {int(Image.NEAREST): "nearest", int(Image.BILINEAR): "bilinear", int(Image.BICUBIC): "bicubic"}
+        codes[int(Image.LANCZOS)] = "lanczos"
+        resample = d.get("resample", int(Image.BICUBIC))
+        fields = {
+            "min_pixels": d.get("min_pixels", size.get("shortest_edge")),
+            "max_pixels": d.get("max_pixels", size.get("longest_edge")),
+            "resample": codes.get(resample, resample) if isinstance(resample, int) else resample,
+        }
+        keys = ("patch_size", "temporal_patch_size", "merge_size", "image_mean", "image_std", "rescale_factor")
+        fields.update({k: d[k] for k in keys if k in d})
+        return cls.from_manifest({k: v for k, v in fields.items() if v is not None})
 
     def to_manifest(self) -> dict[str, Any]:
         d = asdict(self)
@@ -251,6 +272,18 @@ def vision_feeds(grid_thw: np.ndarray, vision: Mapping[str, Any]) -> dict[str, n
         **window_slots(cu_windows),
         FRAME_SEGMENTS: np.repeat(np.arange(frames.size), frames).astype(np.int64),
     }
+
+
+def image_feeds(
+    image: Image.Image, cfg: VisionPreprocess, vision: Mapping[str, Any], pixel_dtype: np.dtype | type = np.float32
+) -> tuple[dict[str, np.ndarray], np.ndarray, tuple[int, int]]:
+    """Every input of the vision graph for one image (``pixel_values`` in the graph's dtype, float16 for an FP16
+    graph), its ``grid_thw`` [1, 3] and resized (height, width); the graph returns grid_h * grid_w / merge^2
+    rows of ``image_embeds``."""
+    pixel_values, grid_thw, resized = preprocess(image, cfg)
+    feeds = vision_feeds(grid_thw, vision)
+    feeds[PIXEL_VALUES] = pixel_values.astype(pixel_dtype, copy=False)
+    return feeds, grid_thw, resized
 
 
 def window_slots(cu_windows: np.ndarray) -> dict[str, np.ndarray]:
