@@ -146,7 +146,7 @@ def make_checkpoint_cmd(
     "--calibration",
     default="rs-default",
     show_default=True,
-    help="calibration set folder (rsedge calibrate build) or rs-default (shipped RS images)",
+    help="calibration set folder (rsedge calibrate build), rs-default (shipped RS images) or rs-grounding-reasoning",
 )
 @click.option(
     "--vision",
@@ -722,7 +722,7 @@ def parity_cmd(
     from rich.table import Table
 
     from rsedge.parity.html import headline_metrics, render
-    from rsedge.parity.report import describe_miss, parity_report
+    from rsedge.parity.report import describe_miss, parity_report, reasoning_cell
 
     console = Console(stderr=True, width=max(160, Console(stderr=True).width))
     res = parity_report(
@@ -738,7 +738,8 @@ def parity_cmd(
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
     table = Table(title=f"parity: {res['samples']} samples ({data})")
     table.add_column("bundle", no_wrap=True)
-    for col in (*names, "cos", "agree", "decoder MB", "ms/tok", "peak MB"):
+    reasons = any("reasoning_tokens" in r for r in res["rows"])  # only where answers had a think block
+    for col in (*names, "cos", "agree", "decoder MB", "ms/tok", "peak MB", *(["think tok"] if reasons else [])):
         table.add_column(col)
     for r in res["rows"]:
         hm = headline_metrics(r)
@@ -759,7 +760,8 @@ def parity_cmd(
                 "",
             )
         )
-        table.add_row(r["label"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail)
+        think = [reasoning_cell(r)] if reasons else []
+        table.add_row(r["label"], *(f"{hm.get(n, float('nan')):.3f}" for n in names), *tail, *think)
     console.print(table)
     targets = res["targets"]
     if targets:

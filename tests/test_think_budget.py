@@ -10,6 +10,7 @@ ids are fed by hand (greedy tokens identical, logits within 1e-4), so the KV cac
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -77,9 +78,14 @@ def by_hand(pipe: Pipeline, image, prompt: str, script: list[int | None], keep: 
     return out
 
 
-def test_the_budget_forces_the_close_after_n_reasoning_tokens(pipe, image, opened):
+def test_the_budget_forces_the_close_after_n_reasoning_tokens(pipe, image, opened, monkeypatch):
     close = encode(pipe, "</think>\n<answer>")
+    dec, states = pipe.decoder(pipe.choose_expert(SEG)), []
+    new_state = dec.new_state
+    monkeypatch.setattr(dec, "new_state", lambda capacity: states.append(new_state(capacity)) or states[-1])
     ans = pipe.generate([image], SEG, max_new_tokens=NEW, think=ThinkOptions(max_think_tokens=BUDGET), keep_logits=True)
+    # the KV cache holds the prompt and every answer token but the last (eos, or the one the budget cut): forced ids too
+    assert states[0].length == ans.prompt_tokens + len(ans.tokens) - 1
     assert ans.tokens[BUDGET : BUDGET + len(close)] == close
     assert close not in [ans.tokens[i : i + len(close)] for i in range(BUDGET)]  # not earlier
     assert ans.think == {"tokens": BUDGET, "budget": BUDGET, "stopped_by": BY_BUDGET}
@@ -171,6 +177,36 @@ def test_the_model_closing_its_own_block_is_counted_not_forced():
     assert out[-1] == [] and out[-2] == [ord(c) for c in "</think>\n<answer>"]  # after 2 reasoning tokens "ab"
 
 
+def test_the_monitor_counts_as_a_whole_text_scan_would():
+    """Random pieces (markers split across them, stray brackets): the monitor's windowed search agrees with scanning
+    the whole text each step, on the state, the count and what closed the block."""
+    rng = random.Random(1)
+    alphabet = [*"ab<>/thinkz ", "<think>", "</think>", "</", "think>", "k>", "<thin", "</think", "<think", "</thin"]
+    for _ in range(2000):
+        pieces = [rng.choice(alphabet) for _ in range(rng.randrange(0, 30))]
+        opened = rng.random() < 0.5
+        mon = ThinkMonitor(ThinkOptions(), ThinkMarkers(), list, pieces.__getitem__, prompt_open=opened)
+        for i in range(len(pieces)):
+            mon.feed(i)
+        text, rest = "", pieces
+        if not opened:
+            at = next((k for k in range(len(pieces)) if "<think>" in "".join(pieces[: k + 1])), None)
+            if at is None:
+                assert mon.state == "before"
+                continue
+            joined = "".join(pieces[: at + 1])
+            text, rest = joined[joined.find("<think>") + len("<think>") :], pieces[at + 1 :]
+        starts, count, closed = [], 0, None
+        for p in rest:
+            starts.append(len(text))
+            text += p
+            if "</think>" in text:
+                count, closed = sum(s < text.find("</think>") for s in starts), BY_MODEL
+                break
+            count = len(starts)
+        assert (mon.think_tokens, mon.stopped_by) == (count, closed), pieces
+
+
 def test_count_think_tokens_replays_an_answer(pipe, image, opened):
     ans = pipe.generate([image], SEG, max_new_tokens=NEW, think=ThinkOptions(max_think_tokens=BUDGET))
     assert count_think_tokens(pipe.tokenizer, ans.tokens, prompt_open=True) == BUDGET
@@ -191,6 +227,16 @@ def test_bad_options_are_refused(kwargs):
         ThinkOptions(**kwargs)
 
 
+def test_rsedge_run_streams_the_forced_text(demo_bundle, image):
+    from tests.test_bad_input import run
+
+    args = ("run", demo_bundle, "--image", image, "--prompt", "[VG] Where is the windmill?", "--no-think")
+    streamed, whole = run(*args, "--stream"), run(*args, "--json")
+    assert streamed.exit_code == 0 and whole.exit_code == 0, streamed.output + whole.output
+    assert streamed.stdout.strip() == json.loads(whole.stdout)["text"].strip()
+    assert streamed.stdout.startswith("<think>\n</think>\n<answer>")
+
+
 def test_rsedge_run_takes_the_flags(demo_bundle, image):
     from tests.test_bad_input import assert_one_error_line, run
 
@@ -201,3 +247,33 @@ def test_rsedge_run_takes_the_flags(demo_bundle, image):
     assert out["reasoning"] == ""
     res = run("run", demo_bundle, "--image", image, "--prompt", "x", "--max-think-tokens", "-2")
     assert_one_error_line(res, "max_think_tokens")
+
+
+def test_the_service_takes_the_fields(demo_bundle, pipe, image):
+    from fastapi.testclient import TestClient
+
+    from rsedge.serve.app import create_app
+    from rsedge.serve.config import ServeConfig
+    from rsedge.serve.models import ModelSet
+    from tests.serve_helpers import data_uri
+
+    want = pipe.generate([image], "[VG] Where is the windmill?", max_new_tokens=40, think=ThinkOptions(think=False))
+    body = {"task": "vg", "question": "Where is the windmill?", "images": [data_uri(image)], "max_new_tokens": 40}
+    with TestClient(create_app(ModelSet.load([demo_bundle]), ServeConfig())) as c:
+        off = c.post("/v1/rs/answer", json={**body, "think": False})
+        form = c.post(
+            "/v1/rs/answer",
+            data={"task": "vg", "question": "Where is the windmill?", "max_new_tokens": "40", "think": "false"},
+            files={"image": (image.name, image.read_bytes(), "image/png")},
+        )
+        plain = c.post("/v1/rs/answer", json=body)
+        bad = c.post("/v1/rs/answer", json={**body, "max_think_tokens": "many"})
+    for r in (off, form):
+        assert r.status_code == 200, r.text
+        out = r.json()
+        assert out["token_ids"] == want.tokens and out["think"] == want.think
+        assert out["reasoning"] == "" and out["answer"] == want.final_answer
+    assert plain.status_code == 200 and "think" not in plain.json() and "reasoning" not in plain.json()
+    assert (
+        bad.status_code == 400 and "max_think_tokens must be a non-negative integer" in bad.json()["error"]["message"]
+    )

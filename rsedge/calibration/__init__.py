@@ -1,4 +1,5 @@
-"""Calibration data for quantization: dataset readers, balanced hashed calibration sets, the built-in rs-default.
+"""Calibration data for quantization: dataset readers, balanced hashed calibration sets, the built-in rs-default and
+rs-grounding-reasoning.
 
 No torch here: numpy, Pillow and the stdlib, so sets can be built and checked on the edge machine too.
 """
@@ -26,6 +27,7 @@ from rsedge.calibration.readers import (
     detect_format,
     read_source,
 )
+from rsedge.calibration.reasoning_set import RS_GROUNDING_REASONING, rs_grounding_reasoning
 
 __all__ = [
     "FORMATS",
@@ -33,6 +35,7 @@ __all__ = [
     "MAX_SIDE",
     "ROTATION",
     "RS_DEFAULT",
+    "RS_GROUNDING_REASONING",
     "CalibItem",
     "CalibrationError",
     "CalibrationItem",
@@ -45,4 +48,5 @@ __all__ = [
     "read_source",
     "resolve_calibration",
     "rs_default",
+    "rs_grounding_reasoning",
 ]

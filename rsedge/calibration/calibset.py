@@ -552,9 +552,14 @@ def rs_default(size: int = 48, seed: int = 0) -> CalibrationSet:
 
 
 def resolve_calibration(name_or_path: str | Path) -> CalibrationSet:
-    """ "rs-default" -> the built-in set; anything else -> the set folder at that path (hash-checked)."""
+    """ "rs-default" -> the built-in set; "rs-grounding-reasoning" -> the built-in grounding-with-reasoning set
+    (rsedge.calibration.reasoning_set); anything else -> the set folder at that path (hash-checked)."""
     if str(name_or_path) == RS_DEFAULT:
         return rs_default()
+    from rsedge.calibration.reasoning_set import RS_GROUNDING_REASONING, rs_grounding_reasoning
+
+    if str(name_or_path) == RS_GROUNDING_REASONING:
+        return rs_grounding_reasoning()
     return CalibrationSet.load(name_or_path)
 
 
@@ -568,7 +573,10 @@ def describe(cs: CalibrationSet) -> str:
     routes = {e: sorted(t for t, x in ROUTER_TABLE.items() if x == e) for e in EXPERTS}
     for expert, tasks in cs.counts().items():
         tags = " ".join(routes.get(expert, [])) or "default"
-        mix = ", ".join(f"{t} {n}" for t, n in sorted(tasks.items(), key=lambda kv: TASKS.index(kv[0])))
+        order = {t: k for k, t in enumerate(TASKS)}  # a task of another family's set (vgr) after RSUniVLM's
+        mix = ", ".join(
+            f"{t} {n}" for t, n in sorted(tasks.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))
+        )
         lines.append(f"  expert {expert} ({tags}): {sum(tasks.values())} items: {mix or 'none'}")
     for src in cs.info.get("sources", []):
         read = f", {src['records_read']} of {src['records']} records read" if "records" in src else ""

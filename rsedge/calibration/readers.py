@@ -98,6 +98,11 @@ ROTATION: tuple[tuple[tuple[str, str], ...], ...] = (
 )
 
 
+# Tasks of other families' sets, whose prompts carry no RSUniVLM tag: grounding with reasoning
+# (rsedge.calibration.reasoning_set).
+UNTAGGED_TASKS: tuple[str, ...] = ("vgr",)
+
+
 class CalibrationError(RsedgeError):
     """A calibration source cannot be read, or a calibration set is incomplete or fails its hash check."""
 
@@ -106,7 +111,8 @@ class CalibrationError(RsedgeError):
 class CalibItem:
     """One calibration prompt: its images (files on disk), tagged prompt, answer (None: unlabelled), task, origin.
 
-    ``task`` is one of ``rsedge.synth.tasks.TASKS`` ("cseg" is the change [SEG] on an image pair);
+    ``task`` is one of ``rsedge.synth.tasks.TASKS`` ("cseg" is the change [SEG] on an image pair) or of
+    ``UNTAGGED_TASKS``;
     ``source`` names the dataset item, relative to the dataset root, e.g. "dior-rsvg:Annotations/00001.xml#0".
     """
 
@@ -118,10 +124,12 @@ class CalibItem:
 
     def __post_init__(self) -> None:
         # Readers are the only producers; a mismatch here is a reader bug, caught before it reaches a set.
-        if self.task not in TASKS:
-            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS)}")
-        if task_tag(self.prompt) != TASK_TAGS[self.task]:
-            raise ValueError(f"prompt {self.prompt!r} does not start with the {TASK_TAGS[self.task]} tag")
+        if self.task not in TASKS and self.task not in UNTAGGED_TASKS:
+            raise ValueError(f"unknown task {self.task!r}; known: {', '.join(TASKS + UNTAGGED_TASKS)}")
+        tag = TASK_TAGS.get(self.task)
+        if task_tag(self.prompt) != tag:
+            need = f"start with the {tag} tag" if tag else "carry no task tag"
+            raise ValueError(f"prompt {self.prompt!r} does not {need}")
         if not self.images:
             raise ValueError("a calibration item needs at least one image")
 

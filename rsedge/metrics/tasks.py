@@ -1,6 +1,9 @@
 """Per-task metrics over a mixed set of RSUniVLM answers.
 
 - "vg": target ``{"box": [x1, y1, x2, y2]}`` (0-100) -> ``acc@0.5`` (``grounding_accuracy``).
+- "vgr" (grounding with reasoning, ``<think>..</think><answer>..</answer>``): target ``{"box": [x1, y1, x2, y2]}`` in
+  original pixels, ``"resized_hw"`` and ``"original_hw"`` (the model's boxes are in resized-input pixels) ->
+  ``acc@0.5``, ``miou`` and ``well_formed`` (``reasoning_grounding_scores``).
 - "seg", "cseg": ``{"grid": np.ndarray, "labels": [...]}``, optionally ``"label"`` (the class to score;
   all non-"others" labels when absent) -> ``miou`` (per-sample mean) and ``class_miou`` (per class).
 - "vqa", "cls": ``{"answer": str}`` -> ``accuracy`` (``exact_match_accuracy``).
@@ -18,18 +21,20 @@ from typing import Any
 import numpy as np
 
 from rsedge.metrics.captions import caption_scores
-from rsedge.metrics.grounding import grounding_accuracy
+from rsedge.metrics.grounding import grounding_accuracy, reasoning_grounding_scores
 from rsedge.metrics.segmentation import class_miou, segmentation_iou
 from rsedge.metrics.text import exact_match_accuracy
 
 GROUNDING_TASKS = ("vg",)
+REASONING_GROUNDING_TASKS = ("vgr",)
 SEGMENTATION_TASKS = ("seg", "cseg")
 ANSWER_TASKS = ("vqa", "cls")
 CAPTION_TASKS = ("cap", "ccd", "ref")
-TASKS = GROUNDING_TASKS + SEGMENTATION_TASKS + ANSWER_TASKS + CAPTION_TASKS
+TASKS = GROUNDING_TASKS + REASONING_GROUNDING_TASKS + SEGMENTATION_TASKS + ANSWER_TASKS + CAPTION_TASKS
 
 _REQUIRED_KEYS = {
     **dict.fromkeys(GROUNDING_TASKS, ("box",)),
+    **dict.fromkeys(REASONING_GROUNDING_TASKS, ("box", "resized_hw", "original_hw")),
     **dict.fromkeys(SEGMENTATION_TASKS, ("grid", "labels")),
     **dict.fromkeys(ANSWER_TASKS, ("answer",)),
     **dict.fromkeys(CAPTION_TASKS, ("references",)),
@@ -77,6 +82,15 @@ class TaskReport:
         result: dict[str, float] = {"n": len(samples)}
         if task in GROUNDING_TASKS:
             result["acc@0.5"] = grounding_accuracy(predictions, [t["box"] for t in targets])
+        elif task in REASONING_GROUNDING_TASKS:
+            result.update(
+                reasoning_grounding_scores(
+                    predictions,
+                    [t["box"] for t in targets],
+                    [tuple(t["resized_hw"]) for t in targets],
+                    [tuple(t["original_hw"]) for t in targets],
+                )
+            )
         elif task in SEGMENTATION_TASKS:
             ious = [
                 segmentation_iou(p, t["grid"], t["labels"], t.get("label"))

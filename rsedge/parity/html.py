@@ -5,7 +5,7 @@ from __future__ import annotations
 import html
 from typing import Any
 
-from rsedge.parity.report import HEADLINE, describe_miss
+from rsedge.parity.report import HEADLINE, describe_miss, reasoning_cell
 
 COLOURS = ("#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
@@ -49,6 +49,8 @@ def render(report: dict[str, Any]) -> str:
     rows = report["rows"]
     metric_names = sorted({k for r in rows for k in headline_metrics(r)})
     head = "".join(f"<th>{html.escape(m)}</th>" for m in metric_names)
+    reasons = any("reasoning_tokens" in r for r in rows)  # the column only where answers had a think block
+    think_head = "<th>think tok (x ref)</th>" if reasons else ""
     body = []
     for r in rows:
         hm = headline_metrics(r)
@@ -72,13 +74,14 @@ def render(report: dict[str, Any]) -> str:
                 f"<td colspan=4>reference</td><td>{r.get('prefill_ms_median', float('nan')):.1f}</td>"
                 f"<td>{r['decode_ms_per_token']:.2f}</td><td>-</td>"
             )
-        body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}{extra}</tr>")
+        think = f"<td>{html.escape(reasoning_cell(r))}</td>" if reasons else ""
+        body.append(f"<tr><td>{html.escape(r['label'])}</td>{cells}{extra}{think}</tr>")
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>rsedge parity report</title>
 <style>body{{font-family:sans-serif}} td,th{{padding:3px 8px;border-bottom:1px solid #ddd;text-align:right}}</style>
 </head><body><h1>rsedge parity report</h1>
 <p>{report["samples"]} samples ({html.escape(report["data"])}), seed {report["seed"]}.</p>
 <table><tr><th>bundle</th>{head}<th>logits cos</th><th>logits SQNR dB</th><th>greedy agree</th>
-<th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>peak RSS MB</th></tr>
+<th>decoder MB</th><th>prefill ms</th><th>decode ms/tok</th><th>peak RSS MB</th>{think_head}</tr>
 {"".join(body)}</table>
 <p>* bitsandbytes rows: bytes of the quantized decoder linears only (PyTorch, no bundle).
 Peak RSS: a fresh process with only the runtime answering the first sample (rsedge.bench.peak_memory).</p>

@@ -21,12 +21,13 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from rsedge.bench import peak_memory
-from rsedge.metrics import TaskReport
+from rsedge.metrics import TaskReport, reasoning_length
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.parity import bnb_baseline
 from rsedge.runtime.bundle import Bundle
 from rsedge.runtime.families import Family, family_for
 from rsedge.runtime.pipeline import Pipeline
+from rsedge.runtime.think import ThinkMarkers, count_think_tokens, decoded_tail_open
 from rsedge.synth.real import real_samples
 from rsedge.synth.tasks import TASKS, build_split
 from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, metric_target, stop_ids
@@ -36,6 +37,7 @@ from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, met
 FIDELITY_TARGET_PTS = {"int8": 0.5, "int4": 1.5}
 HEADLINE = {
     "vg": "acc@0.5",
+    "vgr": "acc@0.5",
     "ref": "bleu4",
     "seg": "miou",
     "cseg": "miou",
@@ -67,6 +69,13 @@ class Run:
     first_logits: list[np.ndarray] = field(default_factory=list)
     prefill_ms: list[float] = field(default_factory=list)
     decode_ms_per_token: list[float] = field(default_factory=list)
+    think_tokens: list[int | None] = field(default_factory=list)  # tokens inside <think> per answer, None: no block
+
+    def add_reasoning(self, tok: Tokenizer, prompt_ids: list[int], tokens: list[int]) -> None:
+        """The answer's reasoning tokens, counted as the runtime's think monitor counts them."""
+        markers = ThinkMarkers()
+        opened = decoded_tail_open(tok, prompt_ids, markers)
+        self.think_tokens.append(count_think_tokens(tok, tokens, prompt_open=opened, markers=markers))
 
 
 def eval_samples(data: str, per_task: int, seed: int = 0) -> list:
@@ -106,6 +115,7 @@ def run_reference(model: RSUniVLMForCausalLM, tok: Tokenizer, samples: Sequence,
         run.tokens.append(tokens)
         run.first_logits.append(logits[0])
         run.answers.append(tok.decode(tokens, skip_special_tokens=True))
+        run.add_reasoning(tok, ids, tokens)
         # timed as the runtime times a bundle: the prompt's pass apart, then ms per one-token step
         run.prefill_ms.append(took["prefill_ms"])
         if took["decode_steps"]:
@@ -137,11 +147,34 @@ def run_bundle(pipe: Pipeline, samples: Sequence, name: str) -> Run:
         ans = pipe.generate([Image.fromarray(im) for im in s.images], s.prompt, max_new_tokens=budget, keep_logits=True)
         run.answers.append(ans.text)
         run.tokens.append(ans.tokens)
+        run.add_reasoning(pipe.tokenizer, pipe.family.prompt_ids(s.prompt, len(s.images)), ans.tokens)
         run.first_logits.append(ans.step_logits[0])
         run.prefill_ms.append(ans.timings["prefill"])
         if "decode_per_token" in ans.timings:
             run.decode_ms_per_token.append(ans.timings["decode_per_token"])
     return run
+
+
+def reasoning_columns(run: Run, reference: Run | None = None) -> dict[str, Any]:
+    """A row's reasoning statistics (``rsedge.metrics.reasoning_length``), and its mean against the reference's:
+    empty when no answer of either had a think block, so models that do not reason get no such columns."""
+    mine = reasoning_length(run.think_tokens)
+    ref = reasoning_length(reference.think_tokens) if reference is not None else None
+    if mine is None and ref is None:
+        return {}
+    out: dict[str, Any] = {"reasoning_tokens": mine}
+    if reference is not None and mine is not None and ref is not None and ref["mean"] > 0:
+        out["reasoning_tokens_ratio"] = mine["mean"] / ref["mean"]  # >1: this recipe makes the model think longer
+    return out
+
+
+def reasoning_cell(row: dict[str, Any]) -> str:
+    """The report's "think tok" cell: mean reasoning tokens per reasoning answer, and the ratio to the reference."""
+    stats = row.get("reasoning_tokens")
+    if not stats:
+        return "-"
+    ratio = row.get("reasoning_tokens_ratio")
+    return f"{stats['mean']:.1f}" + (f" ({ratio:.2f}x)" if ratio is not None else "")
 
 
 def token_agreement(ref: list[list[int]], got: list[list[int]]) -> float:
@@ -286,6 +319,7 @@ def parity_report(
                     "metrics": task_metrics(samples, ref.answers),
                     "prefill_ms_median": statistics.median(ref.prefill_ms),
                     "decode_ms_per_token": statistics.median(ref.decode_ms_per_token or [0.0]),
+                    **reasoning_columns(ref),
                 }
             )
     first_family = next(iter(inputs.values()))[0]
@@ -309,6 +343,7 @@ def parity_report(
                     "decoder_linear_mb": size_mb,
                     "prefill_ms_median": statistics.median(run.prefill_ms),
                     "decode_ms_per_token": statistics.median(run.decode_ms_per_token or [0.0]),
+                    **reasoning_columns(run, ref),
                 }
             )
             del qmodel
@@ -343,6 +378,7 @@ def parity_report(
                 else None,
                 "rss_mb_loaded": peak_memory.rss_mb() - rss_before,  # sessions + arena after running every sample
                 "peak_memory": request_peak_memory(Path(b), samples[0], threads),
+                **reasoning_columns(run, ref),
             }
         )
         del pipe

@@ -27,7 +27,7 @@ from rsedge.runtime.engines import EngineSet
 from rsedge.runtime.families import family_for
 from rsedge.runtime.images import load_image, validate_image
 from rsedge.runtime.outputs import Box, RleMask
-from rsedge.runtime.reasoning import parse_reasoning
+from rsedge.runtime.reasoning import Reasoning, parse_reasoning
 from rsedge.runtime.sampling import Sampler, Sampling
 from rsedge.runtime.sessions import ORT_DTYPES, SessionConfig, make_session
 from rsedge.runtime.think import ThinkMarkers, ThinkOptions, decoded_tail_open, monitor_for
@@ -59,11 +59,21 @@ class Answer:
     stopped_by: str = "eos"
     timings: dict[str, float] = field(default_factory=dict)
     step_logits: list[np.ndarray] | None = None
-    # A reasoning answer's parts (set when the text has think / answer tags; a family maps its boxes):
-    reasoning: str | None = None
-    final_answer: str | None = None
+    # The text read as a reasoning answer (parse_reasoning), when it has think / answer tags or think options were
+    # given; a family's parse maps its boxes (map_boxes) into ``boxes`` and their labels into ``box_labels``.
+    reasoned: Reasoning | None = None
     box_labels: list[str | None] = field(default_factory=list)
     think: dict[str, Any] | None = None  # ThinkMonitor.report() when a think budget or think off was asked
+
+    @property
+    def reasoning(self) -> str | None:
+        return None if self.reasoned is None else self.reasoned.reasoning
+
+    @property
+    def final_answer(self) -> str | None:
+        """The answer without its reasoning (the <answer> block's text); None for an answer that is not a reasoning
+        answer (its text is the answer)."""
+        return None if self.reasoned is None else self.reasoned.answer
 
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {
@@ -400,7 +410,7 @@ class Pipeline:
         )
         parsed = parse_reasoning(answer_text, prompt_open=prompt_open)
         if parsed.tagged or monitor is not None:
-            ans.reasoning, ans.final_answer = parsed.reasoning, parsed.answer
+            ans.reasoned = parsed
         if monitor is not None:
             ans.think = monitor.report()
         self.family.parse(ans, pil)

@@ -44,6 +44,9 @@ _QWEN2_BOX = re.compile(
 )
 # JSON nested deeper than this is not an answer (and would hit json's recursion limit).
 _MAX_JSON_DEPTH = 64
+# Failed decode attempts per text before giving up on JSON (each may scan to the end: runaway "[1,[1,[1,..." output
+# would otherwise cost quadratic time); the bare-list pattern still reads what is left.
+_MAX_JSON_TRIES = 64
 
 
 @dataclass(frozen=True)
@@ -152,8 +155,8 @@ def _json_values(answer: str) -> list[Any]:
     decoder = json.JSONDecoder()
     values: list[Any] = []
     for chunk in texts:
-        pos = 0
-        while True:
+        pos, tries = 0, 0
+        while tries < _MAX_JSON_TRIES:
             starts = [i for i in (chunk.find("[", pos), chunk.find("{", pos)) if i >= 0]
             if not starts:
                 break
@@ -163,7 +166,7 @@ def _json_values(answer: str) -> list[Any]:
             try:
                 value, end = decoder.raw_decode(chunk, start)
             except (ValueError, RecursionError):
-                pos = start + 1
+                pos, tries = start + 1, tries + 1
                 continue
             values.append(value)
             pos = end

@@ -94,8 +94,10 @@ class ThinkMonitor:
         self.state = "thinking" if prompt_open else "before"
         self.think_tokens = 0  # tokens generated inside the block, the closing marker's own tokens excluded
         self.stopped_by: str | None = None
-        self._text = ""  # generated text since the block opened (or since the start, before it opens)
-        self._starts: list[int] = []  # where in _text each reasoning token's piece starts
+        # The generated text since the block opened (since the start, before it opens) is kept only as its length and
+        # its last few characters (the window, starting at offset _window_start): enough to see a marker complete.
+        self._length, self._window, self._window_start = 0, "", 0
+        self._starts: list[int] = []  # the offset where each reasoning token's piece starts
 
     def start(self) -> list[int]:
         """Ids to force before the first sampled token: the empty block of think off, or a budget of 0 on a prompt
@@ -113,21 +115,36 @@ class ThinkMonitor:
             return []
         piece = self._piece(token)
         if self.state == "before":
-            self._text += piece
-            at = self._text.find(self.markers.open)
+            at = self._find(self.markers.open, piece)
             if at < 0:
                 return []
-            self.state, self._text = "thinking", self._text[at + len(self.markers.open) :]
+            # the block opened: count from here; what the piece holds after the marker is reasoning text already
+            rest = self._window[at - self._window_start + len(self.markers.open) :]
+            self.state, self._length, self._window, self._window_start = "thinking", len(rest), rest, 0
             return self._over_budget()
-        self._starts.append(len(self._text))
-        self._text += piece
-        at = self._text.find(self.markers.close)
+        self._starts.append(self._length)
+        at = self._find(self.markers.close, piece)
         if at >= 0:  # the model closed the block itself
             self.think_tokens = sum(1 for s in self._starts if s < at)
             self.state, self.stopped_by = "closed", BY_MODEL
             return []
         self.think_tokens = len(self._starts)
         return self._over_budget()
+
+    def _find(self, marker: str, piece: str) -> int:
+        """Append ``piece`` to the text; where ``marker`` starts in it if the piece completed it, else -1. Only the
+        piece and the marker's length before it are searched (and kept), so a long reasoning costs linear time."""
+        self._window_start = self._length - len(self._window)
+        self._window += piece
+        self._length += len(piece)
+        local = self._window.find(marker)
+        keep = len(marker) - 1
+        if local >= 0:
+            return self._window_start + local
+        cut = max(0, len(self._window) - keep)
+        self._window_start += cut
+        self._window = self._window[cut:]
+        return -1
 
     def _over_budget(self) -> list[int]:
         budget = self.options.max_think_tokens

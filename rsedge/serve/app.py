@@ -91,6 +91,7 @@ class Runner:
                 on_token=on_token,
                 cancel=cancel,
                 ignore_eos=ask.ignore_eos,
+                think=ask.think,
             )
             self._record(ask, ans, arrival)
             return ans
@@ -232,6 +233,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
         limit = body.get("max_completion_tokens", body.get("max_tokens", body.get("max_new_tokens")))
         n_tokens = asks.max_tokens(limit, cfg.max_new_tokens)
         sampling = asks.sampling(body)
+        think = asks.think_options(body)
         ignore_eos = body.get("ignore_eos", False)
         if not isinstance(ignore_eos, bool):
             raise OptionError(f"ignore_eos must be true or false, got {ignore_eos!r}")
@@ -247,13 +249,15 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
             where, source = sources[0]
             size = int(model.pipe.bundle.preprocess["image_size"])
             job = scenes.read_job(source, where, fields, mask_format, prompt, cfg.max_pixels, size)
+            if think is not None:
+                raise OptionError("max_think_tokens / think are not supported for scenes (tiled answers) yet")
             return Ask(model, [], prompt, n_tokens, sampling, ignore_eos, mask_format, job, fields.preview)
         if "geotiff" in mask_format:
             raise OptionError("mask geotiff needs a georeferenced scene (a GeoTIFF); this image is not one")
         if fields.want_geojson:
             raise OptionError("want_geojson needs a georeferenced scene (a GeoTIFF); this image is not one")
         images = [image_from_source(source, where, cfg.max_pixels) for where, source in sources]
-        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos, mask_format, None, fields.preview)
+        return Ask(model, images, prompt, n_tokens, sampling, ignore_eos, mask_format, None, fields.preview, think)
 
     async def answer(request: Request, ask: Ask) -> Answer | SceneAnswer | None:
         """Run ``ask`` to its end; a client that leaves cancels it (None: nobody is left to answer), and so does
@@ -386,9 +390,11 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
                 if isinstance(f, str):
                     raise OptionError("the image field must be a file upload")
                 uploads.append((f.filename or f"image {i + 1}", await f.read()))
-            for key in ("max_new_tokens", "seed"):
+            for key in ("max_new_tokens", "seed", "max_think_tokens"):
                 if key in body:
                     body[key] = _int_field(key, body[key])
+            if "think" in body:  # a form's true / false
+                body["think"] = {"true": True, "false": False}.get(body["think"].lower(), body["think"])
             for key in ("temperature", "top_p"):
                 if key in body:
                     body[key] = _float_field(key, body[key])

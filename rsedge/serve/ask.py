@@ -15,6 +15,7 @@ from rsedge.runtime.outputs import mask_for_image
 from rsedge.runtime.pipeline import Answer
 from rsedge.runtime.router import task_tag
 from rsedge.runtime.sampling import Sampling
+from rsedge.runtime.think import ThinkOptions
 from rsedge.serve.models import ServedModel
 from rsedge.serve.scenes import SceneJob
 
@@ -30,6 +31,7 @@ class Ask:
     mask_format: frozenset[str] = frozenset({"rle"})  # a [SEG] answer's mask as rle text, png, geotiff (scenes)
     scene: SceneJob | None = None  # a GeoTIFF scene, answered tile by tile, instead of images
     preview: bool = False  # return each image as the model saw it, a PNG (for a TIFF a browser cannot show)
+    think: ThinkOptions | None = None  # reasoning models: a think budget or think off (max_think_tokens, think)
 
     @property
     def task(self) -> str:
@@ -57,6 +59,14 @@ def sampling(body: dict[str, Any]) -> Sampling:
 
     seed = body.get("seed")
     return Sampling(temperature=number("temperature", 0.0), top_p=number("top_p", 1.0), seed=seed)
+
+
+def think_options(body: dict[str, Any]) -> ThinkOptions | None:
+    """rsedge's own fields ``max_think_tokens`` (an integer) and ``think`` (true / false); None when neither is set,
+    so a request without them decodes exactly as before."""
+    budget, think = body.get("max_think_tokens"), body.get("think", True)
+    options = ThinkOptions(max_think_tokens=budget, think=think)  # refuses a bad value in one line
+    return options if options.active else None
 
 
 def finish_reason(ans: Answer) -> str:
