@@ -156,3 +156,23 @@ def test_bad_requests_are_one_line(bundles):
     placeholder = pipe.bundle.prompt["image_placeholder"]
     with pytest.raises(PromptError, match=r"2 .* placeholders for 1 images"):
         pipe.generate([image], f"{placeholder}{placeholder} two?", max_new_tokens=2)
+
+
+def test_bench_runs_a_qwen_bundle(bundles, tmp_path):
+    """`rsedge bench` prefills and decodes with the family's rotary positions (the decoder graph needs them)."""
+    import json
+
+    from click.testing import CliRunner
+
+    from rsedge.cli import main
+
+    image = tmp_path / "wide.png"
+    validation_image(400, 150).save(image)
+    out = tmp_path / "bench.json"
+    args = ["bench", str(bundles("fp32")), "--image", str(image), "--prompt", QUESTION, "--json", str(out)]
+    res = CliRunner().invoke(main, args)
+    assert res.exit_code == 0, res.output
+    report = json.loads(out.read_text())
+    pipe = Pipeline.load(bundles("fp32"))
+    want = pipe.generate([validation_image(400, 150)], QUESTION, max_new_tokens=1).prompt_tokens
+    assert report["prompt_tokens"] == want and report["decode_tok_per_s"] > 0
