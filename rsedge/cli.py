@@ -181,6 +181,14 @@ def make_checkpoint_cmd(
     help="decoder attention form (default: the target's, or portable for fp32/fp16 and gqa-shared for int8/int4)",
 )
 @click.option(
+    "--kv-cache",
+    type=click.Choice(["float", "int8"]),
+    default=None,
+    help="int8: the decoder keeps its KV cache as INT8 with per-channel scales calibrated on --calibration (a "
+    "quarter of the cache's bytes per decode step and of its memory; fused attention forms, onnxruntime >= the "
+    "version the manifest names) [default: float]",
+)
+@click.option(
     "--router", "router_json", default=None, help='router table as JSON, e.g. \'{"[SEG]": 2, "[VG]": 1, "[REF]": 1}\''
 )
 @click.option(
@@ -208,6 +216,7 @@ def export_cmd(
     target: str | None,
     attention: str | None,
     prefill: str | None,
+    kv_cache: str | None,
     block_size: str,
     form: str | None,
     compute: str | None,
@@ -248,6 +257,10 @@ def export_cmd(
         if "cc_n_layers" not in inspect.signature(export_bundle).parameters:
             raise OptionError(f"--cc-layers is a unirs option; {model} is not a UniRS / VILA-1.5 checkpoint")
         options["cc_n_layers"] = cc_layers
+    if kv_cache is not None and kv_cache != "float":
+        if "kv_cache" not in inspect.signature(export_bundle).parameters:
+            raise OptionError(f"--kv-cache {kv_cache}: {model}'s exporter does not calibrate a quantized KV cache")
+        options["kv_cache"] = kv_cache
     if target is not None:
         from rsedge.export.targets import export_options
 
@@ -691,9 +704,9 @@ def bench_cmd(
 @click.option("--reference", type=click.Path(path_type=Path), required=True, help="the checkpoint they came from")
 @click.option(
     "--data",
-    default="synthetic-test,real-test",
-    show_default=True,
-    help="synthetic-test and/or real-test, comma-separated",
+    default=None,
+    help="evaluation data, comma-separated: synthetic-test and/or real-test for RSUniVLM (default both), "
+    "real-test and/or real-train for UniRS (default real-test)",
 )
 @click.option("--per-task", type=click.IntRange(1, 10000), default=25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -709,7 +722,7 @@ def bench_cmd(
 def parity_cmd(
     bundles: tuple[Path, ...],
     reference: Path,
-    data: str,
+    data: str | None,
     per_task: int,
     seed: int,
     threads: int | None,
@@ -736,7 +749,7 @@ def parity_cmd(
         baselines=baselines,
     )
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
-    table = Table(title=f"parity: {res['samples']} samples ({data})")
+    table = Table(title=f"parity: {res['samples']} samples ({res['data']})")
     table.add_column("bundle", no_wrap=True)
     reasons = any("reasoning_tokens" in r for r in res["rows"])  # only where answers had a think block
     for col in (*names, "cos", "agree", "decoder MB", "ms/tok", "peak MB", *(["think tok"] if reasons else [])):

@@ -17,6 +17,12 @@ A person runs it (not a test). Each peer is built at its best and from the very 
     build/bin/llama-quantize --pure f16.gguf q4_0.gguf Q4_0
     python scripts/bench_engines.py BUNDLE --genai GENAI --llama-bench build/bin/llama-bench --gguf q4_0.gguf
 
+Huge pages: rsedge collapses its sessions' weights into transparent huge pages itself (rsedge.runtime.hugepages);
+the peers do not ask for them. `--thp-variants` adds rows that show what that is worth on each side: rsedge with
+it turned off (RSEDGE_HUGE_PAGES=0), onnxruntime-genai with glibc allocating in huge pages
+(GLIBC_TUNABLES=glibc.malloc.hugetlb=1, set before the process starts) and llama.cpp reading its weights into
+such memory instead of mapping the file (the same tunable and `-mmp 0`).
+
 The machine's speed drifts by the hour, so engines run interleaved, each in its own process, for several
 rounds, in an order rotated every round; the table gives each engine's median over rounds and the min-max.
 Every engine is measured the same way: the prefill of a --prompt-tokens prompt, and the median of single
@@ -28,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -65,12 +72,23 @@ def pin_threads(genai_dir: Path, threads: int) -> None:
     path.write_text(json.dumps(cfg, indent=4))
 
 
-def llama(binary: str, gguf: str, n: int, reps: int, threads: int) -> dict:
-    """llama-bench: the prompt (pp n), then single decode steps after a depth of n (tg 1 @ d n, reps times)."""
-    args = [binary, "-m", gguf, "-t", str(threads), "-o", "json"]
-    pp = subprocess.run([*args, "-r", "1", "-p", str(n), "-n", "0"], capture_output=True, text=True, check=True)
+GLIBC_THP = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # glibc >= 2.35: malloc advises huge pages
+
+
+def llama(binary: str, gguf: str, n: int, reps: int, threads: int, env: dict | None = None) -> dict:
+    """llama-bench: the prompt (pp n), then single decode steps after a depth of n (tg 1 @ d n, reps times);
+    with ``env`` (huge pages), the weights are read into allocated memory (-mmp 0) that glibc advises."""
+    args = [binary, "-m", gguf, "-t", str(threads), "-o", "json"] + (["-mmp", "0"] if env else [])
+    run_env = {**os.environ, **(env or {})}
+    pp = subprocess.run(
+        [*args, "-r", "1", "-p", str(n), "-n", "0"], capture_output=True, text=True, check=True, env=run_env
+    )
     tg = subprocess.run(
-        [*args, "-r", str(reps), "-p", "0", "-n", "1", "-d", str(n)], capture_output=True, text=True, check=True
+        [*args, "-r", str(reps), "-p", "0", "-n", "1", "-d", str(n)],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=run_env,
     )
     steps_ms = [ns / 1e6 for ns in json.loads(tg.stdout)[0]["samples_ns"]]
     return {
@@ -80,8 +98,9 @@ def llama(binary: str, gguf: str, n: int, reps: int, threads: int) -> dict:
     }
 
 
-def one(code: str, *args: str, python: str) -> dict:
-    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, check=True)
+def one(code: str, *args: str, python: str, env: dict | None = None) -> dict:
+    run_env = {**os.environ, **(env or {})}
+    out = subprocess.run([python, "-c", code, *args], capture_output=True, text=True, check=True, env=run_env)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
@@ -113,21 +132,35 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--genai-python", default=sys.executable, help="interpreter with onnxruntime_genai")
+    ap.add_argument("--thp-variants", action="store_true", help="also run each engine with huge pages switched")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     from rsedge.bench.bench import machine
 
     n, s = str(a.prompt_tokens), str(a.steps)
     engines = {"rsedge": lambda: one(RSEDGE, str(a.bundle), n, s, str(a.threads), python=sys.executable)}
+    if a.thp_variants:
+        off = {"RSEDGE_HUGE_PAGES": "0"}
+        engines["rsedge THP off"] = lambda: one(
+            RSEDGE, str(a.bundle), n, s, str(a.threads), python=sys.executable, env=off
+        )
     skipped: dict[str, str] = {}
     for folder in a.genai:
         pin_threads(folder, a.threads)
         name = "onnxruntime-genai" if len(a.genai) == 1 else f"onnxruntime-genai ({folder.name})"
         engines[name] = lambda folder=folder: one(GENAI, str(folder), n, s, python=a.genai_python)
+        if a.thp_variants:
+            engines[f"{name} +THP"] = lambda folder=folder: one(
+                GENAI, str(folder), n, s, python=a.genai_python, env=GLIBC_THP
+            )
     if not a.genai:
         skipped["onnxruntime-genai"] = "no --genai model folder given"
     if a.llama_bench and a.gguf:
         engines["llama.cpp"] = lambda: llama(a.llama_bench, a.gguf, a.prompt_tokens, a.llama_reps, a.threads)
+        if a.thp_variants:
+            engines["llama.cpp +THP"] = lambda: llama(
+                a.llama_bench, a.gguf, a.prompt_tokens, a.llama_reps, a.threads, env=GLIBC_THP
+            )
     else:
         skipped["llama.cpp"] = "no --llama-bench binary and --gguf model given"
     runs: dict[str, list[dict]] = {k: [] for k in engines}
@@ -151,10 +184,10 @@ def main() -> None:
         "engines": {k: summary(v) for k, v in runs.items()},
         "not_run": skipped,
     }
-    print(f"{'engine':20s} {'prefill s':>10s} {'(min-max)':>13s} {'decode ms':>10s} {'(min-max)':>13s} {'tok/s':>7s}")
+    print(f"{'engine':28s} {'prefill s':>10s} {'(min-max)':>13s} {'decode ms':>10s} {'(min-max)':>13s} {'tok/s':>7s}")
     for k, e in result["engines"].items():
         if "error" in e:
-            print(f"{k:20s} could not run: {e['error']}")
+            print(f"{k:28s} could not run: {e['error']}")
             continue
         ms, (lo, hi), (plo, phi) = e["decode_ms_median"], e["decode_ms_min_max"], e["prefill_s_min_max"]
         print(
@@ -162,7 +195,7 @@ def main() -> None:
             f"{f'({lo:.1f}-{hi:.1f})':>13s} {1e3 / ms:7.1f}"
         )
     for k, why in skipped.items():
-        print(f"{k:20s} not run: {why}")
+        print(f"{k:28s} not run: {why}")
     print(json.dumps(result, indent=2))
     if a.json:
         a.json.write_text(json.dumps(result, indent=2) + "\n")

@@ -17,7 +17,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from rsedge.cli import main
-from rsedge.errors import BundleError, ImageError, OptionError
+from rsedge.errors import BundleError, ImageError
 from rsedge.models.unirs import export, make_checkpoint
 from rsedge.models.unirs.config import EvalOverrides
 from rsedge.models.unirs.modeling import UniRSForCausalLM
@@ -186,12 +186,6 @@ def test_quantized_bundles_export_validate_and_run(precision, root, checkpoints,
     for kind in (IMAGE, PAIR, VIDEO):
         ans = pipe.generate(_inputs(kind, video_frames), QUESTIONS[kind], max_new_tokens=8, ignore_eos=True)
         assert len(ans.tokens) == 8
-
-
-def test_awq_is_refused_in_one_line(checkpoints, tmp_path):
-    with pytest.raises(OptionError, match="AWQ is not built for UniRS"):
-        export(checkpoints["cc0"], tmp_path / "b", precision="int4", algorithm="awq")
-    assert not (tmp_path / "b").exists()
 
 
 def test_pair_to_a_bundle_without_change_module(bundles):

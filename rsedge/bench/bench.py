@@ -77,6 +77,9 @@ def machine() -> dict[str, Any]:
         if key.strip() in ("flags", "Features"):
             have = set(value.split())
             info["cpu_flags"] = [f for f in CPU_FLAGS if f in have]
+    from rsedge.runtime import hugepages
+
+    info["transparent_huge_pages"] = hugepages.thp_mode()  # rsedge collapses its weights unless "never"/None
     gpu = _nvml(lambda nv, h: nv.nvmlDeviceGetName(h))
     if gpu is not None:
         info["gpu"] = gpu if isinstance(gpu, str) else gpu.decode()
@@ -163,9 +166,9 @@ def run(
         vision_ms = image_tokens_ms
 
     dec = pipe.decoder(first.expert)
-    if depth is None:
+    if depth is None:  # the request's own prompt, as the bundle's family builds it (its template, its images)
         ids = pipe.family.prompt_ids(prompt, len(pil))
-        embeds = pipe.embed(ids, [pipe.image_tokens(im) for im in pil], dec.dtype)
+        embeds = pipe.embed(ids, pipe.family.images_to_tokens(pil, pipe.run_vision, pipe.run_graph), dec.dtype)
         extra = pipe.family.decoder_inputs(ids, pil)
     else:  # a synthetic prompt of this many random ids: decode speed at a chosen depth
         vocab = int(pipe.bundle.model["text"]["vocab_size"])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import statistics
 import time
 from dataclasses import asdict, dataclass
@@ -48,20 +49,23 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
 def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:
     import torch
 
-    from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+    from rsedge.models.registry import architecture_for
 
     torch.set_num_threads(threads)
-    model = RSUniVLMForCausalLM.from_checkpoint(checkpoint)
+    model = architecture_for(checkpoint).load().REFERENCE.from_checkpoint(checkpoint)
     embed = model.lm.model.embed_tokens
+    # RSUniVLM's reference takes the expert a step runs on; a dense model's (UniRS, VILA-1.5) takes none.
+    routed = "expert" in inspect.signature(model.step).parameters
+    step = (lambda x, cache=None: model.step(x, expert, cache)) if routed else model.step
     with torch.no_grad():
         t0 = time.perf_counter()
-        out = model.step(embed(torch.from_numpy(prompt_ids)[None]), expert)
+        out = step(embed(torch.from_numpy(prompt_ids)[None]))
         prefill = time.perf_counter() - t0
         times = []
         for _ in range(steps):
             tok = int(torch.argmax(out.logits[0, -1]))
             t = time.perf_counter()
-            out = model.step(embed(torch.tensor([[tok]])), expert, out.cache)
+            out = step(embed(torch.tensor([[tok]])), out.cache)
             times.append(time.perf_counter() - t)
     return _summary("PyTorch reference (eager fp32)", prefill, times)
 

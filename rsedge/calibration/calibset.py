@@ -223,6 +223,8 @@ class CalibrationSet:
 
     def save(self, out: str | Path) -> CalibrationSet:
         """Write this set as a set folder at ``out`` (atomically); the copy has the same content_hash."""
+        if "architecture" in self.info:  # another architecture's set: items kept as they are (no task tags)
+            return _copy_set(self, Path(out))
         chosen = [
             CalibItem([self.root / p for p in item.images], item.prompt, item.answer, item.task, item.source)
             for item in self.items
@@ -433,6 +435,33 @@ def _write_set(chosen: Sequence[CalibItem], out: Path, info: dict) -> Calibratio
     return CalibrationSet(root=out, items=tuple(items), content_hash=digest, info=info)
 
 
+def _copy_set(calib: CalibrationSet, out: Path) -> CalibrationSet:
+    """``calib`` as a set folder: its images as RGB PNG (each once), its items and info unchanged."""
+    with atomic_folder(out) as tmp:
+        (tmp / IMAGES_DIR).mkdir()
+        names: dict[str, str] = {}
+        digests: dict[str, str] = {}
+        for rel in _unique_images(calib.items):
+            img = prepare_image(calib.root / rel)
+            names[rel] = f"{IMAGES_DIR}/{len(names):04d}.png"
+            img.save(tmp / names[rel], format="PNG")
+            digests[names[rel]] = pixel_digest(img)
+        items = [
+            CalibrationItem(**{**item.__dict__, "images": tuple(names[r] for r in item.images)}) for item in calib.items
+        ]
+        digest = content_hash(items, digests)
+        info = {k: v for k, v in calib.info.items() if k not in ("format", "format_version")}
+        manifest = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            **info,
+            "content_hash": digest,
+            "items": [i.to_json() for i in items],
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    return CalibrationSet(root=out, items=tuple(items), content_hash=digest, info=info)
+
+
 def build_calibration_set(sources: Sequence[str | Path], out: str | Path, size: int, seed: int = 0) -> CalibrationSet:
     """Read the datasets at ``sources`` (layouts detected; ``FORMAT=PATH`` forces one), pick a balanced set of
     ``size`` items with ``seed`` and write it to the new folder ``out`` atomically."""
@@ -552,10 +581,15 @@ def rs_default(size: int = 48, seed: int = 0) -> CalibrationSet:
 
 
 def resolve_calibration(name_or_path: str | Path) -> CalibrationSet:
-    """ "rs-default" -> the built-in set; "rs-grounding-reasoning" -> the built-in grounding-with-reasoning set
-    (rsedge.calibration.reasoning_set); anything else -> the set folder at that path (hash-checked)."""
+    """ "rs-default" -> the built-in (RSUniVLM) set, "rs-default-unirs" -> UniRS's, "rs-grounding-reasoning" -> the
+    built-in grounding-with-reasoning set (rsedge.calibration.reasoning_set); anything else -> the set folder at that
+    path (hash-checked)."""
     if str(name_or_path) == RS_DEFAULT:
         return rs_default()
+    if str(name_or_path) == "rs-default-unirs":
+        from rsedge.calibration.unirs_set import rs_default_unirs  # it builds on this module
+
+        return rs_default_unirs()
     from rsedge.calibration.reasoning_set import RS_GROUNDING_REASONING, rs_grounding_reasoning
 
     if str(name_or_path) == RS_GROUNDING_REASONING:

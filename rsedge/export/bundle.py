@@ -36,6 +36,7 @@ def export_bundle(
     attention: str | None = None,
     keep: tuple[str, ...] = (),
     prefill: str = "same",
+    kv_cache: str = "float",
 ) -> dict[str, Any]:
     """Export a checkpoint to a bundle folder; returns the manifest. The options are :class:`ExportOptions`'."""
     options = ExportOptions(
@@ -52,6 +53,7 @@ def export_bundle(
         attention=attention,
         keep=tuple(keep),
         prefill=prefill,
+        kv_cache=kv_cache,
     ).resolve()
     checkpoint, out = Path(checkpoint), Path(out)
     refuse_existing(out)  # before the checkpoint is read at all

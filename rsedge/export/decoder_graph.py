@@ -33,7 +33,8 @@ from rsedge.errors import OptionError
 from rsedge.export.decoder_spec import DecoderSpec, qwen2_experts
 from rsedge.export.onnx_builder import OPSET, GraphBuilder, QuantPlanLike, get_weight
 from rsedge.export.weight_store import WeightRecord, WeightStore
-from rsedge.models.rsunivlm.config import RSUniVLMConfig, TextConfig
+from rsedge.models.dimensions import TextConfig
+from rsedge.models.rsunivlm.config import RSUniVLMConfig
 
 DECODER_SHARED_BIN = "decoder_shared.bin"
 # "gqa-shared": the same fused attention with past and present in ONE preallocated buffer per layer

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from rsedge.errors import OptionError
-from rsedge.models.rsunivlm.config import TextConfig
+from rsedge.models.dimensions import TextConfig
 
 ACTIVATIONS = ("silu",)
 ROPE_KINDS = ("rotate-half", "mrope")

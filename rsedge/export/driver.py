@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -20,8 +20,11 @@ from typing import Any, ClassVar
 import numpy as np
 import onnx
 
-from rsedge.calibration.calibset import CalibrationSet, resolve_calibration
+from rsedge.calibration.calibset import RS_DEFAULT, CalibrationSet, resolve_calibration
+from rsedge.calibration.readers import CalibrationError
 from rsedge.errors import OptionError
+from rsedge.export.kv_cache import KV_DTYPES, quantize_decoder_caches
+from rsedge.export.linear_map import LINEAR_MAP, LinearMap
 from rsedge.export.ort_requirements import bundle_runtime
 from rsedge.export.records import graph_io, tool_versions
 from rsedge.export.weight_store import WeightStore
@@ -46,7 +49,8 @@ class ExportOptions:
     Q/DQ (the int8 default), "model" keeps it. ``keep``: regexes of decoder weight names kept unquantized.
     ``attention``: the decoder's attention form (default "gqa-shared" for the MatMulNBits form, which only
     onnxruntime runs, "standard" elsewhere). ``prefill`` "int8" adds an INT8 prefill twin per decoder graph.
-    ``router``: a task-routed model's table, overriding its checkpoint's.
+    ``router``: a task-routed model's table, overriding its checkpoint's. ``kv_cache`` "int8" keeps the decoder's
+    KV cache as INT8 with per-channel scales calibrated on ``calibration`` (fused attention forms only).
     """
 
     precision: str = "fp32"
@@ -62,6 +66,7 @@ class ExportOptions:
     attention: str | None = None
     keep: tuple[str, ...] = ()
     prefill: str = "same"
+    kv_cache: str = "float"
     recipe: Recipe | None = field(default=None, compare=False)
 
     def resolve(self) -> ExportOptions:
@@ -89,6 +94,13 @@ class ExportOptions:
                 "an INT8 prefill twin needs an INT8/INT4 bundle of the onnxruntime form (--form ort) with fp32 "
                 "compute (onnxruntime's DynamicQuantizeMatMul takes float32 activations)"
             )
+        if self.kv_cache not in KV_DTYPES:
+            raise OptionError(f"kv cache must be {' or '.join(KV_DTYPES)}, got {self.kv_cache!r}")
+        if self.kv_cache == "int8" and (attention not in ("gqa", "gqa-shared") or self.form != "ort"):
+            raise OptionError(
+                "an INT8 KV cache is onnxruntime's GroupQueryAttention's: it needs --attention gqa-shared or gqa "
+                f"(this export's is {attention}) and the onnxruntime form (--form ort)"
+            )
         return ExportOptions(**{**self.__dict__, "compute": compute, "attention": attention, "recipe": recipe})
 
     @property
@@ -108,6 +120,7 @@ class ExportContext:
     progress: Progress
     calib_record: dict[str, Any] | None = None
     store: WeightStore | None = None
+    linear_map: LinearMap | None = None  # the exporter's: AWQ's statistics and validation's reference weights
 
 
 class Exporter(ABC):
@@ -115,6 +128,7 @@ class Exporter(ABC):
     package's ``EXPORTER``. One instance per export."""
 
     architecture: ClassVar[str]
+    default_calibration: ClassVar[str] = RS_DEFAULT  # the set "rs-default" means for this architecture
 
     def __init__(self, checkpoint: Path, options: ExportOptions) -> None:
         self.checkpoint = checkpoint
@@ -128,6 +142,28 @@ class Exporter(ABC):
     @abstractmethod
     def load(self, progress: Progress) -> None:
         """Read the tensors (strictly) and refuse non-finite weights."""
+
+    @abstractmethod
+    def linear_map(self) -> LinearMap:
+        """Which reference linears each quantizable decoder-graph weight stands for (``export.linear_map``): the
+        ONE map that AWQ's activation statistics and validation's dequantized reference weights both read."""
+
+    def calibration_set(self, name_or_path: str | Path) -> CalibrationSet:
+        """The calibration set ``--calibration`` names ("rs-default": this architecture's built-in set); a set
+        made for another architecture's prompts is refused."""
+        name = self.default_calibration if str(name_or_path) == RS_DEFAULT else name_or_path
+        calib = resolve_calibration(name)
+        made_for = calib.info.get("architecture", "rsunivlm")  # sets made before the field are RSUniVLM's
+        if made_for != self.architecture:
+            raise CalibrationError(
+                f"calibration set {calib.name} was made for {made_for} prompts, not {self.architecture}'s; "
+                f"use rs-default (the {self.architecture} set) or a set made for {self.architecture}"
+            )
+        return calib
+
+    def calibration_info(self, calib: CalibrationSet) -> dict[str, Any]:
+        """What the manifest's ``calibration`` record adds for this architecture (e.g. items per task)."""
+        return {}
 
     @abstractmethod
     def checkpoint_hash(self) -> str:
@@ -148,6 +184,11 @@ class Exporter(ABC):
     def write_graphs(self, ctx: ExportContext) -> tuple[dict[str, Any], dict[str, Any]]:
         """Every graph and raw array into ``ctx.tmp`` (``ctx.store`` set); returns the manifest's ``graphs`` and
         ``arrays``."""
+
+    def kv_calibration(self, ctx: ExportContext, routing: list[int]) -> Iterator[tuple[np.ndarray, int]]:
+        """(inputs_embeds [1, S, H] float32, expert) per calibration item, prompt and answer teacher-forced: what
+        calibrates an INT8 KV cache. An architecture without it cannot export ``--kv-cache int8``."""
+        raise OptionError(f"{self.architecture}: --kv-cache int8 needs calibration prompts its exporter does not give")
 
     def vision_graph_size(self) -> int:
         """The side of the vision graph's square input (static INT8 calibration feeds it)."""
@@ -182,8 +223,9 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
         exporter.load(progress)
         source_hash = exporter.checkpoint_hash()  # once: the AWQ cache key and the manifest's record
         plan = QuantPlan(recipe) if recipe is not None else None
-        calib = resolve_calibration(opts.calibration) if recipe is not None and recipe.needs_calibration else None
-        ctx = ExportContext(tmp, opts, plan, calib, source_hash, progress)
+        wants_calibration = (recipe is not None and recipe.needs_calibration) or opts.kv_cache == "int8"
+        calib = exporter.calibration_set(opts.calibration) if wants_calibration else None
+        ctx = ExportContext(tmp, opts, plan, calib, source_hash, progress, linear_map=exporter.linear_map())
         routing: list[int] = []
         if calib is not None:
             # Each item goes to the expert this bundle's router picks, which --router may move.
@@ -193,11 +235,19 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
                 "sha256": calib.content_hash,
                 "items": len(calib.items),
                 "per_expert": {str(e): routing.count(e) for e in range(exporter.num_experts())},
+                **exporter.calibration_info(calib),
             }
         if plan is not None and recipe.algorithm == "awq":
             progress("collecting calibration statistics")
             ctx.calib_record["statistics_cached"] = exporter.collect_statistics(ctx, routing)
         graphs, arrays = exporter.write_graphs(ctx)
+        if ctx.store is not None:  # validation splits each quantized graph weight back by this map
+            ctx.store.cache[LINEAR_MAP] = ctx.linear_map
+        if opts.kv_cache == "int8":
+            progress("calibrating the INT8 KV cache")
+            graphs["decoder"]["kv_cache_quantization"] = quantize_decoder_caches(
+                tmp, graphs["decoder"], exporter.kv_calibration(ctx, routing)
+            )
         # (an exporter whose vision graph takes more than square pixels quantizes it itself and says so)
         if (
             recipe is not None

@@ -48,6 +48,8 @@ def graph_features(model: onnx.ModelProto) -> set[str]:
                     found.add("matmulnbits-fp16")
             elif node.op_type == "GroupQueryAttention":
                 found.add("gqa-fp16" if fp16 else "gqa")
+                if attrs.get("kv_cache_bit_width") or attrs.get("k_quant_type", b"NONE") not in (b"NONE", "NONE"):
+                    found.add("gqa-kv-int8")
             elif node.op_type == "DynamicQuantizeMatMul":
                 found.add("dynamic-quantize-matmul")
             elif node.op_type == "RotaryEmbedding":

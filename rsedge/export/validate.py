@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import onnx
@@ -17,10 +17,15 @@ import onnxruntime as ort
 import torch
 
 from rsedge.errors import ExportValidationError
-from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.export.decoder_graph import LM_HEAD_T
+from rsedge.export.kv_cache import float_cache
+from rsedge.export.linear_map import LINEAR_MAP, LinearMap
 from rsedge.runtime.backends import DecoderSpec
 from rsedge.runtime.backends.ort_cpu import OrtCpuDecoder
 from rsedge.runtime.sessions import SessionConfig
+
+if TYPE_CHECKING:
+    from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 
 # max|graph - reference| <= atol + rtol * max|reference|, and cosine >= min_cosine
 TOLERANCES: dict[str, dict[str, float]] = {
@@ -61,7 +66,8 @@ def compare(graph: str, got: np.ndarray, ref: np.ndarray, precision: str) -> Gra
     return GraphCheck(graph, max_abs, scale, cos, limit, tol["min_cosine"], ok)
 
 
-def _session(path: Path) -> ort.InferenceSession:
+def ort_session(path: Path) -> ort.InferenceSession:
+    """A CPU onnxruntime session of one graph, warnings off."""
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
     return ort.InferenceSession(str(path), sess_options=opts, providers=["CPUExecutionProvider"])
@@ -76,53 +82,46 @@ def validation_image(size: int, seed: int = 0) -> np.ndarray:
 
 
 @torch.no_grad()
-def apply_fake_quant(model: RSUniVLMForCausalLM, cache: dict) -> None:
-    """Give the reference the dequantized weights the quantized graphs carry (fused weights split back)."""
-    t = model.cfg.text
-    q_rows, kv_rows = t.num_attention_heads * t.head_dim, t.num_key_value_heads * t.head_dim
-    untie_lm_head(model)
-    params = dict(model.named_parameters())
+def apply_fake_quant(model: torch.nn.Module, cache: dict) -> None:
+    """Give the reference the dequantized weights the quantized graphs carry: each graph weight split back into
+    the reference linears the export's :class:`LinearMap` names (``cache[LINEAR_MAP]``, put there by the
+    driver), the per-row INT8 embedding table into its embedding."""
+    lmap: LinearMap = cache[LINEAR_MAP]
+    untie_lm_head(model, lmap)
+    modules = dict(model.named_modules())
     for key, value in cache.items():
         if key[0] == "embed_rows":
             q, scales = value
-            params["lm.model.embed_tokens.weight"].copy_(torch.from_numpy(q.astype(np.float32) * scales[:, None]))
+            model.get_parameter(lmap.embedding).copy_(torch.from_numpy(q.astype(np.float32) * scales[:, None]))
             continue
         if key[0] != "blockwise":
             continue
         name, deq = key[1], value.dequantize()
+        entry = lmap.by_graph.get(name)
+        if entry is None:
+            raise ExportValidationError(f"graph weight {name} is not in the architecture's linear map")
         awq = cache.get(("awq_scales", name))
         if awq is not None:  # the graph divides x by s; fold it back into the reference's weight
             deq = deq / awq[:, None]
         w = torch.from_numpy(deq.T.copy())  # [out, in] as torch stores it
-        base = name.removesuffix(".weight_t").removesuffix(".weight.t")
-        if base.endswith("qkv_proj"):
-            attn = base.removesuffix(".qkv_proj")
-            q, k, v = w.split([q_rows, kv_rows, kv_rows])
-            q = q / cache.get(("q_scale", name), 1.0)  # fused-attention graphs carry the attention scale in q
-            for part, rows in zip(("q", "k", "v"), (q, k, v), strict=True):
-                params[f"lm.{attn}.{part}_proj.weight"].copy_(rows)
-        elif base.endswith("gate_up_proj"):
-            mlp = base.removesuffix(".gate_up_proj")
-            gate, up = w.split(t.intermediate_size)
-            params[f"lm.{mlp}.gate_proj.weight"].copy_(gate)
-            params[f"lm.{mlp}.up_proj.weight"].copy_(up)
-        elif base == "lm_head":
-            params["lm.lm_head.weight"].copy_(w)
-        else:
-            params[f"lm.{base}.weight"].copy_(w)
+        linears = [modules[m] for m in entry.modules]
+        parts = list(w.split([lin.out_features for lin in linears]))
+        parts[0] = parts[0] / cache.get(("q_scale", name), 1.0)  # fused-attention graphs carry the scale in q
+        for lin, rows in zip(linears, parts, strict=True):
+            lin.weight.copy_(rows)
 
 
 @torch.no_grad()
-def untie_lm_head(model: RSUniVLMForCausalLM) -> None:
+def untie_lm_head(model: torch.nn.Module, lmap: LinearMap) -> None:
     """Give a tied reference its own lm_head Parameter (a copy of the embedding table).
 
     A tied model has one Parameter for both, listed once (as the embedding). A quantized bundle gives them
     different values: the runtime looks up per-row INT8 rows, the graph's head multiplies by its own block
     codes (or, with ``--keep lm_head``, by the float table). Untied, the reference can carry each.
     """
-    lm = model.lm
-    if lm.lm_head.weight is lm.model.embed_tokens.weight:
-        lm.lm_head.weight = torch.nn.Parameter(lm.lm_head.weight.detach().clone(), requires_grad=False)
+    head = model.get_submodule(lmap.by_graph[LM_HEAD_T].modules[0])
+    if head.weight is model.get_parameter(lmap.embedding):
+        head.weight = torch.nn.Parameter(head.weight.detach().clone(), requires_grad=False)
 
 
 @contextmanager
@@ -152,7 +151,7 @@ def validate_bundle(
 def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, precision: str) -> list[GraphCheck]:
     cfg = model.cfg
     checks: list[GraphCheck] = []
-    vis = _session(root / manifest["graphs"]["vision"]["file"])
+    vis = ort_session(root / manifest["graphs"]["vision"]["file"])
     vin = vis.get_inputs()[0]
     pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
     got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
@@ -181,17 +180,40 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
             out = model.step(emb, e, out.cache)
             ref_logits.append(out.logits[0, -1].numpy())
         ref = np.stack(ref_logits)
-        path = root / entry["file"]
-        with float_activation_twin(path) as twin:
-            if twin is not None:
-                got, dtype = _run_decoder(twin, cfg, shared, step_embeds)
-                bound = "fp32" if dtype == np.float32 else "fp16"  # the compute dtype's bound, as unquantized
-                checks.append(compare(f"decoder_expert{e}-weights", got, ref, bound))
-        checks.append(compare(f"decoder_expert{e}", _run_decoder(path, cfg, shared, step_embeds)[0], ref, precision))
-        if "prefill_file" in entry:  # the prompt through the INT8 twin, the next tokens through the decoder
-            twin = root / entry["prefill_file"]
-            got = _run_decoder(path, cfg, shared, step_embeds, prefill=twin)[0]
-            checks.append(compare(f"decoder_prefill_expert{e}", got, ref, precision))
+        checks += decoder_checks(root, entry, f"decoder_expert{e}", cfg, shared, step_embeds, ref, precision)
+    raise_on_failure(checks, precision)
+    return checks
+
+
+def decoder_checks(
+    root: Path,
+    entry: dict[str, Any],
+    label: str,
+    cfg: Any,
+    shared: bool,
+    step_embeds: list[torch.Tensor],
+    ref: np.ndarray,
+    precision: str,
+) -> list[GraphCheck]:
+    """One decoder graph (a manifest ``experts`` entry) on ``step_embeds`` against the reference's logits ``ref``:
+    its float-activation twin first (where MatMulNBits rounds activations: the weights alone, held to the compute
+    dtype's bound), the graph as shipped, and its INT8 prefill twin where it has one."""
+    checks: list[GraphCheck] = []
+    path = root / entry["file"]
+    with float_activation_twin(path) as twin:
+        if twin is not None:
+            got, dtype = run_decoder(twin, cfg, shared, step_embeds)
+            bound = "fp32" if dtype == np.float32 else "fp16"  # the compute dtype's bound, as unquantized
+            checks.append(compare(f"{label}-weights", got, ref, bound))
+    checks.append(compare(label, run_decoder(path, cfg, shared, step_embeds)[0], ref, precision))
+    if "prefill_file" in entry:  # the prompt through the INT8 twin, the next tokens through the decoder
+        got = run_decoder(path, cfg, shared, step_embeds, prefill=root / entry["prefill_file"])[0]
+        checks.append(compare(label.replace("decoder_", "decoder_prefill_", 1), got, ref, precision))
+    return checks
+
+
+def raise_on_failure(checks: list[GraphCheck], precision: str) -> None:
+    """ExportValidationError naming the first failed check, in one line."""
     failed = [c for c in checks if not c.passed]
     if failed:
         c = failed[0]
@@ -199,10 +221,9 @@ def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, 
             f"{c.graph} disagrees with the PyTorch reference: max|diff| {c.max_abs:.3g} > {c.limit:.3g} "
             f"or cosine {c.cosine:.6f} < {c.min_cosine} ({precision})"
         )
-    return checks
 
 
-def _run_decoder(
+def run_decoder(
     path: Path, cfg: Any, shared: bool, step_embeds: list[torch.Tensor], prefill: Path | None = None
 ) -> tuple[np.ndarray, np.dtype]:
     """Logits of a prefill and decode steps through the runtime's own session and KV cache, and its dtype
@@ -215,8 +236,9 @@ def _run_decoder(
 
 @contextmanager
 def float_activation_twin(path: Path) -> Iterator[Path | None]:
-    """The graph with every MatMulNBits at accuracy_level 0 (float activations), beside it so its external
-    weights resolve; None when no node rounds activations. Removed on exit."""
+    """The graph with every MatMulNBits at accuracy_level 0 (float activations) and a float KV cache (where it was
+    INT8), beside it so its external weights resolve: what is left to differ from the fake-quantized reference is
+    the weights' rounding alone. None when no node rounds activations. Removed on exit."""
     proto = onnx.load(str(path), load_external_data=False)
     changed = False
     for node in proto.graph.node:
@@ -225,6 +247,7 @@ def float_activation_twin(path: Path) -> Iterator[Path | None]:
         for attr in node.attribute:
             if attr.name == "accuracy_level" and attr.i > 0:
                 attr.i, changed = 0, True
+    changed = float_cache(proto) or changed
     if not changed:
         yield None
         return

@@ -18,7 +18,8 @@ import onnx
 from rsedge.errors import OptionError
 from rsedge.export.onnx_builder import GraphBuilder, get_weight
 from rsedge.export.weight_store import WeightStore
-from rsedge.models.rsunivlm.config import RSUniVLMConfig, VisionConfig
+from rsedge.models.dimensions import VisionConfig
+from rsedge.models.rsunivlm.config import RSUniVLMConfig
 
 VISION_BIN = "vision.bin"
 VISION_ONNX = "vision.onnx"

@@ -6,7 +6,7 @@
   ``acc@0.5``, ``miou`` and ``well_formed`` (``reasoning_grounding_scores``).
 - "seg", "cseg": ``{"grid": np.ndarray, "labels": [...]}``, optionally ``"label"`` (the class to score;
   all non-"others" labels when absent) -> ``miou`` (per-sample mean) and ``class_miou`` (per class).
-- "vqa", "cls": ``{"answer": str}`` -> ``accuracy`` (``exact_match_accuracy``).
+- "vqa", "cls", "video" (a clip's class): ``{"answer": str}`` -> ``accuracy`` (``exact_match_accuracy``).
 - "cap", "ccd", "ref": ``{"references": [str, ...]}`` -> ``bleu4`` and ``cider`` (``caption_scores``).
 
 "ref" (a region caption for a given box) and "ccd" (change captioning) are scored as captions; "cseg"
@@ -28,7 +28,7 @@ from rsedge.metrics.text import exact_match_accuracy
 GROUNDING_TASKS = ("vg",)
 REASONING_GROUNDING_TASKS = ("vgr",)
 SEGMENTATION_TASKS = ("seg", "cseg")
-ANSWER_TASKS = ("vqa", "cls")
+ANSWER_TASKS = ("vqa", "cls", "video")  # "video": a clip's class (UniRS)
 CAPTION_TASKS = ("cap", "ccd", "ref")
 TASKS = GROUNDING_TASKS + REASONING_GROUNDING_TASKS + SEGMENTATION_TASKS + ANSWER_TASKS + CAPTION_TASKS
 

@@ -21,7 +21,9 @@ from PIL import Image
 from tokenizers import Tokenizer
 
 from rsedge.bench import peak_memory
+from rsedge.errors import OptionError
 from rsedge.metrics import TaskReport, reasoning_length
+from rsedge.models.registry import architecture_for
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.parity import bnb_baseline
 from rsedge.runtime.bundle import Bundle
@@ -45,6 +47,7 @@ HEADLINE = {
     "cls": "accuracy",
     "cap": "bleu4",
     "ccd": "bleu4",
+    "video": "accuracy",
 }
 
 
@@ -140,11 +143,12 @@ def bundle_label(precision: str, quantization: dict | None) -> str:
     return " ".join(parts)
 
 
-def run_bundle(pipe: Pipeline, samples: Sequence, name: str) -> Run:
+def run_bundle(pipe: Pipeline, samples: Sequence, name: str, budget: Callable[[Any], int] | None = None) -> Run:
+    """The bundle on ``samples``, each answer within ``budget(sample)`` new tokens (default: RSUniVLM's)."""
     run = Run(name)
     for s in samples:
-        budget = MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS)
-        ans = pipe.generate([Image.fromarray(im) for im in s.images], s.prompt, max_new_tokens=budget, keep_logits=True)
+        n = budget(s) if budget is not None else MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS)
+        ans = pipe.generate([Image.fromarray(im) for im in s.images], s.prompt, max_new_tokens=n, keep_logits=True)
         run.answers.append(ans.text)
         run.tokens.append(ans.tokens)
         run.add_reasoning(pipe.tokenizer, pipe.family.prompt_ids(s.prompt, len(s.images)), ans.tokens)
@@ -205,14 +209,15 @@ def vision_fidelity(model: RSUniVLMForCausalLM, pipe: Pipeline, samples: Sequenc
     return {"sqnr_db": sqnr_db(ref, got), "cosine": cosine(ref, got)}
 
 
-def request_peak_memory(bundle: Path, sample, threads: int | None) -> dict[str, float]:
+def request_peak_memory(bundle: Path, sample, threads: int | None, budget: int | None = None) -> dict[str, float]:
     """Peak RSS of a fresh runtime-only process answering ``sample`` (see rsedge.bench.peak_memory)."""
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for k, im in enumerate(sample.images):
             paths.append(Path(tmp) / f"image{k}.png")
             Image.fromarray(im).save(paths[-1])
-        budget = MAX_NEW_TOKENS.get(sample.task, DEFAULT_MAX_NEW_TOKENS)
+        if budget is None:
+            budget = MAX_NEW_TOKENS.get(sample.task, DEFAULT_MAX_NEW_TOKENS)
         return peak_memory.measure(bundle, paths, sample.prompt, budget, threads)
 
 
@@ -285,56 +290,110 @@ def describe_miss(t: dict[str, Any]) -> str:
     )
 
 
+@dataclass(frozen=True)
+class ParityArchitecture:
+    """What an architecture brings to a parity run: its evaluation samples, its reference (fed as its bundles'
+    runtime family feeds them) and how answers are scored. Rows, sizes, timings and memory are the report's."""
+
+    default_data: str
+    samples: Callable[[str, int, int, Sequence[Bundle]], list]  # (data, per_task, seed, bundles)
+    reference: Callable[[Path, Sequence[Bundle]], tuple[Any, Tokenizer]]  # (checkpoint, bundles) -> model, tok
+    run_reference: Callable[[Any, Tokenizer, Sequence, Family], Run]
+    task_metrics: Callable[[Sequence, list[str]], dict[str, Any]]
+    vision_fidelity: Callable[[Any, Pipeline, Sequence], dict]
+    budget: Callable[[Any], int]  # new tokens a sample's answer may take
+    # answers scored against the reference's own (None: the report's exact-match and token agreement only)
+    agreement: Callable[[Sequence, list[str], list[str]], dict[str, Any]] | None = None
+    baselines: bool = True  # the bitsandbytes rows quantize this reference
+
+
+def _rsunivlm_reference(checkpoint: Path, bundles: Sequence[Bundle]) -> tuple[Any, Tokenizer]:
+    return RSUniVLMForCausalLM.from_checkpoint(checkpoint), Tokenizer.from_file(
+        str(Path(checkpoint) / "tokenizer.json")
+    )
+
+
+RSUNIVLM = ParityArchitecture(
+    default_data="synthetic-test,real-test",
+    samples=lambda data, per_task, seed, bundles: eval_samples(data, per_task, seed),
+    reference=_rsunivlm_reference,
+    run_reference=run_reference,
+    task_metrics=task_metrics,
+    vision_fidelity=vision_fidelity,
+    budget=lambda s: MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS),
+)
+
+
+def parity_architecture(reference: Path, bundles: Sequence[Bundle]) -> tuple[str, ParityArchitecture]:
+    """The reference checkpoint's architecture and its parity pieces; every bundle must be of it (one line)."""
+    arch = architecture_for(reference).name
+    for b in bundles:
+        got = b.manifest.get("architecture", "rsunivlm")
+        if got != arch:
+            raise OptionError(f"{b.root} is a {got} bundle; the reference {reference} is a {arch} checkpoint")
+    if arch == "rsunivlm":
+        return arch, RSUNIVLM
+    if arch == "unirs":
+        from rsedge.parity.unirs import UNIRS  # torch models load on use
+
+        return arch, UNIRS
+    raise OptionError(f"rsedge parity has no evaluation for {arch} bundles")
+
+
 def parity_report(
     bundles: Sequence[Path],
     reference: Path,
-    data: str = "synthetic-test,real-test",
+    data: str | None = None,
     per_task: int = 25,
     seed: int = 0,
     threads: int | None = None,
     log: Callable[[str], None] = lambda m: None,
     baselines: bool = True,
 ) -> dict[str, Any]:
-    samples = eval_samples(data, per_task, seed)
-    log(f"{len(samples)} samples from {data}")
+    """Every bundle against the FP32 reference checkpoint it came from, on ``data`` (default: the architecture's
+    evaluation data)."""
     if not bundles:
         raise ValueError("parity compares bundles with their reference: give at least one bundle")
-    model = RSUniVLMForCausalLM.from_checkpoint(reference)
-    tok = Tokenizer.from_file(str(Path(reference) / "tokenizer.json"))
+    opened = [Bundle.open(b, verify="size") for b in bundles]
+    arch_name, arch = parity_architecture(Path(reference), opened)
+    data = data or arch.default_data
+    samples = arch.samples(data, per_task, seed, opened)
+    log(f"{len(samples)} {arch_name} samples from {data}")
+    model, tok = arch.reference(Path(reference), opened)
     # The reference sees each request as the bundle does (prompt, preprocessing, routing); bundles that differ
     # there (another --router) get a reference run of their own.
-    inputs = {b: reference_inputs(Bundle.open(b, verify="size")) for b in bundles}
+    inputs = {b: reference_inputs(ob) for b, ob in zip(bundles, opened, strict=True)}
     refs: dict[str, Run] = {}
     ref_rows: dict[str, int] = {}
     rows: list[dict[str, Any]] = []
     for family, key in inputs.values():
         if key not in refs:
-            refs[key] = ref = run_reference(model, tok, samples, family)
+            refs[key] = ref = arch.run_reference(model, tok, samples, family)
             ref_rows[key] = len(rows)
             rows.append(
                 {
                     "name": ref.name if not rows else f"{ref.name} #{len(rows) + 1}",
                     "label": "fp32 reference",
                     "precision": "fp32-reference",
-                    "metrics": task_metrics(samples, ref.answers),
+                    "metrics": arch.task_metrics(samples, ref.answers),
                     "prefill_ms_median": statistics.median(ref.prefill_ms),
                     "decode_ms_per_token": statistics.median(ref.decode_ms_per_token or [0.0]),
                     **reasoning_columns(ref),
                 }
             )
     first_family = next(iter(inputs.values()))[0]
-    if baselines and bnb_baseline.available():
+    if baselines and arch.baselines and bnb_baseline.available():
         for kind in bnb_baseline.KINDS:
             log(f"running the bitsandbytes baseline {kind}")
             qmodel, size_mb = bnb_baseline.quantize_reference(model, kind)
-            run = run_reference(qmodel, tok, samples, first_family)
+            run = arch.run_reference(qmodel, tok, samples, first_family)
             ref = next(iter(refs.values()))
             rows.append(
                 {
                     "name": f"{kind} (PyTorch)",
                     "label": f"{kind} (PyTorch)",
                     "precision": kind,
-                    "metrics": task_metrics(samples, run.answers),
+                    "metrics": arch.task_metrics(samples, run.answers),
                     "logits_cosine": float(
                         np.mean([cosine(a, c) for a, c in zip(ref.first_logits, run.first_logits, strict=True)])
                     ),
@@ -352,38 +411,42 @@ def parity_report(
         gc.collect()
         rss_before = peak_memory.rss_mb()
         pipe = Pipeline.load(b, threads=threads)
-        run = run_bundle(pipe, samples, str(b))
+        run = run_bundle(pipe, samples, str(b), budget=arch.budget)
         ref = refs[inputs[b][1]]
         logits_ref, logits_got = np.stack(ref.first_logits), np.stack(run.first_logits)
-        rows.append(
-            {
-                "name": str(b),
-                "reference_row": ref_rows[inputs[b][1]],
-                "label": bundle_label(pipe.bundle.precision, pipe.bundle.manifest.get("quantization")),
-                "precision": pipe.bundle.precision,
-                "quantization": pipe.bundle.manifest.get("quantization"),
-                "metrics": task_metrics(samples, run.answers),
-                "logits_sqnr_db": sqnr_db(logits_ref, logits_got),
-                "logits_cosine": float(
-                    np.mean([cosine(a, c) for a, c in zip(ref.first_logits, run.first_logits, strict=True)])
-                ),
-                "greedy_token_agreement": token_agreement(ref.tokens, run.tokens),
-                "exact_answer_match": float(np.mean([a == c for a, c in zip(ref.answers, run.answers, strict=True)])),
-                "changed_answers": changed_answers(samples, ref.answers, run.answers),
-                "vision": vision_fidelity(model, pipe, samples),
-                "size": bundle_size_mb(Path(b)),
-                "prefill_ms_median": statistics.median(run.prefill_ms),
-                "decode_ms_per_token_median": statistics.median(run.decode_ms_per_token)
-                if run.decode_ms_per_token
-                else None,
-                "rss_mb_loaded": peak_memory.rss_mb() - rss_before,  # sessions + arena after running every sample
-                "peak_memory": request_peak_memory(Path(b), samples[0], threads),
-                **reasoning_columns(run, ref),
-            }
-        )
+        row = {
+            "name": str(b),
+            "reference_row": ref_rows[inputs[b][1]],
+            "label": bundle_label(pipe.bundle.precision, pipe.bundle.manifest.get("quantization")),
+            "precision": pipe.bundle.precision,
+            "quantization": pipe.bundle.manifest.get("quantization"),
+            "metrics": arch.task_metrics(samples, run.answers),
+            "logits_sqnr_db": sqnr_db(logits_ref, logits_got),
+            "logits_cosine": float(
+                np.mean([cosine(a, c) for a, c in zip(ref.first_logits, run.first_logits, strict=True)])
+            ),
+            "greedy_token_agreement": token_agreement(ref.tokens, run.tokens),
+            "exact_answer_match": float(np.mean([a == c for a, c in zip(ref.answers, run.answers, strict=True)])),
+            "changed_answers": changed_answers(samples, ref.answers, run.answers),
+        }
+        if arch.agreement is not None:
+            row["agreement"] = arch.agreement(samples, ref.answers, run.answers)
+        row |= {
+            "vision": arch.vision_fidelity(model, pipe, samples),
+            "size": bundle_size_mb(Path(b)),
+            "prefill_ms_median": statistics.median(run.prefill_ms),
+            "decode_ms_per_token_median": statistics.median(run.decode_ms_per_token)
+            if run.decode_ms_per_token
+            else None,
+            "rss_mb_loaded": peak_memory.rss_mb() - rss_before,  # sessions + arena after running every sample
+            "peak_memory": request_peak_memory(Path(b), samples[0], threads, budget=arch.budget(samples[0])),
+            **reasoning_columns(run, ref),
+        }
+        rows.append(row)
         del pipe
         gc.collect()
     return {
+        "architecture": arch_name,
         "data": data,
         "samples": len(samples),
         "per_task": per_task,

@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from rsedge.export.decoder_graph import LM_HEAD_T
-from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
+from rsedge.calibration.readers import CalibrationError
+from rsedge.export.decoder_graph import as_spec
+from rsedge.export.linear_map import LinearMap, decoder_linear_map
 
 STATS_VERSION = 1
 ROWS_PER_LINEAR = 256  # token rows kept per linear for the scale search
@@ -38,29 +39,20 @@ class LinearStats:
         return np.concatenate(self.rows)[:ROWS_PER_LINEAR] if self.rows else np.zeros((0, self.abs_sum.size))
 
 
-def graph_name(module_name: str) -> str | None:
-    """The decoder-graph weight a reference Linear's input feeds (fused q/k/v and gate/up share inputs)."""
-    if module_name == "lm.lm_head":  # tied or not: the graph names its quantized head LM_HEAD_T either way
-        return LM_HEAD_T
-    if not module_name.startswith("lm.model.layers."):
-        return None
-    base = module_name.removeprefix("lm.")
-    for src, dst in (
-        (".self_attn.q_proj", ".self_attn.qkv_proj"),
-        (".self_attn.o_proj", ".self_attn.o_proj"),
-        (".gate_proj", ".gate_up_proj"),
-        (".down_proj", ".down_proj"),
-    ):
-        if base.endswith(src):
-            return base.removesuffix(src) + dst + ".weight_t"
-    return None
-
-
 def collect_stats(
-    model: RSUniVLMForCausalLM, batches: Iterable[tuple[torch.Tensor, int]], seed: int = 0
+    model: torch.nn.Module,
+    batches: Iterable[tuple[torch.Tensor, int]],
+    seed: int = 0,
+    linear_map: LinearMap | None = None,
+    step: Callable[[torch.Tensor, int], object] | None = None,
 ) -> dict[str, LinearStats]:
-    """Run ``(inputs_embeds [1,L,H], expert)`` pairs through the reference and record linear inputs."""
+    """Run ``(inputs_embeds [1,L,H], expert)`` pairs through the reference and record, under each graph weight's
+    name, the input of the first reference linear ``linear_map`` gives it (the exporter's map; by default the
+    one of the decoder the builder makes of ``model.cfg``, RSUniVLM's). ``step(embeds, expert)`` runs one pass
+    (default ``model.step``)."""
     rng = np.random.default_rng(seed)
+    lmap = linear_map if linear_map is not None else decoder_linear_map(as_spec(model.cfg))
+    run = step if step is not None else model.step
     stats: dict[str, LinearStats] = {}
     hooks = []
 
@@ -75,14 +67,16 @@ def collect_stats(
 
         return hook
 
-    for module_name, module in model.named_modules():
-        name = graph_name(module_name)
-        if name is not None and isinstance(module, torch.nn.Linear):
-            hooks.append(module.register_forward_pre_hook(hook_for(name)))
+    modules = dict(model.named_modules())
+    for module_name, name in lmap.by_input_module.items():
+        module = modules.get(module_name)
+        if not isinstance(module, torch.nn.Linear):
+            raise CalibrationError(f"the linear map names {module_name}, which the reference has no Linear for")
+        hooks.append(module.register_forward_pre_hook(hook_for(name)))
     try:
         with torch.no_grad():
             for embeds, expert in batches:
-                model.step(embeds, expert)
+                run(embeds, expert)
     finally:
         for h in hooks:
             h.remove()

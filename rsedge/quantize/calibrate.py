@@ -8,6 +8,7 @@ import torch
 from tokenizers import Tokenizer
 
 from rsedge.calibration.calibset import CalibrationSet
+from rsedge.export.linear_map import LinearMap
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.quantize.activations import LinearStats, cache_path, collect_stats, load_stats, save_stats
 from rsedge.runtime.images import validate_image
@@ -56,12 +57,13 @@ def calibration_stats(
     calib: CalibrationSet,
     checkpoint_hash: str,
     experts: Sequence[int],
+    linear_map: LinearMap | None = None,
 ) -> tuple[dict[str, LinearStats], bool]:
-    """Activation statistics of every decoder linear, each item routed to ``experts[i]``; from the disk cache
-    when this (checkpoint, set, routing) was seen before."""
+    """Activation statistics of every decoder linear ``linear_map`` names (the exporter's), each item routed to
+    ``experts[i]``; from the disk cache when this (checkpoint, set, routing) was seen before."""
     path = cache_path(checkpoint_hash, calib.content_hash, experts)
     if path.is_file():
         return load_stats(path), True
-    stats = collect_stats(model, calibration_inputs(model, tok, calib, experts))
+    stats = collect_stats(model, calibration_inputs(model, tok, calib, experts), linear_map=linear_map)
     save_stats(stats, path)
     return stats, False

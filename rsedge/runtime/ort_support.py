@@ -46,6 +46,10 @@ FEATURES: dict[str, tuple[str, str]] = {
     # 1.17's CPU kernel takes float16 only; older ones lack the rotary cos/sin inputs
     "gqa": ("float32 GroupQueryAttention", "1.18.0"),
     "gqa-fp16": ("float16 GroupQueryAttention (CPU)", "1.18.0"),
+    # An INT8 KV cache (k/v_scale, PER_CHANNEL, kv_cache_bit_width 8) on the CPU: 1.23-1.24 reject the inputs,
+    # 1.25-1.26 fail at the first run (CUDA kernels only), 1.27.0-1.32.0 match a float cache within the scales'
+    # rounding (a one-layer graph, 2026-11-30)
+    "gqa-kv-int8": ("GroupQueryAttention with an INT8 KV cache (CPU)", "1.27.0"),
     # A twin exists only beside an INT4/INT8 MatMulNBits decoder, so its floor was measured with that: the
     # int4-ort-prefill-int8 form runs on 1.19.0 with the 1.23.2 tokens (scripts/ort_versions.py, 2026-11-30)
     "dynamic-quantize-matmul": ("DynamicQuantizeMatMul with a bias (INT8 prefill twins)", "1.19.0"),

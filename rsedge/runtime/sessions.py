@@ -11,6 +11,7 @@ from typing import Any
 import numpy as np
 
 from rsedge.errors import OptionError
+from rsedge.runtime import hugepages
 
 # Execution providers per device, first choice first. The CPU provider stays last as onnxruntime's
 # fallback for the few shape ops a GPU provider leaves to the host.
@@ -19,7 +20,12 @@ PROVIDERS = {
     "cuda": ["CUDAExecutionProvider", "CPUExecutionProvider"],
     "tensorrt": ["TensorrtExecutionProvider", "CUDAExecutionProvider", "CPUExecutionProvider"],
 }
-ORT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64}
+ORT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int8)": np.int8,  # an INT8 KV cache (rsedge export --kv-cache int8)
+}
 ENV_ALLOCATORS = "session.use_env_allocators"  # the session config entry that takes the process's shared arena
 
 
@@ -41,6 +47,9 @@ class SessionConfig:
     trt_fp16: bool = True
     # CPU: every session allocates from one arena of the process (see use_shared_cpu_arena) instead of its own.
     shared_arena: bool = True
+    # CPU: a new session's written memory (prepacked weights) collapsed into huge pages in the background
+    # (see rsedge.runtime.hugepages; RSEDGE_HUGE_PAGES=0 turns it off for a process).
+    huge_pages: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in PROVIDERS:
@@ -123,6 +132,8 @@ def make_session(path: Path, cfg: SessionConfig, cache_key: str = "") -> Any:
             f"device {cfg.device!r}: {chosen[0][0]} could not start on this machine (onnxruntime fell back to "
             f"{running[0]}; its reason is in the log above); install its libraries or choose another --device"
         )
+    if cfg.huge_pages and cfg.device == "cpu":
+        hugepages.collapse_soon()
     return session
 
 

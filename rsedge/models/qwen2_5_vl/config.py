@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rsedge.errors import CheckpointError
-from rsedge.models.rsunivlm.config import TextConfig
+from rsedge.models.dimensions import TextConfig
 
 MODEL_TYPE = "qwen2_5_vl"
 # Qwen2_5_VLVisionConfig's defaults (transformers 5.24), for a field a config.json omits.

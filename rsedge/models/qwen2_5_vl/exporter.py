@@ -26,10 +26,12 @@ import torch
 from PIL import Image
 from tokenizers import Tokenizer
 
+from rsedge.calibration.calibset import CalibrationSet, resolve_calibration
 from rsedge.errors import CheckpointError, ExportValidationError, OptionError
 from rsedge.export.decoder_graph import build_decoder_graph, decoder_record, store_embedding_arrays
 from rsedge.export.decoder_spec import qwen2_5_vl
 from rsedge.export.driver import ExportContext, Exporter, ExportOptions, Progress
+from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.records import graph_io
 from rsedge.export.validate import (
@@ -46,7 +48,7 @@ from rsedge.models.qwen2_5_vl.config import Qwen25VLConfig
 from rsedge.models.qwen2_5_vl.modeling import Qwen25VLReference
 from rsedge.models.qwen2_5_vl.vision import build_vision_graph, quantize_vision_graph, vision_config_record
 from rsedge.models.qwen2_5_vl.weights import load_checkpoint_tensors
-from rsedge.models.rsunivlm.weights import checkpoint_files
+from rsedge.models.safetensors_files import checkpoint_files
 from rsedge.runtime.backends import DecoderSpec
 from rsedge.runtime.backends.ort_cpu import OrtCpuDecoder
 from rsedge.runtime.bundle import sha256_file
@@ -167,6 +169,14 @@ class Qwen25VLExporter(Exporter):
     def checkpoint_hash(self) -> str:
         return checkpoint_hash(self.checkpoint)
 
+    def linear_map(self) -> LinearMap:
+        return decoder_linear_map(self.spec)  # validation sees the language model under ``lm`` (_LMView)
+
+    def calibration_set(self, name_or_path: str | Path) -> CalibrationSet:
+        """Any set: RTN reads no prompts (AWQ is refused), so only the vision graph's static INT8 reads a set,
+        and only its images."""
+        return resolve_calibration(name_or_path)
+
     def collect_statistics(self, ctx: ExportContext, routing: list[int]) -> bool:
         raise OptionError("AWQ is not built for Qwen2.5-VL bundles yet")  # check() refuses it first
 
@@ -245,7 +255,7 @@ class Qwen25VLExporter(Exporter):
 
 
 class _LMView(torch.nn.Module):
-    """The reference's language model under the names :func:`apply_fake_quant` writes (``lm.model.*``,
+    """The reference's language model where :meth:`Qwen25VLExporter.linear_map` names it (``lm.model.*``,
     ``lm.lm_head``): the same modules, so the fake-quantized weights land in transformers' model."""
 
     def __init__(self, ref: Qwen25VLReference) -> None:

@@ -1,7 +1,7 @@
 """A small Qwen2-style byte-level BPE with Qwen2.5-VL's special tokens, in the released file layout.
 
 Qwen's own tokenizer cannot be downloaded here, so test checkpoints carry a BPE learned on remote-sensing prompt
-text (RSUniVLM's learner: Qwen2's pre-tokenizer, digits one by one) plus grounding answers in the
+text (``rsedge.models.tokenizer_corpus``, with Qwen2's pre-tokenizer: digits one by one) plus grounding answers in the
 ``<think>..</think><answer>..</answer>`` form with ``bbox_2d`` boxes, and the special tokens of Qwen2.5-VL's
 template appended after the learned pieces, in Qwen's order.
 """
@@ -11,10 +11,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers import models as tok_models
 
-from rsedge.models.rsunivlm.tokenizer_files import QWEN2_SPLIT, training_corpus
+from rsedge.models.tokenizer_corpus import QWEN2_SPLIT, learn_pieces
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -60,12 +60,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(training_corpus(GROUNDING_LINES), trainer=trainer)
+    learn_pieces(tok, vocab_size - len(SPECIAL_TOKENS), GROUNDING_LINES, pre_tokenizers.ByteLevel.alphabet())
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 

@@ -13,7 +13,7 @@ import torch
 
 from rsedge.errors import CheckpointError
 from rsedge.models.qwen2_5_vl.config import Qwen25VLConfig
-from rsedge.models.rsunivlm.weights import iter_checkpoint
+from rsedge.models.safetensors_files import iter_checkpoint
 
 Shape = tuple[int, ...]
 # transformers 5 prefix -> released prefix (the first match wins; lm_head.weight is the same in both)

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rsedge.errors import CheckpointError
+from rsedge.models.dimensions import TextConfig, VisionConfig
 from rsedge.runtime.router import TASK_TAGS as ROUTER_TAGS
 
 MODEL_TYPE = "llava_qwen_gmoe"
@@ -42,46 +43,6 @@ KNOWN_VISION_TOWERS: dict[str, dict[str, Any]] = {
 
 class ConfigError(CheckpointError):
     """A checkpoint's config.json is missing, unreadable or not an RSUniVLM config."""
-
-
-@dataclass(frozen=True)
-class VisionConfig:
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    patch_size: int
-    image_size: int
-    layer_norm_eps: float = 1e-6
-    hidden_act: str = "gelu_pytorch_tanh"
-    num_channels: int = 3
-
-    @property
-    def patches_per_side(self) -> int:
-        return self.image_size // self.patch_size
-
-    @property
-    def num_patches(self) -> int:
-        return self.patches_per_side**2
-
-
-@dataclass(frozen=True)
-class TextConfig:
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 1_000_000.0
-    max_position_embeddings: int = 32768
-    tie_word_embeddings: bool = False
-    num_experts: int = 3
-
-    @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,9 @@ from rsedge.export.decoder_graph import (
     decoder_record,
     store_embedding_arrays,
 )
+from rsedge.export.decoder_spec import qwen2_experts
 from rsedge.export.driver import ExportContext, Exporter, Progress
+from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.prefill_graph import FORM as PREFILL_FORM
 from rsedge.export.prefill_graph import build_prefill_graph, prefill_onnx
@@ -34,7 +36,7 @@ from rsedge.export.weight_store import WeightStore
 from rsedge.models.rsunivlm.config import TASK_TAGS, RSUniVLMConfig
 from rsedge.models.rsunivlm.modeling import RSUniVLMForCausalLM
 from rsedge.models.rsunivlm.weights import check_finite, checkpoint_files, load_checkpoint_tensors
-from rsedge.quantize.calibrate import calibration_routing, calibration_stats
+from rsedge.quantize.calibrate import calibration_inputs, calibration_routing, calibration_stats
 from rsedge.runtime.bundle import sha256_file
 from rsedge.runtime.prompt import CHAT_TEMPLATE, IMAGE_PLACEHOLDER, IMAGE_TOKEN_INDEX, SYSTEM_PROMPT, TEMPLATE_SPECIALS
 from rsedge.runtime.router import IMAGE_COUNTS
@@ -128,6 +130,9 @@ class RSUniVLMExporter(Exporter):
     def checkpoint_hash(self) -> str:
         return checkpoint_hash(self.checkpoint)
 
+    def linear_map(self) -> LinearMap:
+        return decoder_linear_map(qwen2_experts(self.cfg.text))  # the reference keeps Qwen2 under ``lm``
+
     def num_experts(self) -> int:
         return self.cfg.text.num_experts
 
@@ -141,8 +146,16 @@ class RSUniVLMExporter(Exporter):
 
     def collect_statistics(self, ctx: ExportContext, routing: list[int]) -> bool:
         tok = Tokenizer.from_file(str(self.checkpoint / "tokenizer.json"))
-        ctx.plan.stats, cached = calibration_stats(self.reference(), tok, ctx.calibration, ctx.source_hash, routing)
+        ctx.plan.stats, cached = calibration_stats(
+            self.reference(), tok, ctx.calibration, ctx.source_hash, routing, ctx.linear_map
+        )
         return cached
+
+    def kv_calibration(self, ctx: ExportContext, routing: list[int]) -> Iterator[tuple[np.ndarray, int]]:
+        tok = Tokenizer.from_file(str(self.checkpoint / "tokenizer.json"))
+        with torch.no_grad():
+            for embeds, expert in calibration_inputs(self.reference(), tok, ctx.calibration, routing):
+                yield embeds.float().numpy(), expert
 
     def vision_graph_size(self) -> int:
         return self.cfg.vision.image_size

@@ -12,56 +12,17 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+
+from rsedge.models.tokenizer_corpus import QWEN2_SPLIT, learn_pieces
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
-QWEN2_SPLIT = (
-    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
-)
 CHAT_TEMPLATE_JINJA = (
     "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}"
     "{{ '<|im_start|>system\\nYou are a helpful assistant.<|im_end|>\\n' }}{% endif %}"
     "{{'<|im_start|>' + message['role'] + '\\n' + message['content'] + '<|im_end|>' + '\\n'}}{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}"
 )
-
-# Remote-sensing words so a small vocabulary still covers the task text in whole pieces.
-RS_CORPUS_WORDS = (
-    "airport aircraft airplane harbor harbour ship ships boat vehicle vehicles car truck bus road roads river "
-    "lake pond water forest farmland field fields meadow bare land desert mountain beach bridge overpass "
-    "building buildings house houses residential dense sparse medium industrial commercial church school "
-    "stadium playground park parking lot storage tank tanks baseball basketball tennis court soccer "
-    "ground track swimming pool windmill dam railway station viaduct center square port resort "
-    "others change changes changed new removed added construction demolished no there is are a an the "
-    "of in on at to from with and or near next left right upper lower top bottom middle center largest "
-    "smallest biggest north south east west image images scene aerial satellite remote sensing photo "
-    "how many what where which is this describe briefly please segment classify the area that have "
-    "in these two first second yes no count number color red white blue green gray grey dark light "
-    "small large long wide round rectangular several some one two three four five six seven eight nine ten"
-)
-
-
-def training_corpus(extra: Iterable[str] = ()) -> list[str]:
-    """Prompt-shaped lines (tags, boxes, run-length masks) plus any task text the caller supplies."""
-    words = RS_CORPUS_WORDS.split()
-    lines = [
-        "[CAP] Describe this image briefly.",
-        "[VG] Where is the windmill?",
-        "[SEG] water.",
-        "[VQA] How many basketball courts?",
-        "[REF] what is [1, 20, 9, 30]?",
-        "[CLS] What is the category of this image?",
-        "[CCD] Please briefly describe the changes in these two images.",
-        "[SEG] Please segment the building area that have changed in the second image.",
-        "You are a helpful assistant.",
-    ]
-    for k, w in enumerate(words):
-        a, b = words[(k * 7) % len(words)], words[(k * 13) % len(words)]
-        lines.append(f"There is a {w} near the {a} and {b}.")
-        lines.append(f"[{k % 100}, {(k * 3) % 100}, {(k * 7) % 100}, {(k * 11) % 100}]")
-        lines.append(f"others*{k % 16 + 1}, {w}*{(k * 5) % 16 + 1}, others*{(k * 3) % 16 + 1}")
-    lines.extend(extra)
-    return lines
 
 
 def train_tokenizer(vocab_size: int, extra_text: Iterable[str] = ()) -> Tokenizer:
@@ -74,12 +35,7 @@ def train_tokenizer(vocab_size: int, extra_text: Iterable[str] = ()) -> Tokenize
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size - len(SPECIAL_TOKENS),
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(training_corpus(extra_text), trainer=trainer)
+    learn_pieces(tok, vocab_size - len(SPECIAL_TOKENS), extra_text, pre_tokenizers.ByteLevel.alphabet())
     tok.add_special_tokens(list(SPECIAL_TOKENS))
     return tok
 

@@ -7,16 +7,17 @@ or misshapen tensor, naming it: a silently skipped tensor is how a VLM ends up a
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError, safe_open
 
 from rsedge.errors import CheckpointError
 from rsedge.models.rsunivlm.config import RSUniVLMConfig
+from rsedge.models.safetensors_files import checkpoint_files, iter_checkpoint
+
+__all__ = ["check_finite", "checkpoint_files", "expected_tensors", "iter_checkpoint", "load_checkpoint_tensors"]
 
 VISION_PREFIX = "model.vision_tower.vision_tower.vision_model."
 Shape = tuple[int, ...]
@@ -216,35 +217,6 @@ def expected_tensors(cfg: RSUniVLMConfig) -> dict[str, ExpectedTensor]:
             for e in range(n_experts):
                 out[r.checkpoint.format(i=i, e=e)] = ExpectedTensor(r.module.format(i=i, e=e), shape)
     return out
-
-
-def checkpoint_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint: one model.safetensors, or the shards its index names."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, json.JSONDecodeError, KeyError) as e:
-            raise CheckpointError(f"{index}: unreadable shard index ({e})") from None
-        files = sorted({path / f for f in weight_map.values()})
-    elif (path / "model.safetensors").is_file():
-        files = [path / "model.safetensors"]
-    else:
-        raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-    for f in files:
-        if not f.is_file():
-            raise CheckpointError(f"{f}: shard named by the index is missing")
-    return files
-
-
-def iter_checkpoint(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
-    for f in checkpoint_files(path):
-        try:
-            with safe_open(str(f), framework="pt") as sf:
-                for name in sf.keys():  # noqa: SIM118 (safe_open is not iterable)
-                    yield name, sf.get_tensor(name)
-        except (OSError, ValueError, RuntimeError, SafetensorError) as e:  # truncated, garbage, unknown dtype...
-            raise CheckpointError(f"{f}: unreadable safetensors file ({e})") from None
 
 
 def load_checkpoint_tensors(path: str | Path, cfg: RSUniVLMConfig) -> dict[str, torch.Tensor]:

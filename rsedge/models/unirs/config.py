@@ -23,7 +23,7 @@ from typing import Any
 from safetensors import SafetensorError, safe_open
 
 from rsedge.errors import CheckpointError
-from rsedge.models.rsunivlm.config import TextConfig, VisionConfig
+from rsedge.models.dimensions import TextConfig, VisionConfig
 
 MODEL_TYPE = "llava_llama"  # llava/model/language_model/llava_llama.py LlavaLlamaConfig
 PROJECTOR_TYPE = "mlp_downsample"

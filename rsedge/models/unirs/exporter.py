@@ -10,53 +10,56 @@ Graphs, each with its own weight file so the driver's static INT8 pass can repla
 - ``decoder``: one dense LLaMA decoder (``decoder_spec.llama``), ``decoder_expert0``.
 
 An image and each video frame run vision -> projector; a pair runs vision (both) -> change -> projector: one
-block.
+block. ``prefill="int8"`` (the cpu target) adds the decoder's INT8 prefill twin, as for RSUniVLM.
+
+Quantization reads the decoder's :meth:`UniRSExporter.linear_map`; AWQ and the static INT8 vision graph calibrate on
+UniRS's own set (``rs-default`` means ``rs-default-unirs``), fed through the reference as the bundle's runtime
+family will feed the graphs (``rsedge.models.unirs.calibration``).
 """
 
 from __future__ import annotations
 
 import gc
 import hashlib
+import json
 import shutil
+from dataclasses import asdict
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
 import torch
 from tokenizers import Tokenizer
 
-from rsedge.errors import ExportValidationError, OptionError
+from rsedge.calibration.calibset import CalibrationSet
+from rsedge.calibration.unirs_set import RS_DEFAULT_UNIRS
+from rsedge.errors import OptionError
 from rsedge.export.decoder_graph import build_decoder_graph, decoder_record, store_embedding_arrays
 from rsedge.export.decoder_spec import llama
 from rsedge.export.driver import ExportContext, Exporter, ExportOptions, Progress
+from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
+from rsedge.export.prefill_graph import FORM as PREFILL_FORM
+from rsedge.export.prefill_graph import build_prefill_graph, prefill_onnx
 from rsedge.export.records import graph_io
-from rsedge.export.validate import (
-    GraphCheck,
-    _run_decoder,
-    apply_fake_quant,
-    checks_to_json,
-    compare,
-    float_activation_twin,
-    steady_reference,
-    validation_image,
-)
+from rsedge.export.validate import apply_fake_quant, checks_to_json, steady_reference
 from rsedge.export.weight_store import WeightStore
-from rsedge.models.rsunivlm.weights import checkpoint_files
+from rsedge.models.safetensors_files import checkpoint_files
+from rsedge.models.unirs.calibration import calibration_stats
 from rsedge.models.unirs.config import EvalOverrides, UniRSConfig
 from rsedge.models.unirs.graphs import (
-    PAIR_FEATURES,
-    PIXEL_VALUES,
     VISION_BIN,
-    VISION_FEATURES,
     build_change_graph,
     build_projector_graph,
     build_tower_graph,
 )
 from rsedge.models.unirs.modeling import IMAGE_TOKEN_INDEX, UniRSForCausalLM
 from rsedge.models.unirs.prompt import STOP, VICUNA_V1
+from rsedge.models.unirs.validate import validate_graphs
 from rsedge.models.unirs.weights import FOLDERS, load_checkpoint_tensors
 from rsedge.runtime.bundle import sha256_file
+from rsedge.runtime.families.vila import VilaFamily
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model")
 PROJECTOR_BIN, CHANGE_BIN = "projector.bin", "change.bin"
@@ -121,6 +124,7 @@ def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: UniRSConfig) -> dict[str, A
 
 class UniRSExporter(Exporter):
     architecture = "unirs"
+    default_calibration = RS_DEFAULT_UNIRS
 
     def __init__(self, checkpoint: Path, options: ExportOptions, overrides: EvalOverrides | None = None) -> None:
         super().__init__(checkpoint, options)
@@ -130,9 +134,6 @@ class UniRSExporter(Exporter):
     def check(self) -> None:
         if self.options.router:
             raise OptionError("a UniRS / VILA-1.5 bundle has one dense decoder: it takes no --router")
-        if self.options.recipe is not None and self.options.recipe.algorithm == "awq":
-            # AWQ's statistics come from RSUniVLM's reference and task-tagged calibration items.
-            raise OptionError("AWQ is not built for UniRS bundles yet; use --algorithm rtn")
         self.cfg = UniRSConfig.from_checkpoint(self.checkpoint, self.overrides)
         preprocess_spec(self.cfg)  # an aspect ratio the runtime cannot follow fails before any file is read
         self.model: UniRSForCausalLM | None = None
@@ -147,8 +148,42 @@ class UniRSExporter(Exporter):
     def checkpoint_hash(self) -> str:
         return checkpoint_hash(self.checkpoint)
 
+    def linear_map(self) -> LinearMap:
+        return decoder_linear_map(llama(self.cfg.text))  # the reference keeps its LlamaForCausalLM under ``lm``
+
+    def family(self) -> VilaFamily:
+        """The runtime family a bundle of this checkpoint gets, from the manifest sections this exporter writes:
+        calibration feeds the reference as that family will feed the graphs."""
+        graphs = {"change": {}} if self.cfg.has_change else {}
+        view = SimpleNamespace(
+            root=self.checkpoint,
+            prompt=prompt_spec(self.cfg),
+            preprocess=preprocess_spec(self.cfg),
+            manifest={"graphs": graphs},
+        )
+        return VilaFamily(view, Tokenizer.from_file(str(self.checkpoint / "llm" / "tokenizer.json")))
+
+    def calibration_info(self, calib: CalibrationSet) -> dict[str, Any]:
+        tasks: dict[str, int] = {}
+        for item in calib.items:
+            tasks[item.task] = tasks.get(item.task, 0) + 1
+        pairs = sum(len(item.images) == 2 and item.task != "video" for item in calib.items)
+        return {
+            "template": self.cfg.template,
+            "tasks": tasks,
+            "video_frames": self.cfg.num_video_frames,
+            # a VILA-1.5 checkpoint has no change module: its pairs are not fed
+            "skipped_pairs": 0 if self.cfg.has_change else pairs,
+        }
+
     def collect_statistics(self, ctx: ExportContext, routing: list[int]) -> bool:
-        raise OptionError("AWQ is not built for UniRS bundles yet")  # check() refuses it first
+        family = self.family()
+        # The eval overrides change what the reference computes on one checkpoint: part of the cache key.
+        key = f"{ctx.source_hash}:{json.dumps(asdict(self.overrides), sort_keys=True)}"
+        ctx.plan.stats, cached = calibration_stats(
+            self.reference(), family, family.tokenizer, ctx.calibration, key, ctx.linear_map, routing
+        )
+        return cached
 
     def vision_graph_size(self) -> int:
         return self.cfg.vision.image_size
@@ -181,9 +216,13 @@ class UniRSExporter(Exporter):
         llm = weights["llm"]
         dec = build_decoder_graph(spec, llm, 0, store, dtype, quant=plan, opset=opset, attention=opts.attention)
         save_graph(dec, tmp / "decoder_expert0.onnx")
-        graphs["decoder"] = decoder_record(
-            spec, {"0": {"file": "decoder_expert0.onnx", **graph_io(dec)}}, opts.attention
-        )
+        expert = {"file": "decoder_expert0.onnx", **graph_io(dec)}
+        if opts.prefill == "int8":  # the prompt through onnxruntime's INT8 GEMM (the cpu target's default)
+            save_graph(build_prefill_graph(dec, store, 0, {}), tmp / prefill_onnx(0))
+            expert["prefill_file"] = prefill_onnx(0)
+        graphs["decoder"] = decoder_record(spec, {"0": expert}, opts.attention)
+        if opts.prefill == "int8":
+            graphs["decoder"]["prefill"] = PREFILL_FORM
         int8_rows = plan is not None and plan.recipe.embeddings == "int8-rows"
         arrays = store_embedding_arrays(spec, llm, store, dtype, int8_rows)
         return graphs, arrays
@@ -206,68 +245,6 @@ class UniRSExporter(Exporter):
             apply_fake_quant(model, ctx.store.cache)
         precision = ctx.options.precision
         with steady_reference(), torch.no_grad():
-            checks = _validate(ctx.tmp, manifest, model, precision)
+            checks = validate_graphs(ctx.tmp, manifest, model, precision)
         self.model = None
         return checks_to_json(checks, precision)
-
-
-def _validate(root: Path, manifest: dict[str, Any], model: UniRSForCausalLM, precision: str) -> list[GraphCheck]:
-    """Each vision-side graph on a pair's pixels, then the decoder (prefill of a prompt around the pair's block
-    and two decode steps), against the reference."""
-    from rsedge.export.validate import _session
-
-    cfg, graphs = model.cfg, manifest["graphs"]
-    checks: list[GraphCheck] = []
-
-    def run(key: str, name: str, x: np.ndarray) -> np.ndarray:
-        sess = _session(root / graphs[key]["file"])
-        want = np.float16 if sess.get_inputs()[0].type == "tensor(float16)" else np.float32
-        return sess.run(None, {name: x.astype(want)})[0].astype(np.float32)
-
-    def bound(key: str) -> str:
-        if graphs[key].get("quantized"):
-            return "vision-int8"
-        return "fp16" if manifest["compute_dtype"] == "fp16" else "fp32"
-
-    pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
-    ref_feats = model.vision_features(torch.from_numpy(pixels))
-    feats = run("vision", PIXEL_VALUES, pixels)
-    checks.append(compare("vision", feats, ref_feats.numpy(), bound("vision")))
-    # Each later graph takes the reference's input: a check measures its own error, not its inputs'.
-    tokens = run("projector", VISION_FEATURES, ref_feats.numpy())
-    ref_tokens = model.mm_projector.single(ref_feats)
-    checks.append(compare("projector", tokens, ref_tokens.numpy(), bound("projector")))
-    block = ref_tokens[0]
-    if "change" in graphs:
-        change = run("change", PAIR_FEATURES, ref_feats.numpy())
-        ref_change = model.change_features(ref_feats[:1], ref_feats[1:])
-        checks.append(compare("change", change, ref_change.numpy(), bound("change")))
-        block = model.mm_projector.single(ref_change)[0]
-
-    rng = np.random.default_rng(0)
-    ids = rng.integers(3, cfg.text.vocab_size, size=12).tolist()
-    embeds = model.embed_prompt([*ids[:6], IMAGE_TOKEN_INDEX, *ids[6:]], [block])
-    next_ids = rng.integers(3, cfg.text.vocab_size, size=2).tolist()
-    model.step(embeds[:, :4])  # a throwaway first pass: lazy set-up happens outside the compared ones
-    step_embeds = [embeds] + [model.lm.model.embed_tokens(torch.tensor([[t]])) for t in next_ids]
-    out = model.step(embeds)
-    ref_logits = [out.logits[0, -1].numpy()]
-    for emb in step_embeds[1:]:
-        out = model.step(emb, out.cache)
-        ref_logits.append(out.logits[0, -1].numpy())
-    ref = np.stack(ref_logits)
-    shared = graphs["decoder"]["kv_cache"] == "shared"
-    path = root / graphs["decoder"]["experts"]["0"]["file"]
-    with float_activation_twin(path) as twin:
-        if twin is not None:
-            got, dtype = _run_decoder(twin, cfg, shared, step_embeds)
-            checks.append(compare("decoder_expert0-weights", got, ref, "fp32" if dtype == np.float32 else "fp16"))
-    checks.append(compare("decoder_expert0", _run_decoder(path, cfg, shared, step_embeds)[0], ref, precision))
-    failed = [c for c in checks if not c.passed]
-    if failed:
-        c = failed[0]
-        raise ExportValidationError(
-            f"{c.graph} disagrees with the PyTorch reference: max|diff| {c.max_abs:.3g} > {c.limit:.3g} "
-            f"or cosine {c.cosine:.6f} < {c.min_cosine} ({precision})"
-        )
-    return checks

@@ -23,7 +23,7 @@ from rsedge.errors import CheckpointError
 from rsedge.export.onnx_builder import GraphBuilder, get_weight
 from rsedge.export.vision_graph import PROJECTOR, TOWER, _embeddings, _encoder_layer, _layer_norm, _linear, _projector
 from rsedge.export.weight_store import WeightStore
-from rsedge.models.rsunivlm.config import VisionConfig
+from rsedge.models.dimensions import VisionConfig
 from rsedge.models.unirs.config import CHANGE_ATTENTION_DIM, LAYOUT_VILA, UniRSConfig
 
 Weights = Mapping[str, Mapping[str, np.ndarray]]  # folder -> checkpoint name -> array

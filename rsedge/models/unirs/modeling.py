@@ -14,6 +14,7 @@ device and einops' rearranges became reshapes.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
@@ -358,18 +359,24 @@ class UniRSForCausalLM(nn.Module):
         kind: str,
         max_new_tokens: int,
         eos_token_id: int | Collection[int] | None = None,
+        timings: dict[str, float] | None = None,
     ) -> tuple[list[int], list[np.ndarray]]:
         """Greedy decoding until ``</s>`` (vicuna_v1's stop; the config's eos by default) or the budget.
 
-        Returns the new tokens and each step's last-position logits.
+        Returns the new tokens and each step's last-position logits. ``timings``, when given, receives
+        ``prefill_ms`` (embedding + the prompt's forward pass, after the vision side, as the runtime times its
+        prefill), ``decode_ms`` and ``decode_steps`` (the one-token forward passes).
         """
         eos = self.cfg.eos_token_id if eos_token_id is None else eos_token_id
         stops = {eos} if isinstance(eos, int) else set(eos)
         weight = self.lm.model.embed_tokens.weight
         blocks = self.visual_blocks(kind, torch.from_numpy(np.asarray(pixel_values)).to(weight.device, weight.dtype))
+        t0 = time.perf_counter()
         out = self.step(self.embed_prompt(input_ids, blocks))
+        t1 = time.perf_counter()
         tokens: list[int] = []
         logits_seen: list[np.ndarray] = []
+        steps = 0
         for _ in range(max_new_tokens):
             last = out.logits[0, -1]
             logits_seen.append(last.cpu().numpy().copy())
@@ -378,4 +385,7 @@ class UniRSForCausalLM(nn.Module):
             if tok in stops:
                 break
             out = self.step(self.lm.model.embed_tokens(torch.tensor([[tok]], device=weight.device)), out.cache)
+            steps += 1
+        if timings is not None:
+            timings.update(prefill_ms=(t1 - t0) * 1e3, decode_ms=(time.perf_counter() - t1) * 1e3, decode_steps=steps)
         return tokens, logits_seen

@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
 
-from rsedge.models.rsunivlm.tokenizer_files import training_corpus
+from rsedge.models.tokenizer_corpus import learn_pieces
 
 UNK, BOS, EOS = "<unk>", "<s>", "</s>"
 SPECIALS = (UNK, BOS, EOS)
@@ -32,8 +32,7 @@ def train_tokenizer(vocab_size: int) -> Tokenizer:
     """Learn pieces on remote-sensing prompt text, then lay the vocabulary out with LLaMA's fixed ids."""
     learner = Tokenizer(models.BPE())
     learner.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=True)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - len(SPECIALS) - len(BYTE_PIECES), show_progress=False)
-    learner.train_from_iterator(training_corpus(VICUNA_LINES), trainer=trainer)
+    learn_pieces(learner, vocab_size - len(SPECIALS) - len(BYTE_PIECES), VICUNA_LINES)
     learned = sorted(learner.get_vocab().items(), key=lambda kv: kv[1])
     vocab = {t: i for i, t in enumerate((*SPECIALS, *BYTE_PIECES))}
     for piece, _ in learned:

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from rsedge.errors import CheckpointError
-from rsedge.models.rsunivlm.weights import iter_checkpoint
+from rsedge.models.safetensors_files import iter_checkpoint
 from rsedge.models.unirs.config import CHANGE_ATTENTION_DIM, LAYOUT_VILA, UniRSConfig
 
 Shape = tuple[int, ...]

@@ -21,9 +21,9 @@ class OrtCudaDecoder(OrtDecoder):
         import onnxruntime as ort
 
         # Allocated in the cache's own dtype (OrtValue has no raw-bytes type); nbytes is a multiple of it.
-        n = max(nbytes // self.dtype.itemsize, 1)
+        n = max(nbytes // self.kv_dtype.itemsize, 1)
         if zero:  # one host->device copy per request, never per token
-            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(n, dtype=self.dtype), "cuda", self.cfg.device_id)
+            value = ort.OrtValue.ortvalue_from_numpy(np.zeros(n, dtype=self.kv_dtype), "cuda", self.cfg.device_id)
         else:
-            value = ort.OrtValue.ortvalue_from_shape_and_type([n], self.dtype, "cuda", self.cfg.device_id)
+            value = ort.OrtValue.ortvalue_from_shape_and_type([n], self.kv_dtype, "cuda", self.cfg.device_id)
         return value, int(value.data_ptr())

@@ -15,6 +15,7 @@ from rsedge.runtime.backends.base import DecoderBackend, DecoderSpec, DecodeStat
 from rsedge.runtime.sessions import ORT_DTYPES, SessionConfig, make_session
 
 INPUTS_EMBEDS, POSITION_IDS, LOGITS = "inputs_embeds", "position_ids", "logits"
+PAST_KEY = "past_key_values."
 
 
 class KVMemory:
@@ -80,6 +81,10 @@ class OrtDecoder(DecoderBackend):
         self.prefill_session = make_session(prefill, cfg) if prefill is not None else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.dtype(ORT_DTYPES[inputs[INPUTS_EMBEDS].type])
+        # The cache's element type is the graph's: the activation dtype, or int8 for a bundle exported with
+        # --kv-cache int8 (GroupQueryAttention quantizes new rows with the graph's per-channel scales).
+        past = inputs.get(f"{PAST_KEY}0.key")
+        self.kv_dtype = np.dtype(ORT_DTYPES[past.type]) if past is not None else self.dtype
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
 
     def _allocate(self, nbytes: int, zero: bool) -> tuple[Any, int]:
@@ -87,11 +92,11 @@ class OrtDecoder(DecoderBackend):
         raise NotImplementedError
 
     def new_state(self, capacity: int) -> DecodeState:
-        nbytes = KVMemory.nbytes(self.spec, capacity, self.dtype)
+        nbytes = KVMemory.nbytes(self.spec, capacity, self.kv_dtype)
         # The fused kernel reads the shared buffer only below each row's length, but zeroed memory keeps
         # a stray read finite; the portable form reads only what an earlier step wrote.
         memory, base = self._allocate(nbytes, zero=self.spec.shared_kv)
-        cache = KVMemory(self.spec, capacity, self.dtype, memory, base)
+        cache = KVMemory(self.spec, capacity, self.kv_dtype, memory, base)
         return DecodeState(capacity=capacity, cache=cache, logits=np.empty((1, self.vocab), dtype=np.float32))
 
     def step(self, embeds: np.ndarray, state: DecodeState) -> np.ndarray:
@@ -124,9 +129,9 @@ class OrtDecoder(DecoderBackend):
         for i in range(self.spec.layers):
             for kind, suffix in ((0, "key"), (1, "value")):
                 ptr, shape = cache.past(i, kind, state.length)
-                io.bind_input(f"past_key_values.{i}.{suffix}", dev, dev_id, self.dtype, shape, ptr)
+                io.bind_input(f"{PAST_KEY}{i}.{suffix}", dev, dev_id, self.kv_dtype, shape, ptr)
                 ptr, shape = cache.present(i, kind, state.length + new)
-                io.bind_output(f"present.{i}.{suffix}", dev, dev_id, self.dtype, shape, ptr)
+                io.bind_output(f"present.{i}.{suffix}", dev, dev_id, self.kv_dtype, shape, ptr)
         logits = state.logits
         io.bind_output(LOGITS, "cpu", 0, np.float32, logits.shape, logits.ctypes.data)
         return io
