@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from transformers import AutoImageProcessor, AutoTokenizer, GenerationConfig
 
-from rsedge.errors import PromptError
+from rsedge.errors import OptionError, PromptError
 from rsedge.export.validate import TOLERANCES
 from rsedge.models.qwen2_5_vl import export
 from rsedge.models.qwen2_5_vl.exporter import validation_image
@@ -176,3 +176,17 @@ def test_bench_runs_a_qwen_bundle(bundles, tmp_path):
     pipe = Pipeline.load(bundles("fp32"))
     want = pipe.generate([validation_image(400, 150)], QUESTION, max_new_tokens=1).prompt_tokens
     assert report["prompt_tokens"] == want and report["decode_tok_per_s"] > 0
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"precision": "int4", "algorithm": "awq"}, "AWQ is not built for Qwen2.5-VL bundles yet"),
+        ({"precision": "int4", "prefill": "int8"}, "INT8 prefill twin is not built for Qwen2.5-VL"),
+        ({"router": {"[VG]": 0}}, "takes no --router"),
+    ],
+)
+def test_unbuilt_options_are_refused_before_any_file(ckpt, tmp_path, options, message):
+    with pytest.raises(OptionError, match=message):
+        export(ckpt, tmp_path / "b", **options)
+    assert not (tmp_path / "b").exists()
