@@ -582,8 +582,8 @@ def rs_default(size: int = 48, seed: int = 0) -> CalibrationSet:
 
 def resolve_calibration(name_or_path: str | Path) -> CalibrationSet:
     """ "rs-default" -> the built-in (RSUniVLM) set, "rs-default-unirs" -> UniRS's, "rs-grounding-reasoning" -> the
-    built-in grounding-with-reasoning set (rsedge.calibration.reasoning_set); anything else -> the set folder at that
-    path (hash-checked)."""
+    grounding-with-reasoning set (rsedge.calibration.reasoning_set); anything else -> the set folder at that path
+    (hash-checked)."""
     if str(name_or_path) == RS_DEFAULT:
         return rs_default()
     if str(name_or_path) == "rs-default-unirs":

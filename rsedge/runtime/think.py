@@ -181,15 +181,16 @@ def _tokenizer_fns(tokenizer: Any) -> tuple[Callable[[str], list[int]], Callable
     """(encode, piece) of a ``tokenizers.Tokenizer``: piece is a streaming decoder of its own (special tokens kept)."""
     from tokenizers.decoders import DecodeStream
 
-    streams = [DecodeStream(skip_special_tokens=False)]
+    stream = DecodeStream(skip_special_tokens=False)
 
     def piece(t: int) -> str:
+        nonlocal stream
         try:
-            return streams[0].step(tokenizer, t) or ""
+            return stream.step(tokenizer, t) or ""
         except Exception:  # tokenizers raises a bare Exception
-            # DecodeStream refuses some decoders' streams (a LLaMA Metaspace tokenizer's after a special token such
-            # as <s>, "Invalid prefix"): the token alone, and a fresh stream from here
-            streams[0] = DecodeStream(skip_special_tokens=False)
+            # DecodeStream refuses a special token after text with some decoders (a Metaspace "<s>": "Invalid
+            # prefix encountered"): that token is decoded alone and the stream starts over after it.
+            stream = DecodeStream(skip_special_tokens=False)
             return tokenizer.decode([t], skip_special_tokens=False)
 
     return (lambda text: tokenizer.encode(text, add_special_tokens=False).ids), piece
