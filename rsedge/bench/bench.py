@@ -156,21 +156,34 @@ def run(
     inp = vision.get_inputs()[0]
     from rsedge.runtime.sessions import ORT_DTYPES
 
+    # a vision graph of pixels alone is timed bare; one with more inputs (Qwen2.5-VL's grid feeds) only as the
+    # family runs it (vision_ms is then the visual-token time)
     pixels = pipe.pixel_values(pil[0]).astype(ORT_DTYPES[inp.type]) if pil else None
-    vision_ms = _median_ms(lambda: vision.run(None, {inp.name: pixels}), 10) if pixels is not None else 0.0
     image_tokens_ms = _median_ms(lambda: pipe.image_tokens(pil[0]), 5) if pil else 0.0
+    if pixels is not None and len(vision.get_inputs()) == 1:
+        vision_ms = _median_ms(lambda: vision.run(None, {inp.name: pixels}), 10)
+    else:
+        vision_ms = image_tokens_ms
 
     dec = pipe.decoder(first.expert)
     if depth is None:  # the request's own prompt, as the bundle's family builds it (its template, its images)
         ids = pipe.family.prompt_ids(prompt, len(pil))
         embeds = pipe.embed(ids, pipe.family.images_to_tokens(pil, pipe.run_vision, pipe.run_graph), dec.dtype)
+        extra = pipe.family.decoder_inputs(ids, pil)
     else:  # a synthetic prompt of this many random ids: decode speed at a chosen depth
         vocab = int(pipe.bundle.model["text"]["vocab_size"])
         ids = np.random.default_rng(0).integers(0, vocab, size=depth)
         embeds = pipe.embed_rows(ids)[None].astype(dec.dtype)
+        extra = pipe.family.decoder_inputs(ids.tolist(), [])
     n = int(embeds.shape[1])
-    prefill_ms = _median_ms(lambda: dec.step(embeds, dec.new_state(n + 1)), 5)
-    state = dec.new_state(n + new_tokens + 1)
+
+    def new_state(capacity: int) -> Any:
+        state = dec.new_state(capacity)
+        state.extra_inputs = extra  # e.g. Qwen2.5-VL's rotary positions
+        return state
+
+    prefill_ms = _median_ms(lambda: dec.step(embeds, new_state(n + 1)), 5)
+    state = new_state(n + new_tokens + 1)
     logits = dec.step(embeds, state)
     steps = []
     for _ in range(new_tokens):

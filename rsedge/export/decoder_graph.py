@@ -9,7 +9,8 @@ mission uses.
 I/O (B batch, S new tokens, P past tokens, kv key/value heads, hd head_dim, V vocab):
 
     inputs_embeds                 [B, S, H]       model dtype
-    position_ids                  [B, S]          int64
+    position_ids                  [B, S]          int64 (the cache slots the new tokens take)
+    rope_position_ids             [3, B, S]       int64 (mrope specs only: temporal/height/width rotary positions)
     past_key_values.{i}.key|value [B, kv, P, hd]  model dtype (P may be 0: prefill)
     -> logits                     [B, V]          float32, last position only
     -> present.{i}.key|value      [B, kv, P+S, hd] model dtype (= Concat(past, new) on axis 2)
@@ -51,6 +52,7 @@ EMBED_TOKENS = "model.embed_tokens.weight"
 LM_HEAD_T = "lm_head.weight.t"  # the quantized head's [H, V] weight, whether or not the checkpoint ties it
 INPUTS_EMBEDS = "inputs_embeds"
 POSITION_IDS = "position_ids"
+ROPE_POSITION_IDS = "rope_position_ids"  # mrope: the rotary positions, which differ from the cache slots
 LOGITS = "logits"
 
 # Symbolic dimension names of the graph I/O.
@@ -85,8 +87,9 @@ def present_names(layer: int) -> tuple[str, str]:
     return f"present.{layer}.key", f"present.{layer}.value"
 
 
-def decoder_input_names(num_layers: int) -> list[str]:
-    return [INPUTS_EMBEDS, POSITION_IDS, *(n for i in range(num_layers) for n in past_names(i))]
+def decoder_input_names(num_layers: int, mrope: bool = False) -> list[str]:
+    rope = [ROPE_POSITION_IDS] if mrope else []
+    return [INPUTS_EMBEDS, POSITION_IDS, *rope, *(n for i in range(num_layers) for n in past_names(i))]
 
 
 def decoder_output_names(num_layers: int) -> list[str]:
@@ -194,22 +197,33 @@ def build_decoder_graph(
 
     x = b.input(INPUTS_EMBEDS, b.elem_type, [BATCH, SEQ, H])
     pos = b.input(POSITION_IDS, TensorProto.INT64, [BATCH, SEQ])
+    mrope = spec.rope == "mrope"
+    # mrope: rotary positions apart from the slots (an image's tokens share positions); every form rotates q and
+    # k itself from them (onnxruntime's fused rotary kernels index one position per token)
+    rope_pos = b.input(ROPE_POSITION_IDS, TensorProto.INT64, [3, BATCH, SEQ]) if mrope else None
     shared = attention in SHARED_KV
     past_len = CAPACITY if shared else PAST
     pasts = [tuple(b.input(n, b.elem_type, [BATCH, kv, past_len, hd]) for n in past_names(i)) for i in range(L)]
 
     with b.scope("model"):
         if attention == "scatter-shared":
-            rope = _rope_caches(b, text)
+            if mrope:
+                with b.scope("rotary_emb"):
+                    rope = _mrope_tables(b, rope_pos, spec, q_scale=1.0)
+            else:
+                rope = _rope_caches(b, text)
             with b.scope("attn_mask"):
                 mask = _position_mask(b, pos, pasts[0][0], kv, text.num_attention_heads // kv)
             ctx = {"rope": rope, "mask": mask, "positions": pos}
         elif attention != "standard":
             with b.scope("attn_lengths"):
-                ctx = _gqa_inputs(b, x, pos if shared else pasts[0][0], text, shared)
+                ctx = _gqa_inputs(b, x, pos if shared else pasts[0][0], text, shared, rotary_caches=not mrope)
+            if mrope:
+                with b.scope("rotary_emb"):
+                    ctx["rope"] = _mrope_tables(b, rope_pos, spec, q_scale=1.0, heads_axis=2)
         else:
             with b.scope("rotary_emb"):
-                rope = _rotary_tables(b, pos, text)
+                rope = _mrope_tables(b, rope_pos, spec) if mrope else _rotary_tables(b, pos, text)
             with b.scope("attn_mask"):
                 mask = _causal_mask(b, x, pasts[0][0], kv, text.num_attention_heads // kv)
             ctx = {"rope": rope, "mask": mask}
@@ -242,6 +256,9 @@ def build_decoder_graph(
         "rsedge.text_config": json.dumps(asdict(text), sort_keys=True),
         "rsedge.weight_files": json.dumps([DECODER_SHARED_BIN, expert_bin(expert)]),
     }
+    if mrope:
+        doc += f" mrope: rope_position_ids[3,B,S] int64, sections {list(spec.mrope_section)}."
+        meta["rsedge.mrope_section"] = json.dumps(list(spec.mrope_section))
     return b.make_model(doc, meta)
 
 
@@ -261,6 +278,43 @@ def _rotary_tables(b: GraphBuilder, pos: str, text: TextConfig) -> dict[str, str
     scale = b.scalar(hd**-0.5, "attn_scale", np.float32)
     cos_q = b.op("Mul", [cos, scale], name="Mul_cos_scale", out="cos_q")
     sin_q = b.op("Mul", [sin, scale], name="Mul_sin_scale", out="sin_q")
+    return {"cos": cos, "sin": sin, "cos_q": cos_q, "sin_q": sin_q}
+
+
+def mrope_inv_freq(spec: DecoderSpec) -> np.ndarray:
+    """[3, hd/2] float32: inv_freq where frequency j follows axis c (temporal, height, width) of
+    ``mrope_section``, 0 elsewhere, so positions [.., 3] @ table = each frequency's own axis's angle."""
+    hd = spec.text.head_dim
+    inv_freq = 1.0 / (spec.text.rope_theta ** (np.arange(0, hd, 2, dtype=np.int64).astype(np.float32) / hd))
+    table = np.zeros((3, hd // 2), dtype=np.float32)
+    start = 0
+    for axis, width in enumerate(spec.mrope_section):
+        table[axis, start : start + width] = inv_freq[start : start + width]
+        start += width
+    return table
+
+
+#   rope_position_ids [3,B,S] --Cast f32--Transpose--> [B,S,3] --MatMul(section-masked inv_freq [3, hd/2])-->
+#   freqs [B,S,hd/2] (each product plus two exact zeros: transformers' position * inv_freq, to the bit)
+#   Concat(freqs, freqs) --> emb [B,S,hd] --Cos / Sin--Unsqueeze(heads_axis)--> cos, sin [B,1,S,hd] or [B,S,1,hd]
+#   cos_q, sin_q = cos, sin * q_scale (the attention scale where q's weights do not carry it)
+def _mrope_tables(
+    b: GraphBuilder, rope_pos: str, spec: DecoderSpec, q_scale: float | None = None, heads_axis: int = 1
+) -> dict[str, str]:
+    hd = spec.text.head_dim
+    p = b.op("Cast", [rope_pos], out="rope_position_f", to=TensorProto.FLOAT)
+    p = b.op("Transpose", [p], out="rope_position_bs3", perm=[1, 2, 0])
+    freqs = b.op("MatMul", [p, b.const(mrope_inv_freq(spec), np.float32, "mrope_inv_freq")], out="freqs")
+    emb = b.op("Concat", [freqs, freqs], out="emb", axis=-1)
+    axis = b.ints([heads_axis], "axes_heads")
+    cos = b.op("Unsqueeze", [b.op("Cos", [emb], out="cos_bsd"), axis], out="cos")
+    sin = b.op("Unsqueeze", [b.op("Sin", [emb], out="sin_bsd"), axis], out="sin")
+    scale = float(hd**-0.5) if q_scale is None else q_scale
+    if scale == 1.0:
+        return {"cos": cos, "sin": sin, "cos_q": cos, "sin_q": sin}
+    scale_c = b.scalar(scale, "attn_scale", np.float32)
+    cos_q = b.op("Mul", [cos, scale_c], name="Mul_cos_scale", out="cos_q")
+    sin_q = b.op("Mul", [sin, scale_c], name="Mul_sin_scale", out="sin_q")
     return {"cos": cos, "sin": sin, "cos_q": cos_q, "sin_q": sin_q}
 
 
@@ -416,7 +470,8 @@ def _attention(
     qkv = _qkv_projection(b, x, weights, spec, pre, q_scale=float(hd**-0.5) if positions is not None else 1.0)
     splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
     q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
-    if positions is not None:
+    own_rotary = positions is None or spec.rope == "mrope"  # mrope: its tables, not RotaryEmbedding's caches
+    if not own_rotary:
         q, k = (
             b.op("RotaryEmbedding", [t, positions, rope["cos"], rope["sin"]], name=f"{t_name}/RotaryEmbedding",
                  out=f"{t_name}_rotated", domain="com.microsoft", num_heads=heads, interleaved=0)
@@ -430,7 +485,7 @@ def _attention(
     v = b.op("Reshape", [v, b.ints([0, 0, kv, hd], "kv_heads_shape")], name="v/Reshape", out="v_bshd")
     v = b.op("Transpose", [v], name="v/Transpose", out="v", perm=perm)
 
-    if positions is None:
+    if own_rotary:
         with b.scope("q_rotary"):
             q = _apply_rotary(b, q, rope["cos_q"], rope["sin_q"], hd)
         with b.scope("k_rotary"):
@@ -469,7 +524,9 @@ def _attention(
 #   rotate_half(x) = Concat(-x[..., hd/2:], x[..., :hd/2])
 #   total = P + S (int32 scalar), seqlens_k = total - 1 per batch row: GroupQueryAttention's view of the cache;
 #   cos/sin [positions, hd/2] tables for its built-in rotary (rotate-half, Qwen2's convention)
-def _gqa_inputs(b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared: bool) -> dict[str, object]:
+def _gqa_inputs(
+    b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared: bool, rotary_caches: bool = True
+) -> dict[str, object]:
     s = b.op("Shape", [x], out="seq_len", start=1, end=2)
     if shared:  # the buffer's length is its capacity: the past length is the first new token's position
         first = b.op(
@@ -485,7 +542,7 @@ def _gqa_inputs(b: GraphBuilder, x: str, past_src: str, text: TextConfig, shared
     seqlens = b.op("Sub", [total, b.const([1], np.int32, "one_i32")], out="seqlens_k_1")
     batch = b.op("Shape", [x], out="batch", start=0, end=1)
     seqlens = b.op("Expand", [seqlens, batch], out="seqlens_k")
-    return {"seqlens_k": seqlens, "total": total_scalar, **_rope_caches(b, text)}
+    return {"seqlens_k": seqlens, "total": total_scalar, **(_rope_caches(b, text) if rotary_caches else {})}
 
 
 #   cos/sin [positions, hd/2] tables (rotate-half, Qwen2's convention) for onnxruntime's rotary kernels
@@ -542,7 +599,10 @@ def _attention_gqa(
     # takes MLAS's unpacked one-row GEMM for a decode step's Q.K^T only when alpha is 1 (otherwise it
     # repacks every head's K each step). For head_dim 64 the factor is 1/8, a power of two: exact.
     qkv = _qkv_projection(b, x, weights, spec, pre, q_scale=float(hd**-0.5))
-    inputs = [qkv, "", "", past[0], past[1], ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
+    if "rope" in ctx:  # mrope: q and k rotated here from the rotary positions, the kernel's rotary off
+        inputs = [*_rotate_packed_qk(b, qkv, ctx["rope"], nh, kv, hd), past[0], past[1], ctx["seqlens_k"], ctx["total"]]
+    else:
+        inputs = [qkv, "", "", past[0], past[1], ctx["seqlens_k"], ctx["total"], ctx["cos"], ctx["sin"]]
     out, k, v = b.op(
         "GroupQueryAttention",
         inputs,
@@ -551,11 +611,27 @@ def _attention_gqa(
         domain="com.microsoft",
         num_heads=nh,
         kv_num_heads=kv,
-        do_rotary=1,
+        do_rotary=0 if "rope" in ctx else 1,
         rotary_interleaved=0,
         scale=1.0,
     )
     return _o_projection(b, out, weights, text, pre), (k, v)
+
+
+#   qkv [B,S,(nh+2kv)hd] --Split--> q, k, v;  q, k --Reshape [B,S,heads,hd]--RoPE (cos/sin [B,S,1,hd], f32)--
+#   Reshape [B,S,heads*hd]--> (GroupQueryAttention's separate query, key, value inputs)
+def _rotate_packed_qk(
+    b: GraphBuilder, qkv: str, rope: dict[str, str], nh: int, kv: int, hd: int
+) -> tuple[str, str, str]:
+    splits = b.ints([nh * hd, kv * hd, kv * hd], "qkv_split")
+    q, k, v = b.op("Split", [qkv, splits], out=["q_flat", "k_flat", "v_flat"], n_out=3, axis=-1)
+    rotated = []
+    for t, t_name, heads in ((q, "q", nh), (k, "k", kv)):
+        with b.scope(f"{t_name}_rotary"):
+            t = b.op("Reshape", [t, b.ints([0, 0, heads, hd], f"{t_name}_heads_shape")], out=f"{t_name}_bshd")
+            t = _apply_rotary(b, t, rope["cos"], rope["sin"], hd)
+            rotated.append(b.op("Reshape", [t, b.ints([0, 0, heads * hd], f"{t_name}_flat_shape")], out=t_name))
+    return rotated[0], rotated[1], v
 
 
 #   attention output [B,S,nh*hd] --MatMul W_o [nh*hd, H]--> out

@@ -248,7 +248,13 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
             graphs["decoder"]["kv_cache_quantization"] = quantize_decoder_caches(
                 tmp, graphs["decoder"], exporter.kv_calibration(ctx, routing)
             )
-        if recipe is not None and recipe.vision == "int8" and "vision" in graphs:
+        # (an exporter whose vision graph takes more than square pixels quantizes it itself and says so)
+        if (
+            recipe is not None
+            and recipe.vision == "int8"
+            and "vision" in graphs
+            and not graphs["vision"].get("quantized")
+        ):
             progress(f"quantizing the vision graph to INT8 ({recipe.vision_calibration} calibration)")
             src = graphs["vision"]["file"]
             quantize_vision(tmp / src, tmp / "vision_int8.onnx", calib, exporter.vision_graph_size(),

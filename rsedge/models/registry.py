@@ -30,6 +30,7 @@ ARCHITECTURES: tuple[Architecture, ...] = (
     Architecture("rsunivlm", ("llava_qwen_gmoe",), "rsedge.models.rsunivlm"),
     # UniRS and plain VILA-1.5 share model_type and layout; the projector's tensor names tell them apart.
     Architecture("unirs", ("llava_llama",), "rsedge.models.unirs"),
+    Architecture("qwen2_5_vl", ("qwen2_5_vl",), "rsedge.models.qwen2_5_vl"),
 )
 
 

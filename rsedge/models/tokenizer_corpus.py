@@ -11,6 +11,11 @@ from collections.abc import Iterable, Sequence
 
 from tokenizers import Tokenizer, trainers
 
+# Qwen2's pre-tokenizer split (digits one by one, which keeps boxes regular): RSUniVLM's and Qwen2.5-VL's
+QWEN2_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+
 # Remote-sensing words so a small vocabulary still covers the task text in whole pieces.
 RS_CORPUS_WORDS = (
     "airport aircraft airplane harbor harbour ship ships boat vehicle vehicles car truck bus road roads river "

@@ -11,6 +11,8 @@ from typing import Any
 from rsedge.errors import BundleError
 
 _MISSING = object()
+# Qwen2-VL's dynamic resolution (VisionPreprocess.to_manifest's kind): sizes come from smart_resize, not a field
+DYNAMIC_RESOLUTION = "qwen2_vl_dynamic"
 
 
 def _describe(kind: str) -> str:
@@ -69,14 +71,15 @@ class Fields:
         if not 0 <= self.get("router.default", "int") < len(experts):
             raise self.fail("router.default", f"must be an expert index below {len(experts)}")
         kind = self.get("preprocess.kind", "str")
-        self.get("preprocess.image_size", "pos")
-        if kind == "anyres_max":
+        if kind == DYNAMIC_RESOLUTION:  # no fixed size; VisionPreprocess.from_manifest checks its fields
+            pass
+        elif self.get("preprocess.image_size", "pos") and kind == "anyres_max":
             self.get("preprocess.max_patches", "pos")
             for i, pair in enumerate(self.get("preprocess.pinpoints", "list")):
                 if not (isinstance(pair, list) and len(pair) == 2 and all(_fits(v, "pos") for v in pair)):
                     raise self.fail(f"preprocess.pinpoints[{i}]", "must be a [height, width] pair")
         elif kind != "square":
-            raise self.fail("preprocess.kind", f"must be square or anyres_max, not {kind!r}")
+            raise self.fail("preprocess.kind", f"must be square, anyres_max or {DYNAMIC_RESOLUTION}, not {kind!r}")
         self.get("tokenizer.file", "str")
         stops = self.get("tokenizer.stop_token_ids", "list")
         if not all(_fits(t, "int") and t >= 0 for t in stops):

@@ -171,6 +171,7 @@ class Pipeline:
             t0 = time.perf_counter()
             dec = self.decoder(e)
             state = dec.new_state(n + 1)
+            state.extra_inputs = self.family.decoder_inputs([], [])  # a text-only request's, where a graph takes any
             dec.step(np.zeros((1, n, hidden), dtype=dec.dtype), state)
             dec.step(np.zeros((1, 1, hidden), dtype=dec.dtype), state)
             took[f"decoder_expert{e}"] = (time.perf_counter() - t0) * 1e3
@@ -328,6 +329,7 @@ class Pipeline:
                 f"{limit} positions"
             )
         state = dec.new_state(embeds.shape[1] + max_new_tokens)
+        state.extra_inputs = self.family.decoder_inputs(ids, pil)  # e.g. rotary positions apart from the slots
         sampler = Sampler(sampling or Sampling())
         stream = DecodeStream(skip_special_tokens=True)
         streamed: list[str] = []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,8 @@ class DecodeState:
 
     ``cache`` holds the backend's KV memory, ``logits`` the host buffer the last step's logits land in,
     ``bindings`` whatever the backend binds once per request (IO bindings, engine addresses).
+    ``extra_inputs`` (set by the request's family, e.g. Qwen2-VL's rotary positions): ``(start, count)`` -> the
+    graph's other inputs for the new tokens at cache slots ``start .. start+count-1``; None: the graph has none.
     """
 
     capacity: int
@@ -36,6 +39,7 @@ class DecodeState:
     logits: np.ndarray
     length: int = 0
     bindings: dict[str, Any] = field(default_factory=dict)
+    extra_inputs: Callable[[int, int], dict[str, np.ndarray]] | None = None
 
     def reserve(self, new_tokens: int) -> None:
         """Refuse a step that would overrun the cache (before anything runs)."""

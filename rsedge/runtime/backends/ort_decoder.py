@@ -113,6 +113,9 @@ class OrtDecoder(DecoderBackend):
         # the device a GPU provider needs them on.
         io.bind_cpu_input(INPUTS_EMBEDS, np.ascontiguousarray(embeds, dtype=self.dtype))
         io.bind_cpu_input(POSITION_IDS, np.arange(state.length, state.length + new, dtype=np.int64)[None])
+        if state.extra_inputs is not None:
+            for name, value in state.extra_inputs(state.length, new).items():
+                io.bind_cpu_input(name, np.ascontiguousarray(value))
         session.run_with_iobinding(io)
         state.length += new
         state.cache.advance()

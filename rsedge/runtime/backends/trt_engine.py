@@ -135,6 +135,8 @@ class TrtEngineDecoder(DecoderBackend):
         if embeds.ndim != 3 or embeds.shape[0] != 1 or embeds.shape[2] != self.hidden:
             raise OptionError(f"{self.name}: embeddings must be [1, S, {self.hidden}], got {list(embeds.shape)}")
         new, past = int(embeds.shape[1]), state.length
+        if state.extra_inputs is not None:  # e.g. Qwen2-VL's rotary positions: no staging built for them yet
+            raise OptionError(f"{self.name}: the engine backend takes no decoder inputs beyond embeddings and slots")
         state.reserve(new)
         self._check_step(new, past)
         b = state.bindings

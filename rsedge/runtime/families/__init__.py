@@ -21,7 +21,11 @@ if TYPE_CHECKING:
 
     from rsedge.runtime.bundle import Bundle
 
-BUILTIN = ("rsedge.runtime.families.llava_onevision", "rsedge.runtime.families.vila")
+BUILTIN = (
+    "rsedge.runtime.families.llava_onevision",
+    "rsedge.runtime.families.vila",
+    "rsedge.runtime.families.qwen2_5_vl",
+)
 ENTRY_POINT_GROUP = "rsedge.families"
 _FAMILIES: dict[str, type[Family]] = {}
 _loaded = False
@@ -55,8 +59,9 @@ def _load() -> None:
 
 
 def known() -> list[str]:
+    """Registered architectures, built-in ones first in the order they were added (then plug-ins)."""
     _load()
-    return sorted(_FAMILIES)
+    return list(_FAMILIES)
 
 
 def family_class(architecture: str) -> type[Family]:

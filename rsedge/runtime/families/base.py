@@ -105,6 +105,14 @@ class Family(ABC):
             pieces.append(embed(chunk))
         return np.concatenate([p.astype(dtype, copy=False) for p in pieces])[None]
 
+    def decoder_inputs(
+        self, ids: Sequence[int], images: Sequence[Image.Image]
+    ) -> Callable[[int, int], dict[str, np.ndarray]] | None:
+        """The decoder's inputs beyond embeddings and cache slots for one request (``prompt_ids``' ``ids``):
+        ``(start, count)`` -> feeds for the slots ``start .. start+count-1`` (prompt and decode steps alike),
+        e.g. Qwen2-VL's rotary positions; None (the default) for a graph that takes none."""
+        return None
+
     @abstractmethod
     def parse(self, answer: Any, images: Sequence[Image.Image]) -> None:
         """Fill the answer's structured parts (boxes, masks) from its text, in the images' pixels."""
