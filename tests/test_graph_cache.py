@@ -132,7 +132,7 @@ def test_an_unwritable_cache_still_answers(int8_bundle, tmp_path):
 def test_unhashed_bundles_and_float_graphs_do_not_use_it(int8_bundle, tiny_bundle, tmp_path):
     cache = tmp_path / "cache"
     _answer(int8_bundle, cache, verify="size")  # digests not checked: the manifest's say nothing of the files
-    _answer(tiny_bundle, cache)  # an FP32 vision graph: little for onnxruntime to fuse
+    _answer(tiny_bundle, cache)  # an FP32 vision graph: not a static Q/DQ graph, so made as before
     assert _entries(cache) == []
 
 
