@@ -223,6 +223,10 @@ def test_int8_vision_static_qdq_each_calibrator(method, tiny_checkpoint, tmp_pat
     graph = onnx.load(str(tmp_path / "b" / "vision_int8.onnx"), load_external_data=False)
     ops = {n.op_type for n in graph.graph.node}
     assert {"QuantizeLinear", "DequantizeLinear"} <= ops
+    # the attention probabilities stay in float: every Softmax feeds a float MatMul, no QuantizeLinear
+    softmax_out = {o for n in graph.graph.node if n.op_type == "Softmax" for o in n.output}
+    readers = {n.op_type for n in graph.graph.node if softmax_out & set(n.input)}
+    assert softmax_out and readers == {"MatMul"}
     results = check_bundle(tmp_path / "b", "jp6.1")
     assert all(passes(issues) for issues in results.values())
 

@@ -123,6 +123,8 @@ class Bundle:
         self.files = self._file_list()
         self._real = {rel: self._locate(rel) for rel in self.files}
         self._arrays: dict[str, ArrayRef] = {}
+        self._graph_data: dict[str, list[str]] = {}  # graph -> the listed files holding its external data
+        self.hashed = False  # whether open() checked every file against its sha256
         self._check_references()
 
     @classmethod
@@ -168,6 +170,7 @@ class Bundle:
         bundle = cls(root, manifest, raw)
         if verify != "none":
             bundle.verify(full=verify in HASHED_MODES, cache={"sha256": "use", "sha256-nocache": "refresh"}.get(verify))
+            bundle.hashed = verify in HASHED_MODES
         bundle._check_graph_data()
         return bundle
 
@@ -248,6 +251,7 @@ class Bundle:
                     raise BundleError(
                         f"{self.root}: graph {rel} reads external data {loc}, which is not among the hashed files"
                     )
+            self._graph_data[rel] = sorted(by_real[(graph.parent / loc).resolve()] for loc in locations)
 
     def verify(self, full: bool = True, cache: str | None = None) -> None:
         """Every listed file's size, and with ``full`` its sha256. ``cache`` "use" takes the digest of a file
@@ -294,6 +298,15 @@ class Bundle:
 
     def graph(self, key: str) -> dict[str, Any]:
         return self.manifest["graphs"][key]
+
+    def graph_digest(self, rel: str) -> str | None:
+        """One sha256 over graph file ``rel`` and every external-data file it reads, from the manifest's digests:
+        what the graph computes, whatever the bundle is called. None unless open() hashed every file (sizes alone
+        say nothing about content)."""
+        if not self.hashed:
+            return None
+        parts = [f"{name}:{self.files[name].sha256}" for name in (rel, *self._graph_data.get(rel, []))]
+        return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
     @property
     def shared_kv(self) -> bool:

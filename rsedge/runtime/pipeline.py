@@ -215,7 +215,8 @@ class Pipeline:
                     if self.engines is not None:
                         self._vision = self.engines.vision_session(rel)
                     else:
-                        self._vision = make_session(self.bundle.path(rel), self.session_cfg, cache_key=self._sha(rel))
+                        path, content = self.bundle.path(rel), self._cached_content("vision")
+                        self._vision = make_session(path, self.session_cfg, cache_key=self._sha(rel), content=content)
         return self._vision
 
     def run_graph(self, key: str, feeds: dict[str, np.ndarray]) -> list[np.ndarray]:
@@ -232,11 +233,20 @@ class Pipeline:
                 with self._vision_lock:
                     sess = self._graphs.get(key)
                     if sess is None:
-                        rel = self.bundle.graph(key)["file"]
-                        sess = make_session(self.bundle.path(rel), self.session_cfg, cache_key=self._sha(rel))
+                        rel, content = self.bundle.graph(key)["file"], self._cached_content(key)
+                        path = self.bundle.path(rel)
+                        sess = make_session(path, self.session_cfg, cache_key=self._sha(rel), content=content)
                         self._graphs[key] = sess
         types = {i.name: ORT_DTYPES[i.type] for i in sess.get_inputs()}
         return sess.run(None, {k: v.astype(types[k], copy=False) for k, v in feeds.items()})
+
+    def _cached_content(self, key: str) -> str | None:
+        """The content digest that lets graph ``key`` come from the optimized-graph cache, or None. Only static
+        Q/DQ graphs use it: onnxruntime's QDQ fusions are half of such a session's creation (the full-size INT8
+        vision tower), while a decoder's is mostly weight prepacking, which the cache would not save and whose
+        weights it would copy."""
+        graph = self.bundle.graph(key)
+        return self.bundle.graph_digest(graph["file"]) if graph.get("quantized") == "int8-qdq" else None
 
     def _sha(self, rel: str) -> str:
         """A graph file's sha256 prefix from the manifest: the key of its TensorRT engine cache."""

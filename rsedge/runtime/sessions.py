@@ -50,6 +50,10 @@ class SessionConfig:
     # CPU: a new session's written memory (prepacked weights) collapsed into huge pages in the background
     # (see rsedge.runtime.hugepages; RSEDGE_HUGE_PAGES=0 turns it off for a process).
     huge_pages: bool = True
+    # CPU: graphs onnxruntime optimized once are kept here and loaded without optimizing again (graph_cache.py);
+    # None: the per-user default folder. Only graphs make_session is given a content digest for use it.
+    graph_cache: Path | None = None
+    use_graph_cache: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in PROVIDERS:
@@ -105,32 +109,59 @@ def providers_for(cfg: SessionConfig, available: set[str], cache_key: str = "") 
     return [(p, provider_options(cfg, p, cache_key)) for p in wanted if p in available]
 
 
-def make_session(path: Path, cfg: SessionConfig, cache_key: str = "") -> Any:
-    """An onnxruntime InferenceSession of ``path`` on ``cfg.device``."""
+def make_session(path: Path, cfg: SessionConfig, cache_key: str = "", content: str | None = None) -> Any:
+    """An onnxruntime InferenceSession of ``path`` on ``cfg.device``.
+
+    ``content``: a digest of the graph's content (``Bundle.graph_digest``); on the CPU it lets the session come
+    from the optimized-graph cache (:mod:`rsedge.runtime.graph_cache`): onnxruntime optimizes the graph once per
+    machine and version, later sessions load the saved result with optimizations off.
+    """
     import onnxruntime as ort
 
-    opts = ort.SessionOptions()
-    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    if cfg.threads:
-        opts.intra_op_num_threads = cfg.threads
-    opts.log_severity_level = 3
-    if cfg.shares_cpu_arena:
-        use_shared_cpu_arena(ort, opts)
     chosen = providers_for(cfg, set(ort.get_available_providers()), cache_key)
     if cfg.device != "cpu":
         _preload_gpu_libraries(ort)
     if cfg.device == "tensorrt":
         Path(chosen[0][1]["trt_engine_cache_path"]).mkdir(parents=True, exist_ok=True)
-    session = ort.InferenceSession(
-        str(path), sess_options=opts, providers=[p for p, _ in chosen], provider_options=[o for _, o in chosen]
-    )
-    # onnxruntime falls back to the next provider when the first cannot start (e.g. TensorRT's libraries are
-    # missing) and only logs it: a --device tensorrt run would silently be a CUDA run. Refuse instead.
-    running = session.get_providers()
-    if chosen[0][0] not in running:
-        raise OptionError(
-            f"device {cfg.device!r}: {chosen[0][0]} could not start on this machine (onnxruntime fell back to "
-            f"{running[0]}; its reason is in the log above); install its libraries or choose another --device"
+    level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+
+    def create(graph: Path, level: Any, save: dict[str, str] | None = None) -> Any:
+        opts = ort.SessionOptions()
+        opts.graph_optimization_level = level
+        if cfg.threads:
+            opts.intra_op_num_threads = cfg.threads
+        opts.log_severity_level = 3
+        if cfg.shares_cpu_arena:
+            use_shared_cpu_arena(ort, opts)
+        if save:
+            opts.optimized_model_filepath = save["path"]
+            for k, v in save.items():
+                if k != "path":
+                    opts.add_session_config_entry(k, v)
+        session = ort.InferenceSession(
+            str(graph), sess_options=opts, providers=[p for p, _ in chosen], provider_options=[o for _, o in chosen]
+        )
+        # onnxruntime falls back to the next provider when the first cannot start (e.g. TensorRT's libraries are
+        # missing) and only logs it: a --device tensorrt run would silently be a CUDA run. Refuse instead.
+        running = session.get_providers()
+        if chosen[0][0] not in running:
+            raise OptionError(
+                f"device {cfg.device!r}: {chosen[0][0]} could not start on this machine (onnxruntime fell back to "
+                f"{running[0]}; its reason is in the log above); install its libraries or choose another --device"
+            )
+        return session
+
+    if not (content and cfg.device == "cpu" and cfg.use_graph_cache):
+        session = create(path, level)
+    else:
+        from rsedge.runtime.graph_cache import OptimizedGraphCache, entry_key
+
+        key = entry_key(content, ort.__version__, [p for p, _ in chosen], str(level))
+        session = OptimizedGraphCache(cfg.graph_cache).session(
+            key,
+            path,
+            load=lambda graph: create(graph, ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+            optimize=lambda graph, save: create(graph, level, save),
         )
     if cfg.huge_pages and cfg.device == "cpu":
         hugepages.collapse_soon()
