@@ -86,14 +86,13 @@ def _preprocess(bundles: Sequence[Bundle]) -> VisionPreprocess:
     return seen.pop()
 
 
-def _think_open(bundles: Sequence[Bundle], prompt: str) -> bool:
+def _think_open(families: Sequence[Family], prompt: str) -> bool:
     """Whether the bundles' template opens the think block (an R1-style template ending in ``<think>``): their
     answers then start inside the reasoning."""
     seen = set()
-    for b in bundles:
-        family, _ = reference_inputs(b)
-        ids = family.prompt_ids(prompt, 1)
-        seen.add(decoded_tail_open(family.tokenizer, ids, ThinkMarkers.from_manifest(b.manifest)))
+    for f in families:
+        markers = ThinkMarkers.from_manifest(f.bundle.manifest)
+        seen.add(decoded_tail_open(f.tokenizer, f.prompt_ids(prompt, 1), markers))
     if len(seen) != 1:
         raise OptionError("some bundles' prompt template opens a think block and some do not: compare them apart")
     return seen.pop()
@@ -108,11 +107,16 @@ def real_test_objects(root: Path = REAL_DIR) -> list[GroundedObject]:
         path = root / item["files"][0]
         with Image.open(path) as im:
             size = im.size
-        boxes = [(g["expression"], tuple(float(v) for v in g["box"])) for g in item["grounding"]]
+        boxes = [(g["expression"], _box(g["box"])) for g in item["grounding"]]
         for k, (category, box) in enumerate(boxes):
             others = tuple(b for j, b in enumerate(boxes) if j != k)
-            out.append(GroundedObject(path, f"rsedge-real:{item['id']}#{k}", category, box, size, others))  # type: ignore[arg-type]
+            out.append(GroundedObject(path, f"rsedge-real:{item['id']}#{k}", category, box, size, others))
     return out
+
+
+def _box(values: Sequence[float]) -> Box:
+    x1, y1, x2, y2 = (float(v) for v in values)
+    return x1, y1, x2, y2
 
 
 Request = tuple[str, np.ndarray, str, Box, str]  # (id, image, expression, box, prompt style)
@@ -138,14 +142,14 @@ def _synthetic_requests(per_task: int, seed: int) -> list[Request]:
     out = []
     for k, s in enumerate(build_split("test", per_task, seed=seed, mix={"vg": 1.0})):
         expr = s.prompt.removeprefix("[VG] Where is ").removesuffix("?")  # the scene's unambiguous expression
-        box = tuple(float(v) for v in s.meta["box_px"])
-        out.append((s.id, s.images[0], expr, box, STYLES[k % len(STYLES)]))  # type: ignore[arg-type]
+        out.append((s.id, s.images[0], expr, _box(s.meta["box_px"]), STYLES[k % len(STYLES)]))
     return out
 
 
 def eval_samples(data: str, per_task: int, seed: int, bundles: Sequence[Bundle]) -> list[GroundingSample]:
     """Up to ``per_task`` grounding-with-reasoning samples from each of ``data``'s parts (comma-separated)."""
     pre = _preprocess(bundles)
+    families = [reference_inputs(b)[0] for b in bundles]
     out: list[GroundingSample] = []
     for part in data.split(","):
         if part == "real-test":
@@ -158,7 +162,7 @@ def eval_samples(data: str, per_task: int, seed: int, bundles: Sequence[Bundle])
             prompt = PROMPTS[style].format(expr=expr)
             h, w = image.shape[:2]
             resized = smart_resize(h, w, pre.factor, pre.min_pixels, pre.max_pixels)
-            think = _think_open(bundles, prompt)
+            think = _think_open(families, prompt)
             out.append(GroundingSample(f"{sid}/{style}", TASK, [image], prompt, box, resized, (h, w), think))
     if not out:
         raise OptionError(f"no grounding samples in {data}")
