@@ -706,7 +706,8 @@ def bench_cmd(
     "--data",
     default=None,
     help="evaluation data, comma-separated: synthetic-test and/or real-test for RSUniVLM (default both), "
-    "real-test and/or real-train for UniRS (default real-test)",
+    "real-test and/or real-train for UniRS (default real-test), real-test and/or synthetic-test for Qwen2.5-VL "
+    "(grounding with reasoning; default real-test)",
 )
 @click.option("--per-task", type=click.IntRange(1, 10000), default=25, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -719,6 +720,12 @@ def bench_cmd(
     show_default=True,
     help="also run the reference quantized by bitsandbytes (LLM.int8, NF4) where bitsandbytes imports",
 )
+@click.option(
+    "--max-think-tokens",
+    type=click.IntRange(0, None),
+    default=None,
+    help="reasoning models: close every think block after N tokens, the reference's and the bundles' alike",
+)
 def parity_cmd(
     bundles: tuple[Path, ...],
     reference: Path,
@@ -729,6 +736,7 @@ def parity_cmd(
     json_out: Path | None,
     html_out: Path | None,
     baselines: bool,
+    max_think_tokens: int | None,
 ) -> None:
     """Bundles against the FP32 reference: fidelity, task metrics, size, latency, memory."""
     from rich.console import Console
@@ -747,6 +755,7 @@ def parity_cmd(
         threads=threads,
         log=lambda m: console.print(m),
         baselines=baselines,
+        max_think_tokens=max_think_tokens,
     )
     names = sorted({k for r in res["rows"] for k in headline_metrics(r)})
     table = Table(title=f"parity: {res['samples']} samples ({res['data']})")

@@ -10,9 +10,15 @@ from rsedge.parity.report import HEADLINE, describe_miss, reasoning_cell
 COLOURS = ("#555555", "#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd")
 
 
+# Shown beside a task's headline: grounding with reasoning is also read by mean IoU (a box that drifted but still
+# hits) and by the share of answers in the trained think/answer shape (a recipe that breaks the format shows there).
+SECONDARY = {"vgr": ("miou", "well_formed")}
+
+
 def headline_metrics(row: dict[str, Any]) -> dict[str, float]:
     metrics = row["metrics"]
-    return {f"{t} {m}": float(metrics[t][m]) for t, m in HEADLINE.items() if t in metrics and m in metrics[t]}
+    pairs = [(t, m) for t, m in HEADLINE.items()] + [(t, m) for t, ms in SECONDARY.items() for m in ms]
+    return {f"{t} {m}": float(metrics[t][m]) for t, m in pairs if t in metrics and m in metrics[t]}
 
 
 def bar_chart(rows: list[dict[str, Any]], width: int = 900, bar: int = 10) -> str:

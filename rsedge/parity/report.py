@@ -6,6 +6,7 @@ agreement, task metrics on the same samples as the reference, size, latency and 
 
 from __future__ import annotations
 
+import functools
 import gc
 import json
 import statistics
@@ -29,7 +30,7 @@ from rsedge.parity import bnb_baseline
 from rsedge.runtime.bundle import Bundle
 from rsedge.runtime.families import Family, family_for
 from rsedge.runtime.pipeline import Pipeline
-from rsedge.runtime.think import ThinkMarkers, count_think_tokens, decoded_tail_open
+from rsedge.runtime.think import ThinkMarkers, ThinkOptions, count_think_tokens, decoded_tail_open
 from rsedge.synth.real import real_samples
 from rsedge.synth.tasks import TASKS, build_split
 from rsedge.training.evaluate import DEFAULT_MAX_NEW_TOKENS, MAX_NEW_TOKENS, metric_target, stop_ids
@@ -74,9 +75,12 @@ class Run:
     decode_ms_per_token: list[float] = field(default_factory=list)
     think_tokens: list[int | None] = field(default_factory=list)  # tokens inside <think> per answer, None: no block
 
-    def add_reasoning(self, tok: Tokenizer, prompt_ids: list[int], tokens: list[int]) -> None:
-        """The answer's reasoning tokens, counted as the runtime's think monitor counts them."""
-        markers = ThinkMarkers()
+    def add_reasoning(
+        self, tok: Tokenizer, prompt_ids: list[int], tokens: list[int], markers: ThinkMarkers | None = None
+    ) -> None:
+        """The answer's reasoning tokens, counted as the runtime's think monitor counts them (with the bundle's
+        markers, ``manifest["prompt"]["reasoning"]``, where it names its own)."""
+        markers = markers or ThinkMarkers()
         opened = decoded_tail_open(tok, prompt_ids, markers)
         self.think_tokens.append(count_think_tokens(tok, tokens, prompt_open=opened, markers=markers))
 
@@ -143,15 +147,24 @@ def bundle_label(precision: str, quantization: dict | None) -> str:
     return " ".join(parts)
 
 
-def run_bundle(pipe: Pipeline, samples: Sequence, name: str, budget: Callable[[Any], int] | None = None) -> Run:
-    """The bundle on ``samples``, each answer within ``budget(sample)`` new tokens (default: RSUniVLM's)."""
+def run_bundle(
+    pipe: Pipeline,
+    samples: Sequence,
+    name: str,
+    budget: Callable[[Any], int] | None = None,
+    think: ThinkOptions | None = None,
+) -> Run:
+    """The bundle on ``samples``, each answer within ``budget(sample)`` new tokens (default: RSUniVLM's) and
+    ``think``'s reasoning budget."""
     run = Run(name)
+    markers = ThinkMarkers.from_manifest(pipe.bundle.manifest)
     for s in samples:
         n = budget(s) if budget is not None else MAX_NEW_TOKENS.get(s.task, DEFAULT_MAX_NEW_TOKENS)
-        ans = pipe.generate([Image.fromarray(im) for im in s.images], s.prompt, max_new_tokens=n, keep_logits=True)
+        images = [Image.fromarray(im) for im in s.images]
+        ans = pipe.generate(images, s.prompt, max_new_tokens=n, keep_logits=True, think=think)
         run.answers.append(ans.text)
         run.tokens.append(ans.tokens)
-        run.add_reasoning(pipe.tokenizer, pipe.family.prompt_ids(s.prompt, len(s.images)), ans.tokens)
+        run.add_reasoning(pipe.tokenizer, pipe.family.prompt_ids(s.prompt, len(s.images)), ans.tokens, markers)
         run.first_logits.append(ans.step_logits[0])
         run.prefill_ms.append(ans.timings["prefill"])
         if "decode_per_token" in ans.timings:
@@ -305,6 +318,9 @@ class ParityArchitecture:
     # answers scored against the reference's own (None: the report's exact-match and token agreement only)
     agreement: Callable[[Sequence, list[str], list[str]], dict[str, Any]] | None = None
     baselines: bool = True  # the bitsandbytes rows quantize this reference
+    # Reasoning architectures: run_reference takes ``think`` (ThinkOptions) and bounds the reference's reasoning as
+    # the runtime does, and this gives the new tokens a sample's answer may take under it (--max-think-tokens).
+    think_budget: Callable[[Any, ThinkOptions], int] | None = None
 
 
 def _rsunivlm_reference(checkpoint: Path, bundles: Sequence[Bundle]) -> tuple[Any, Tokenizer]:
@@ -337,7 +353,15 @@ def parity_architecture(reference: Path, bundles: Sequence[Bundle]) -> tuple[str
         from rsedge.parity.unirs import UNIRS  # torch models load on use
 
         return arch, UNIRS
+    if arch == "qwen2_5_vl":
+        from rsedge.parity.qwen2_5_vl import QWEN2_5_VL
+
+        return arch, QWEN2_5_VL
     raise OptionError(f"rsedge parity has no evaluation for {arch} bundles")
+
+
+def _think_budget(per_sample: Callable[[Any, ThinkOptions], int], think: ThinkOptions, sample: Any) -> int:
+    return per_sample(sample, think)
 
 
 def parity_report(
@@ -349,13 +373,23 @@ def parity_report(
     threads: int | None = None,
     log: Callable[[str], None] = lambda m: None,
     baselines: bool = True,
+    max_think_tokens: int | None = None,
 ) -> dict[str, Any]:
     """Every bundle against the FP32 reference checkpoint it came from, on ``data`` (default: the architecture's
-    evaluation data)."""
+    evaluation data). ``max_think_tokens`` bounds every answer's think block, the reference's and the bundles'
+    alike (reasoning architectures only)."""
     if not bundles:
         raise ValueError("parity compares bundles with their reference: give at least one bundle")
     opened = [Bundle.open(b, verify="size") for b in bundles]
     arch_name, arch = parity_architecture(Path(reference), opened)
+    think = ThinkOptions(max_think_tokens=max_think_tokens) if max_think_tokens is not None else None
+    budget = arch.budget
+    think_kw: dict[str, Any] = {}
+    if think is not None:
+        if arch.think_budget is None:
+            raise OptionError(f"--max-think-tokens bounds a reasoning model's think block; {arch_name} has none")
+        think_kw["think"] = think
+        budget = functools.partial(_think_budget, arch.think_budget, think)
     data = data or arch.default_data
     samples = arch.samples(data, per_task, seed, opened)
     log(f"{len(samples)} {arch_name} samples from {data}")
@@ -368,7 +402,7 @@ def parity_report(
     rows: list[dict[str, Any]] = []
     for family, key in inputs.values():
         if key not in refs:
-            refs[key] = ref = arch.run_reference(model, tok, samples, family)
+            refs[key] = ref = arch.run_reference(model, tok, samples, family, **think_kw)
             ref_rows[key] = len(rows)
             rows.append(
                 {
@@ -411,7 +445,7 @@ def parity_report(
         gc.collect()
         rss_before = peak_memory.rss_mb()
         pipe = Pipeline.load(b, threads=threads)
-        run = run_bundle(pipe, samples, str(b), budget=arch.budget)
+        run = run_bundle(pipe, samples, str(b), budget=budget, think=think)
         ref = refs[inputs[b][1]]
         logits_ref, logits_got = np.stack(ref.first_logits), np.stack(run.first_logits)
         row = {
@@ -439,7 +473,7 @@ def parity_report(
             if run.decode_ms_per_token
             else None,
             "rss_mb_loaded": peak_memory.rss_mb() - rss_before,  # sessions + arena after running every sample
-            "peak_memory": request_peak_memory(Path(b), samples[0], threads, budget=arch.budget(samples[0])),
+            "peak_memory": request_peak_memory(Path(b), samples[0], threads, budget=budget(samples[0])),
             **reasoning_columns(run, ref),
         }
         rows.append(row)
@@ -451,6 +485,7 @@ def parity_report(
         "samples": len(samples),
         "per_task": per_task,
         "seed": seed,
+        "max_think_tokens": max_think_tokens,
         "rows": rows,
         "targets": fidelity_targets(rows),
     }
