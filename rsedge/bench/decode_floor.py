@@ -1,4 +1,8 @@
-"""Speed floor: one decode step of the runtime against the PyTorch reference, same prompt, same threads."""
+"""Speed floor: one decode step of the runtime against the PyTorch reference, same prompt, same threads.
+
+The prompt is text only (seeded random ids of ordinary tokens): a decoder that takes more than embeddings (Qwen2.5-VL's
+rotary positions) gets them from the bundle's family on the runtime side and from the reference's own ``step``.
+"""
 
 from __future__ import annotations
 
@@ -34,6 +38,8 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
     dec = pipe.decoder(expert)
     embeds = pipe.embed_rows(prompt_ids)[None].astype(dec.dtype)
     state = dec.new_state(embeds.shape[1] + steps + 1)
+    # e.g. Qwen2.5-VL's rotary positions (a text-only prompt: the three rows are the positions); None for most
+    state.extra_inputs = pipe.family.decoder_inputs([int(i) for i in prompt_ids], [])
     t0 = time.perf_counter()
     logits = dec.step(embeds, state)
     prefill = time.perf_counter() - t0
@@ -54,7 +60,8 @@ def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps
     torch.set_num_threads(threads)
     model = architecture_for(checkpoint).load().REFERENCE.from_checkpoint(checkpoint)
     embed = model.lm.model.embed_tokens
-    # RSUniVLM's reference takes the expert a step runs on; a dense model's (UniRS, VILA-1.5) takes none.
+    # RSUniVLM's reference takes the expert a step runs on; a dense model's (UniRS, VILA-1.5, Qwen2.5-VL: text
+    # positions by default) takes none.
     routed = "expert" in inspect.signature(model.step).parameters
     step = (lambda x, cache=None: model.step(x, expert, cache)) if routed else model.step
     with torch.no_grad():
@@ -70,11 +77,27 @@ def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps
     return _summary("PyTorch reference (eager fp32)", prefill, times)
 
 
-def run(checkpoint: Path, bundle: Path, prompt_tokens: int, steps: int, threads: int, expert: int) -> dict:
+def text_prompt_ids(bundle: Path, count: int) -> np.ndarray:
+    """``count`` seeded random ids below the model's vocab size, none of them an added token of the bundle's tokenizer
+    (chat markers, an image sentinel that a Qwen2.5-VL prompt would have to match to an image): those are drawn
+    again, so the ids of a bundle whose draw hits none are the plain draw's."""
+    from tokenizers import Tokenizer
+
     from rsedge.runtime.bundle import Bundle
 
-    vocab = Bundle.open(bundle, verify="none").model["text"]["vocab_size"]
-    ids = np.random.default_rng(0).integers(0, vocab, size=prompt_tokens)
+    b = Bundle.open(bundle, verify="none")
+    vocab = int(b.model["text"]["vocab_size"])
+    tokenizer = Tokenizer.from_file(str(b.root / b.manifest["tokenizer"]["file"]))
+    added = np.array(sorted(tokenizer.get_added_tokens_decoder()), dtype=np.int64)
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, vocab, size=count)
+    while (hit := np.isin(ids, added)).any():
+        ids[hit] = rng.integers(0, vocab, size=int(hit.sum()))
+    return ids
+
+
+def run(checkpoint: Path, bundle: Path, prompt_tokens: int, steps: int, threads: int, expert: int) -> dict:
+    ids = text_prompt_ids(bundle, prompt_tokens)
     rt = bench_runtime(bundle, expert, ids, steps, threads)
     ref = bench_reference(checkpoint, expert, ids, steps, threads)
     return {
