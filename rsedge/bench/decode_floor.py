@@ -23,12 +23,15 @@ class StepTiming:
     decode_step_ms_p90: float
     decode_step_ms_mean: float
     tokens_per_s: float
+    # the greedy tokens fed to the decode steps: an FP32 bundle's equal the reference's (both did the same work)
+    tokens: list[int]
 
 
-def _summary(engine: str, prefill_s: float, steps_s: list[float]) -> StepTiming:
+def _summary(engine: str, prefill_s: float, steps_s: list[float], tokens: list[int]) -> StepTiming:
     med = statistics.median(steps_s)
     p90 = sorted(steps_s)[int(0.9 * (len(steps_s) - 1))]
-    return StepTiming(engine, prefill_s * 1e3, med * 1e3, p90 * 1e3, statistics.fmean(steps_s) * 1e3, 1.0 / med)
+    mean = statistics.fmean(steps_s) * 1e3
+    return StepTiming(engine, prefill_s * 1e3, med * 1e3, p90 * 1e3, mean, 1.0 / med, tokens)
 
 
 def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:
@@ -43,13 +46,14 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
     t0 = time.perf_counter()
     logits = dec.step(embeds, state)
     prefill = time.perf_counter() - t0
-    times = []
+    times, tokens = [], []
     for _ in range(steps):
         tok = int(np.argmax(logits))
+        tokens.append(tok)
         t = time.perf_counter()
         logits = dec.step(pipe.embed_rows([tok])[None].astype(dec.dtype), state)
         times.append(time.perf_counter() - t)
-    return _summary("rsedge runtime (onnxruntime)", prefill, times)
+    return _summary("rsedge runtime (onnxruntime)", prefill, times, tokens)
 
 
 def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:
@@ -68,13 +72,14 @@ def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps
         t0 = time.perf_counter()
         out = step(embed(torch.from_numpy(prompt_ids)[None]))
         prefill = time.perf_counter() - t0
-        times = []
+        times, tokens = [], []
         for _ in range(steps):
             tok = int(torch.argmax(out.logits[0, -1]))
+            tokens.append(tok)
             t = time.perf_counter()
             out = step(embed(torch.tensor([[tok]])), out.cache)
             times.append(time.perf_counter() - t)
-    return _summary("PyTorch reference (eager fp32)", prefill, times)
+    return _summary("PyTorch reference (eager fp32)", prefill, times, tokens)
 
 
 def text_prompt_ids(bundle: Path, count: int) -> np.ndarray:
