@@ -54,22 +54,15 @@ class Qwen25VLReference:
         return LanguageModel(self.model.model.language_model, self.model.lm_head)
 
     @torch.no_grad()
-    def step(
-        self,
-        inputs_embeds: torch.Tensor,
-        cache: DynamicCache | None = None,
-        rope_position_ids: torch.Tensor | None = None,
-    ) -> StepOutput:
-        """One call of transformers' language model and head (prefill or decode) on ``inputs_embeds`` [B, S, H] after
-        ``cache``, which grows in place. ``rope_position_ids`` [3, B, S]: the multimodal rotary positions; None: a
-        text-only prompt's, all three rows the positions ``past .. past+S-1`` (what ``get_rope_index`` gives text)."""
+    def step(self, inputs_embeds: torch.Tensor, cache: DynamicCache | None = None) -> StepOutput:
+        """One call of transformers' language model and head (prefill or decode) on ``inputs_embeds`` [B, S, H] of a
+        text-only prompt after ``cache``, which grows in place: all three rotary rows are the positions ``past ..
+        past+S-1``, what ``get_rope_index`` gives text (rsedge.bench.decode_floor times this)."""
         lm = self.model.model.language_model
         cache = cache if cache is not None else DynamicCache(config=lm.config)
-        if rope_position_ids is None:
-            past, (batch, new) = cache.get_seq_length(), inputs_embeds.shape[:2]
-            positions = torch.arange(past, past + new, device=inputs_embeds.device)
-            rope_position_ids = positions.view(1, 1, -1).expand(3, batch, -1)
-        out = lm(inputs_embeds=inputs_embeds, position_ids=rope_position_ids, cache=cache, use_cache=True)
+        past, (batch, new) = cache.get_seq_length(), inputs_embeds.shape[:2]
+        positions = torch.arange(past, past + new, device=inputs_embeds.device).view(1, 1, -1).expand(3, batch, -1)
+        out = lm(inputs_embeds=inputs_embeds, position_ids=positions, cache=cache, use_cache=True)
         return StepOutput(self.model.lm_head(out.last_hidden_state).float(), cache)
 
     @classmethod
