@@ -817,15 +817,24 @@ def demo_cmd(workdir: Path, model: Path | None, precision: str, max_new_tokens: 
 @click.option("--target", required=True, help="orin-nano-8gb, orin-nano-super, orin-nx-16gb or agx-orin-64gb")
 @click.option("--context", type=int, default=1024, show_default=True, help="tokens a request holds (prefill, KV depth)")
 @click.option("--experts", multiple=True, help="experts the mission loads (repeatable or comma-separated; default all)")
+@click.option(
+    "--image-size",
+    default=None,
+    help="WIDTHxHEIGHT of the image a dynamic-resolution bundle (Qwen2.5-VL) is costed on [default: 1024x1024]",
+)
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write JSON here")
-def estimate_cmd(bundle: Path, target: str, context: int, experts: tuple[str, ...], json_out: Path | None) -> None:
+def estimate_cmd(
+    bundle: Path, target: str, context: int, experts: tuple[str, ...], image_size: str | None, json_out: Path | None
+) -> None:
     """Will BUNDLE fit on a Jetson module, and how fast will it run (memory, vision, prefill, decode)."""
     from rsedge.bench.estimate import estimate, load_facts, parse_experts, read_bundle, render, target_facts
+    from rsedge.bench.vision_cost import parse_image_size
 
     facts = load_facts()
     target_facts(target, facts)  # an unknown target is refused before the bundle is read
+    size = parse_image_size(image_size) if image_size is not None else None
     info = read_bundle(bundle)
-    result = estimate(info, target, context, parse_experts(experts, info.manifest), facts)
+    result = estimate(info, target, context, parse_experts(experts, info.manifest), facts, size)
     render(result)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")

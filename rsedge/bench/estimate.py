@@ -43,6 +43,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from rsedge.bench.vision_cost import vision_cost
 from rsedge.errors import BundleError, OptionError
 
 FACTS = Path(__file__).resolve().parents[1] / "data" / "estimate" / "targets.json"
@@ -416,8 +417,12 @@ def estimate(
     context: int = DEFAULT_CONTEXT,
     experts: Sequence[str | int] | None = None,
     facts: Mapping[str, Any] | None = None,
+    image_size: tuple[int, int] | None = None,
 ) -> dict[str, Any]:
-    """Memory and speed of ``bundle`` on ``target`` at ``context`` tokens with ``experts`` loaded (all if None)."""
+    """Memory and speed of ``bundle`` on ``target`` at ``context`` tokens with ``experts`` loaded (all if None).
+
+    ``image_size`` (width, height): the image a dynamic-resolution bundle's vision graph is costed on (None:
+    rsedge.bench.vision_cost.DEFAULT_IMAGE); a fixed-input bundle takes none."""
     facts = facts or load_facts()
     tgt = target_facts(target, facts)
     if not 1 <= context <= MAX_CONTEXT:
@@ -426,7 +431,7 @@ def estimate(
     model = m.get("model")
     if not isinstance(model, dict):
         raise BundleError("manifest has no model section")
-    t, v = TextDims.from_config(model.get("text", {})), VisionDims.from_config(model.get("vision", {}), "model.vision")
+    t, vis = TextDims.from_config(model.get("text", {})), vision_cost(m, image_size)
     experts = parse_experts(experts or (), m)
     entries = graph_entries(m)
     decoder = m["graphs"]["decoder"]
@@ -505,19 +510,8 @@ def estimate(
             ),
         }
     )
-    vis_act = vision_activation_bytes(v, t.hidden, vision_item)
-    terms.append(
-        {
-            "term": "activations: vision, one image",
-            **quantity(
-                vis_act,
-                "bytes",
-                "model",
-                f"max(attention {v.tokens} x 5 x {v.hidden} + 2 x {v.heads} x {v.tokens}^2, MLP {v.tokens} x "
-                f"(2 x {v.hidden} + 3 x {v.intermediate})) + pixels + features, x {vision_item} bytes ({vision_dtype})",
-            ),
-        }
-    )
+    vis_act, vis_act_how = vis.activation_bytes(t.hidden, vision_item)
+    terms.append({"term": vis.label, **quantity(vis_act, "bytes", "model", f"{vis_act_how} ({vision_dtype})")})
     pre_one = prefill_activation_bytes(t, context, item, logits_item, holds_scores)
     terms.append(
         {
@@ -576,7 +570,7 @@ def estimate(
     # provider runs it as dequantize + a float matmul (rsedge/export/targets.py).
     vision_quantized = vision_entry.get("quantized") == "int8-qdq"
     v_peak_key = "int8" if vision_quantized and form == "qdq" else ("fp32" if vision_item == 4 else "fp16")
-    v_flops = vision_flops(v, t.hidden)
+    v_flops, v_flops_how = vis.flops(t.hidden)
     v_bytes = streamed_bytes(bundle.graph_files["vision"], size, host_arrays)
     vision = _phase(
         {
@@ -594,7 +588,7 @@ def estimate(
             "launch": ("h200-check", f"{nodes.get('vision')} nodes: {launch_how}"),
         },
     )
-    vision["flops"] = quantity(v_flops, "FLOP", "model", "patch embedding + layers x (linears + 4 T^2 D) + connector")
+    vision["flops"] = quantity(v_flops, "FLOP", "model", v_flops_how)
 
     # Decoder phases use the largest loaded expert (they are the same size in rsedge's bundles).
     dec_bytes = {e: streamed_bytes(bundle.graph_files[f"expert{e}"], size, host_arrays) for e in experts}
@@ -662,6 +656,8 @@ def estimate(
     }
 
     notes = []
+    if context < vis.tokens:
+        notes.append(f"--context {context} is shorter than one image's {vis.tokens} visual tokens")
     limit = decoder.get("max_positions")
     if isinstance(limit, int) and context > limit:
         notes.append(f"--context {context} exceeds this bundle's {limit} positions: the runtime refuses such a request")
@@ -701,6 +697,7 @@ def estimate(
         "target_name": tgt["name"],
         "context": quantity(context, "tokens", "option", "prefilled at once (an upper bound) and the decode depth"),
         "experts": [int(e) for e in experts],
+        "image": vis.image,
         "memory": memory,
         "speed": speed,
         "efficiency": {
@@ -819,7 +816,11 @@ def render(result: Mapping[str, Any], console: Any = None) -> None:
 
     v, p, d = speed["vision"], speed["prefill"], speed["decode"]
     ctx = result["context"]["value"]
-    table.add_row("vision, one image", f"{v['ms']['value']:.1f} ms", v["bound"], *floors(v))
+    image = result.get("image") or {}
+    shown = "one image"
+    if image.get("kind") == "dynamic":  # the assumed size: a dynamic-resolution tower's cost follows it
+        shown = f"one {image['size'][0]}x{image['size'][1]} image, {image['tokens']} visual tokens"
+    table.add_row(f"vision, {shown}", f"{v['ms']['value']:.1f} ms", v["bound"], *floors(v))
     table.add_row(
         f"prefill, {ctx} tokens",
         f"{p['ms']['value']:.1f} ms = {p['tokens_per_s']['value']:,.0f} tok/s",

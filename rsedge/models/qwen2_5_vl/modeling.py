@@ -8,10 +8,12 @@ so a checkpoint that would load with missing keys in transformers is refused her
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers import DynamicCache, Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
 from rsedge.errors import CheckpointError
 from rsedge.models.qwen2_5_vl.config import Qwen25VLConfig
@@ -27,12 +29,41 @@ def internal_name(name: str) -> str:
     return name
 
 
+class LanguageModel(NamedTuple):
+    """transformers' language model where the other references keep theirs (``lm.model``, ``lm.lm_head``)."""
+
+    model: torch.nn.Module
+    lm_head: torch.nn.Module
+
+
+@dataclass
+class StepOutput:
+    logits: torch.Tensor  # [B, S, V] float32
+    cache: DynamicCache
+
+
 class Qwen25VLReference:
     """transformers' model with rsedge's config beside it (``cfg``) and the released-name tensors it was given."""
 
     def __init__(self, cfg: Qwen25VLConfig, model: Qwen2_5_VLForConditionalGeneration) -> None:
         self.cfg = cfg
         self.model = model
+
+    @property
+    def lm(self) -> LanguageModel:
+        return LanguageModel(self.model.model.language_model, self.model.lm_head)
+
+    @torch.no_grad()
+    def step(self, inputs_embeds: torch.Tensor, cache: DynamicCache | None = None) -> StepOutput:
+        """One call of transformers' language model and head (prefill or decode) on ``inputs_embeds`` [B, S, H] of a
+        text-only prompt after ``cache``, which grows in place: all three rotary rows are the positions ``past ..
+        past+S-1``, what ``get_rope_index`` gives text (rsedge.bench.decode_floor times this)."""
+        lm = self.model.model.language_model
+        cache = cache if cache is not None else DynamicCache(config=lm.config)
+        past, (batch, new) = cache.get_seq_length(), inputs_embeds.shape[:2]
+        positions = torch.arange(past, past + new, device=inputs_embeds.device).view(1, 1, -1).expand(3, batch, -1)
+        out = lm(inputs_embeds=inputs_embeds, position_ids=positions, cache=cache, use_cache=True)
+        return StepOutput(self.model.lm_head(out.last_hidden_state).float(), cache)
 
     @classmethod
     def from_tensors(
