@@ -21,7 +21,7 @@ Huge pages: rsedge collapses its sessions' weights into transparent huge pages i
 the peers do not ask for them. `--thp-variants` adds rows that show what that is worth on each side: rsedge with
 it turned off (RSEDGE_HUGE_PAGES=0), onnxruntime-genai with glibc allocating in huge pages
 (GLIBC_TUNABLES=glibc.malloc.hugetlb=1, set before the process starts) and llama.cpp reading its weights into
-such memory instead of mapping the file (the same tunable and `-mmp 0`).
+such memory instead of mapping the file (the same tunable and `-lm none`).
 
 The machine's speed drifts by the hour, so engines run interleaved, each in its own process, for several
 rounds, in an order rotated every round; the table gives each engine's median over rounds and the min-max.
@@ -77,8 +77,8 @@ GLIBC_THP = {"GLIBC_TUNABLES": "glibc.malloc.hugetlb=1"}  # glibc >= 2.35: mallo
 
 def llama(binary: str, gguf: str, n: int, reps: int, threads: int, env: dict | None = None) -> dict:
     """llama-bench: the prompt (pp n), then single decode steps after a depth of n (tg 1 @ d n, reps times);
-    with ``env`` (huge pages), the weights are read into allocated memory (-mmp 0) that glibc advises."""
-    args = [binary, "-m", gguf, "-t", str(threads), "-o", "json"] + (["-mmp", "0"] if env else [])
+    with ``env`` (huge pages), the weights are read into allocated memory (-lm none) that glibc advises."""
+    args = [binary, "-m", gguf, "-t", str(threads), "-o", "json"] + (["-lm", "none"] if env else [])
     run_env = {**os.environ, **(env or {})}
     pp = subprocess.run(
         [*args, "-r", "1", "-p", str(n), "-n", "0"], capture_output=True, text=True, check=True, env=run_env
