@@ -6,6 +6,7 @@ import random
 
 import pytest
 
+from rsedge.errors import ImageError
 from rsedge.runtime.reasoning import (
     NORM_1000,
     PIXELS,
@@ -157,7 +158,7 @@ def test_smart_resize_sizes():
     assert smart_resize(20, 20) == (56, 56)  # raised to min_pixels
     h, w = smart_resize(10_000, 20_000, max_pixels=1280 * 28 * 28)  # lowered to max_pixels, ratio kept
     assert h % 28 == 0 and w % 28 == 0 and h * w <= 1280 * 28 * 28 and abs(w / h - 2) < 0.05
-    with pytest.raises(ValueError):
+    with pytest.raises(ImageError, match="aspect ratio"):
         smart_resize(1, 500)
 
 

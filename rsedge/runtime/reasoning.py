@@ -22,6 +22,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from rsedge.runtime.families.qwen2_5_vl_image import smart_resize as qwen_smart_resize
+
 BoxXYXY = tuple[float, float, float, float]
 
 THINK_OPEN, THINK_CLOSE = "<think>", "</think>"
@@ -254,23 +256,6 @@ def map_boxes(parsed: Reasoning, resized_hw: tuple[int, int], original_hw: tuple
 def smart_resize(
     height: int, width: int, factor: int = 28, min_pixels: int = 56 * 56, max_pixels: int = 14 * 14 * 4 * 16384
 ) -> tuple[int, int]:
-    """Qwen2.5-VL's resized (height, width): each side rounded to a multiple of ``factor``, the area brought within
-    [min_pixels, max_pixels] keeping the aspect ratio (the processor's defaults; a bundle's own values win).
-
-    Here so a box can be mapped and a calibration answer written without the vision side; the family passes the
-    size its preprocessing actually used."""
-    if height <= 0 or width <= 0:
-        raise ValueError(f"image size must be positive, got {height}x{width}")
-    if max(height, width) / min(height, width) > 200:
-        raise ValueError(f"aspect ratio must be under 200, got {height}x{width}")
-    h = max(factor, round(height / factor) * factor)
-    w = max(factor, round(width / factor) * factor)
-    if h * w > max_pixels:
-        beta = math.sqrt(height * width / max_pixels)
-        h = max(factor, math.floor(height / beta / factor) * factor)
-        w = max(factor, math.floor(width / beta / factor) * factor)
-    elif h * w < min_pixels:
-        beta = math.sqrt(min_pixels / (height * width))
-        h = math.ceil(height * beta / factor) * factor
-        w = math.ceil(width * beta / factor) * factor
-    return h, w
+    """Qwen2.5-VL's resized (height, width) with the processor's default bounds (a bundle's own values win): the
+    family's own ``smart_resize``, here so a box can be mapped and a calibration answer written without a bundle."""
+    return qwen_smart_resize(height, width, factor, min_pixels, max_pixels)
