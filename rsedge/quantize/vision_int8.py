@@ -35,7 +35,32 @@ METHODS = {
 }
 
 
-class ImageReader(CalibrationDataReader):
+class WindowedReader(CalibrationDataReader):
+    """A sized calibration reader that onnxruntime walks in windows (``set_range``): its histogram calibrators keep
+    every intermediate tensor of a ``collect_data`` call in memory, so each window is one image. Subclasses say
+    what the ``index``-th image's feeds are."""
+
+    def __init__(self, count: int) -> None:
+        self._count = count
+        self._next, self._end = 0, count
+
+    def __len__(self) -> int:
+        return self._count
+
+    def set_range(self, start_index: int, end_index: int) -> None:
+        self._next, self._end = start_index, min(end_index, self._count)
+
+    def get_next(self) -> dict[str, np.ndarray] | None:
+        if self._next >= self._end:
+            return None
+        self._next += 1
+        return self.feeds(self._next - 1)
+
+    def feeds(self, index: int) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+
+class ImageReader(WindowedReader):
     """One image per call, [1, 3, S, S]: histogram calibrators need every sample in the same shape.
 
     Sized and windowed (``set_range``) so that onnxruntime calibrates one image at a time: its histogram
@@ -47,19 +72,10 @@ class ImageReader(CalibrationDataReader):
         self._size, self._name, self._dtype = image_size, input_name, dtype
         # A change pair's images and repeats would weight some scenes twice.
         self._paths = list(dict.fromkeys(p for item in calib.items for p in calib.image_paths(item)))
-        self._next, self._end = 0, len(self._paths)
+        super().__init__(len(self._paths))
 
-    def __len__(self) -> int:
-        return len(self._paths)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._next, self._end = start_index, min(end_index, len(self._paths))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._end:
-            return None
-        img = validate_image(prepare_image(self._paths[self._next]))
-        self._next += 1
+    def feeds(self, index: int) -> dict[str, np.ndarray]:
+        img = validate_image(prepare_image(self._paths[index]))
         return {self._name: preprocess_square(img, self._size).astype(self._dtype)}
 
 

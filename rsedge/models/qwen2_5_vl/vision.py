@@ -32,6 +32,7 @@ from rsedge.errors import CheckpointError, OptionError
 from rsedge.export.onnx_builder import GraphBuilder, get_weight, save_graph
 from rsedge.export.records import graph_io
 from rsedge.export.weight_store import WeightStore
+from rsedge.quantize.vision_int8 import WindowedReader
 from rsedge.runtime.families.qwen2_5_vl_image import (
     FRAME_SEGMENTS,
     IMAGE_EMBEDS,
@@ -229,7 +230,7 @@ def vision_graph(
     return b.make_model(doc, meta)
 
 
-class CalibrationFeeds:
+class CalibrationFeeds(WindowedReader):
     """onnxruntime calibration reader: one image's full feeds per call (each image its own token count N).
 
     Images are read and preprocessed as the runtime does (:func:`image_feeds`); one per
@@ -240,19 +241,10 @@ class CalibrationFeeds:
         self, images: Sequence[Path | Image.Image], pre: VisionPreprocess, vision: Mapping[str, Any], dtype: type
     ) -> None:
         self._images, self._pre, self._vision, self._dtype = list(images), pre, vision, dtype
-        self._next, self._end = 0, len(self._images)
+        super().__init__(len(self._images))
 
-    def __len__(self) -> int:
-        return len(self._images)
-
-    def set_range(self, start_index: int, end_index: int) -> None:
-        self._next, self._end = start_index, min(end_index, len(self._images))
-
-    def get_next(self) -> dict[str, np.ndarray] | None:
-        if self._next >= self._end:
-            return None
-        image = self._images[self._next]
-        self._next += 1
+    def feeds(self, index: int) -> dict[str, np.ndarray]:
+        image = self._images[index]
         if not isinstance(image, Image.Image):
             image = prepare_image(Path(image))
         return image_feeds(image, self._pre, self._vision, self._dtype)[0]
