@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 
-from tokenizers import Tokenizer, trainers
+from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
 # Qwen2's pre-tokenizer split (digits one by one, which keeps boxes regular): RSUniVLM's and Qwen2.5-VL's
 QWEN2_SPLIT = (
@@ -60,3 +60,26 @@ def learn_pieces(tok: Tokenizer, vocab_size: int, extra: Iterable[str] = (), alp
     ``alphabet`` given as initial pieces (a byte-level tokenizer's 256 byte symbols)."""
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, initial_alphabet=list(alphabet), show_progress=False)
     tok.train_from_iterator(training_corpus(extra), trainer=trainer)
+
+
+def qwen2_byte_level(vocab_size: int, specials: Sequence[str], extra: Iterable[str] = ()) -> Tokenizer:
+    """A Qwen2-style tokenizer (NFC, Qwen2's split, byte-level BPE) of ``vocab_size`` pieces learned on the corpus,
+    ``specials`` added last: RSUniVLM's and Qwen2.5-VL's test tokenizers."""
+    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
+    tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    tok.decoder = decoders.ByteLevel()
+    learn_pieces(tok, vocab_size - len(specials), extra, pre_tokenizers.ByteLevel.alphabet())
+    tok.add_special_tokens(list(specials))
+    return tok
+
+
+def added_tokens_decoder(ids: dict[str, int]) -> dict[str, dict[str, object]]:
+    """tokenizer_config.json's ``added_tokens_decoder`` for special tokens (content -> id)."""
+    flags = {"lstrip": False, "normalized": False, "rstrip": False, "single_word": False, "special": True}
+    return {str(i): {"content": t, **flags} for t, i in ids.items()}

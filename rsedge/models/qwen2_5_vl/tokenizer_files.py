@@ -11,10 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, normalizers, pre_tokenizers
-from tokenizers import models as tok_models
+from tokenizers import Tokenizer
 
-from rsedge.models.tokenizer_corpus import QWEN2_SPLIT, learn_pieces
+from rsedge.models.tokenizer_corpus import added_tokens_decoder, qwen2_byte_level
 
 SPECIAL_TOKENS = (
     "<|endoftext|>",
@@ -51,18 +50,7 @@ CHAT_TEMPLATE_JINJA = (
 
 
 def train_tokenizer(vocab_size: int) -> Tokenizer:
-    tok = Tokenizer(tok_models.BPE(unk_token=None, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    learn_pieces(tok, vocab_size - len(SPECIAL_TOKENS), GROUNDING_LINES, pre_tokenizers.ByteLevel.alphabet())
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return qwen2_byte_level(vocab_size, SPECIAL_TOKENS, GROUNDING_LINES)
 
 
 def write_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 32768) -> dict[str, int]:
@@ -79,17 +67,7 @@ def write_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 327
         )
         + "\n"
     )
-    added = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t, i in ids.items()
-    }
+    added = added_tokens_decoder(ids)
     config = {
         "add_prefix_space": False,
         "added_tokens_decoder": added,

@@ -12,9 +12,9 @@ import json
 from collections.abc import Iterable
 from pathlib import Path
 
-from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers
+from tokenizers import Tokenizer
 
-from rsedge.models.tokenizer_corpus import QWEN2_SPLIT, learn_pieces
+from rsedge.models.tokenizer_corpus import added_tokens_decoder, qwen2_byte_level
 
 SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")
 CHAT_TEMPLATE_JINJA = (
@@ -26,18 +26,7 @@ CHAT_TEMPLATE_JINJA = (
 
 
 def train_tokenizer(vocab_size: int, extra_text: Iterable[str] = ()) -> Tokenizer:
-    tok = Tokenizer(models.BPE(unk_token=None, byte_fallback=False))
-    tok.normalizer = normalizers.NFC()
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
-        ]
-    )
-    tok.decoder = decoders.ByteLevel()
-    learn_pieces(tok, vocab_size - len(SPECIAL_TOKENS), extra_text, pre_tokenizers.ByteLevel.alphabet())
-    tok.add_special_tokens(list(SPECIAL_TOKENS))
-    return tok
+    return qwen2_byte_level(vocab_size, SPECIAL_TOKENS, extra_text)
 
 
 def write_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 32768) -> dict[str, int]:
@@ -70,17 +59,7 @@ def write_tokenizer_files(tok: Tokenizer, out: Path, model_max_length: int = 327
         )
         + "\n"
     )
-    added = {
-        str(i): {
-            "content": t,
-            "lstrip": False,
-            "normalized": False,
-            "rstrip": False,
-            "single_word": False,
-            "special": True,
-        }
-        for t, i in ids.items()
-    }
+    added = added_tokens_decoder(ids)
     (out / "tokenizer_config.json").write_text(
         json.dumps(
             {
