@@ -7,6 +7,7 @@ every step's logits within 1e-4 (FP32); FP16 within the export's FP16 bound, tok
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -190,3 +191,24 @@ def test_unbuilt_options_are_refused_before_any_file(ckpt, tmp_path, options, me
     with pytest.raises(OptionError, match=message):
         export(ckpt, tmp_path / "b", **options)
     assert not (tmp_path / "b").exists()
+
+
+def test_a_geotiff_scene_is_tiled_at_the_family_s_tile_size(bundles, samples, tmp_path) -> None:
+    """A dynamic-resolution bundle has no fixed input size: a scene is cut into the largest square tiles its
+    max_pixels reads unshrunk (it used to fail on the bundle's missing image_size with a traceback)."""
+    pytest.importorskip("rasterio")
+    from rsedge.runtime.pipeline import Pipeline
+    from tests.geo_scenes import rgb_scene, sample_rgb
+    from tests.test_bad_input import run
+
+    path = bundles("fp32")
+    family = Pipeline.load(path).family
+    pre = family.pre
+    side = family.tile_size()
+    assert side % pre.factor == 0 and side * side <= pre.max_pixels < (side + pre.factor) ** 2
+    scene = rgb_scene(tmp_path / "scene.tif", sample_rgb(samples))
+    res = run("run", path, "--image", scene, "--prompt", "Locate the tank in bbox_2d JSON.", "--max-new-tokens",
+              "4", "--json")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    tiling = json.loads(res.stdout)["tiling"]
+    assert tiling["tile"] == side and tiling["tiles"] >= 1

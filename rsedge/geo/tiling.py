@@ -255,8 +255,8 @@ def answer_scene(
 ) -> SceneAnswer:
     """Answer ``prompt`` about ``scene`` with ``pipe`` (a :class:`rsedge.runtime.pipeline.Pipeline`), tile by tile.
 
-    ``tile`` defaults to the bundle's input size; ``overlap`` is in pixels of the scene (default an eighth of a
-    tile); boxes of all tiles are
+    ``tile`` defaults to the family's tile size (the bundle's input size); ``overlap`` is in pixels of the scene
+    (default an eighth of a tile); boxes of all tiles are
     merged by NMS at ``iou``; [SEG] masks are stitched into one label grid over the scene. ``on_tile(done,
     total)`` is called after each tile (a progress bar). Box scores are :func:`answer_score` of their tile.
     ``cancel``, once set, stops the answer between tiles (and the tile being decoded, through Pipeline.generate):
@@ -264,7 +264,7 @@ def answer_scene(
     """
     if not 0.0 <= iou <= 1.0:
         raise OptionError(f"--iou must be between 0 and 1, got {iou}")
-    size = int(tile or pipe.bundle.preprocess["image_size"])
+    size = int(tile or pipe.family.tile_size())
     if overlap is None:
         overlap = int(size * DEFAULT_OVERLAP_FRACTION)
     windows = tile_windows(scene.width, scene.height, size, overlap)

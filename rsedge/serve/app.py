@@ -247,7 +247,7 @@ def create_app(models: ModelSet, cfg: ServeConfig) -> FastAPI:
             if len(sources) != 1:
                 raise OptionError(f"a GeoTIFF scene is answered on its own; send one scene, got {len(sources)} images")
             where, source = sources[0]
-            size = int(model.pipe.bundle.preprocess["image_size"])
+            size = model.pipe.family.tile_size()
             job = scenes.read_job(source, where, fields, mask_format, prompt, cfg.max_pixels, size)
             if think is not None:
                 raise OptionError("max_think_tokens / think are not supported for scenes (tiled answers) yet")

@@ -81,6 +81,10 @@ class Family(ABC):
         images jointly or runs more graphs than ``vision`` (through ``graph``) overrides this."""
         return [self.visual_tokens(vision(self.pixel_values(im)), im) for im in images]
 
+    def tile_size(self) -> int:
+        """The side of the square tile a scene (a GeoTIFF larger than one input) is cut into: the vision input."""
+        return int(self.bundle.preprocess["image_size"])
+
     def blank_image(self) -> Image.Image:
         """An image of the input size, for warming the vision graph up."""
         side = int(self.bundle.preprocess["image_size"])

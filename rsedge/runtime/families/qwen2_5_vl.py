@@ -16,6 +16,7 @@ Runtime module: numpy, Pillow, tokenizers and the stdlib only.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -123,6 +124,11 @@ class Qwen25VLFamily(Family):
 
     def blank_image(self) -> Image.Image:
         return Image.new("RGB", (224, 224), (128, 128, 128))
+
+    def tile_size(self) -> int:
+        # Any size is read at its own resolution up to max_pixels: the largest square tile that is not shrunk.
+        side = math.isqrt(self.pre.max_pixels) // self.pre.factor * self.pre.factor
+        return max(side, self.pre.factor)
 
     # -- decoding and answers --------------------------------------------------------------------------------
 
