@@ -106,12 +106,26 @@ def attention_probability_nodes(model: onnx.ModelProto) -> list[str]:
 def quantize_vision(src: Path, dst: Path, calib: CalibrationSet, image_size: int, method: str = "percentile") -> Path:
     """Write ``dst`` (+ ``dst.data``): the vision graph with INT8 Q/DQ around its MatMuls and Conv, the
     attention probability path excepted."""
-    if method not in METHODS:
-        raise OptionError(f"unknown vision calibration method {method!r}; choose {', '.join(METHODS)}")
+    check_method(method)
     graph = onnx.load(str(src), load_external_data=False)
     inp = graph.graph.input[0]
     dtype = np.float16 if inp.type.tensor_type.elem_type == onnx.TensorProto.FLOAT16 else np.float32
-    # Float biases: TensorRT takes no INT32 DequantizeLinear, and a bias costs nothing in float.
+    reader = ImageReader(calib, image_size, inp.name, dtype)
+    return static_int8(src, dst, reader, method, ["MatMul", "Conv"], attention_probability_nodes(graph))
+
+
+def check_method(method: str) -> None:
+    if method not in METHODS:
+        raise OptionError(f"unknown vision calibration method {method!r}; choose {', '.join(METHODS)}")
+
+
+def static_int8(
+    src: Path, dst: Path, reader: CalibrationDataReader, method: str, op_types: list[str], exclude: list[str]
+) -> Path:
+    """Every vision tower's static INT8 (the SigLIP tower's and Qwen2.5-VL's): Q/DQ on ``op_types`` except the
+    nodes named in ``exclude``, per-channel symmetric INT8 weights, symmetric INT8 activations calibrated by
+    ``method`` on ``reader``, float biases (TensorRT takes no INT32 DequantizeLinear, and a bias costs nothing in
+    float). Writes ``dst`` + ``dst.data``."""
     extra = {
         "ActivationSymmetric": True,
         "WeightSymmetric": True,
@@ -131,10 +145,10 @@ def quantize_vision(src: Path, dst: Path, calib: CalibrationSet, image_size: int
             quantize_static(
                 str(src),
                 str(dst),
-                ImageReader(calib, image_size, inp.name, dtype),
+                reader,
                 quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul", "Conv"],
-                nodes_to_exclude=attention_probability_nodes(graph),
+                op_types_to_quantize=op_types,
+                nodes_to_exclude=exclude,
                 per_channel=True,
                 activation_type=QuantType.QInt8,
                 weight_type=QuantType.QInt8,

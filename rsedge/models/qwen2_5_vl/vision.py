@@ -15,10 +15,7 @@ Weights go to ``vision.bin`` (external data, stored once) through the project's 
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
-import logging
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -32,7 +29,7 @@ from rsedge.errors import CheckpointError, OptionError
 from rsedge.export.onnx_builder import GraphBuilder, get_weight, save_graph
 from rsedge.export.records import graph_io
 from rsedge.export.weight_store import WeightStore
-from rsedge.quantize.vision_int8 import WindowedReader
+from rsedge.quantize.vision_int8 import WindowedReader, check_method, static_int8
 from rsedge.runtime.families.qwen2_5_vl_image import (
     FRAME_SEGMENTS,
     IMAGE_EMBEDS,
@@ -280,12 +277,7 @@ def quantize_vision_graph(
     SigLIP tower's INT8 export (:mod:`rsedge.quantize.vision_int8`): per-channel symmetric INT8 weights,
     symmetric INT8 activations, float biases; normalisations, rotary, masks, softmax and
     :func:`float_matmuls` stay in float."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-
-    from rsedge.quantize.vision_int8 import METHODS
-
-    if method not in METHODS:
-        raise OptionError(f"unknown vision calibration method {method!r}; choose {', '.join(METHODS)}")
+    check_method(method)
     if isinstance(images, CalibrationSet):
         images = list(dict.fromkeys(p for item in images.items for p in images.image_paths(item)))
     if not images:
@@ -294,36 +286,8 @@ def quantize_vision_graph(
     graph = onnx.load(str(src), load_external_data=False)
     if graph.graph.input[0].type.tensor_type.elem_type != onnx.TensorProto.FLOAT:
         raise OptionError("static INT8 calibrates the float32 vision graph; export it as float32 first")
-    extra = {
-        "ActivationSymmetric": True,
-        "WeightSymmetric": True,
-        "QuantizeBias": False,
-        "CalibStridedMinMax": 1,  # one image per collect_data call: bounded memory for every method
-    }
-    if method == "percentile":
-        extra["CalibPercentile"] = 99.99
-    root = logging.getLogger()
-    level = root.level
-    root.setLevel(logging.ERROR)  # onnxruntime's pre-processing advice is not for our users
-    try:
-        with contextlib.redirect_stdout(io.StringIO()):
-            quantize_static(
-                str(src),
-                str(dst),
-                CalibrationFeeds(images, pre, vision, np.float32),
-                quant_format=QuantFormat.QDQ,
-                op_types_to_quantize=["MatMul"],
-                nodes_to_exclude=float_matmuls(graph),
-                per_channel=True,
-                activation_type=QuantType.QInt8,
-                weight_type=QuantType.QInt8,
-                use_external_data_format=True,
-                calibrate_method=METHODS[method],
-                extra_options=extra,
-            )
-    finally:
-        root.setLevel(level)
-    return dst
+    reader = CalibrationFeeds(images, pre, vision, np.float32)
+    return static_int8(src, dst, reader, method, ["MatMul"], float_matmuls(graph))
 
 
 def build_vision_graph(
