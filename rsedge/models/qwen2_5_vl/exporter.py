@@ -15,7 +15,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,6 @@ import onnx
 import onnxruntime as ort
 import torch
 from PIL import Image
-from tokenizers import Tokenizer
 
 from rsedge.calibration.calibset import CalibrationSet, resolve_calibration
 from rsedge.errors import CheckpointError, ExportValidationError, OptionError
@@ -33,7 +31,7 @@ from rsedge.export.decoder_spec import qwen2_5_vl
 from rsedge.export.driver import ExportContext, Exporter, ExportOptions, Progress
 from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
-from rsedge.export.records import graph_io
+from rsedge.export.records import copy_tokenizer_files, graph_io
 from rsedge.export.validate import (
     ORT_NP,
     GraphCheck,
@@ -122,17 +120,11 @@ def prompt_spec(cfg: Qwen25VLConfig) -> dict[str, Any]:
 
 
 def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: Qwen25VLConfig) -> dict[str, Any]:
-    (tmp / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, tmp / "tokenizer" / name)
-    path = tmp / "tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        raise OptionError(f"{checkpoint}: no tokenizer.json; the runtime needs it")
-    tok = Tokenizer.from_file(str(path))
+    tok = copy_tokenizer_files(checkpoint, tmp, TOKENIZER_FILES)
     for name, want in (("<|image_pad|>", cfg.image_token_id), ("<|vision_start|>", cfg.vision_start_token_id)):
         if tok.token_to_id(name) != want:
-            raise CheckpointError(f"{path}: {name} is id {tok.token_to_id(name)}, config.json says {want}")
+            where = checkpoint / "tokenizer.json"
+            raise CheckpointError(f"{where}: {name} is id {tok.token_to_id(name)}, config.json says {want}")
     stop = {cfg.eos_token_id, *(tok.token_to_id(t) for t in STOP_TOKENS)} - {None}
     return {"file": "tokenizer/tokenizer.json", "stop_token_ids": sorted(int(s) for s in stop)}
 

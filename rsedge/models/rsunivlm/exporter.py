@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import gc
 import hashlib
-import shutil
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -29,7 +28,7 @@ from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.prefill_graph import FORM as PREFILL_FORM
 from rsedge.export.prefill_graph import build_prefill_graph, prefill_onnx
-from rsedge.export.records import graph_io
+from rsedge.export.records import copy_tokenizer_files, graph_io
 from rsedge.export.validate import apply_fake_quant, checks_to_json, validate_bundle
 from rsedge.export.vision_graph import build_vision_graph
 from rsedge.export.weight_store import WeightStore
@@ -89,14 +88,7 @@ def parse_router(table: Mapping[str, int] | None, cfg: RSUniVLMConfig) -> dict[s
 
 
 def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: RSUniVLMConfig) -> dict[str, Any]:
-    (tmp / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        if (checkpoint / name).is_file():
-            shutil.copy2(checkpoint / name, tmp / "tokenizer" / name)
-    path = tmp / "tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        raise OptionError(f"{checkpoint}: no tokenizer.json; the runtime needs it")
-    tok = Tokenizer.from_file(str(path))
+    tok = copy_tokenizer_files(checkpoint, tmp, TOKENIZER_FILES)
     stop = {cfg.eos_token_id, tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")} - {None}
     return {"file": "tokenizer/tokenizer.json", "stop_token_ids": sorted(stop)}
 

@@ -22,7 +22,6 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -42,7 +41,7 @@ from rsedge.export.linear_map import LinearMap, decoder_linear_map
 from rsedge.export.onnx_builder import OPSET, save_graph
 from rsedge.export.prefill_graph import FORM as PREFILL_FORM
 from rsedge.export.prefill_graph import build_prefill_graph, prefill_onnx
-from rsedge.export.records import graph_io
+from rsedge.export.records import copy_tokenizer_files, graph_io
 from rsedge.export.validate import apply_fake_quant, checks_to_json, steady_reference
 from rsedge.export.weight_store import WeightStore
 from rsedge.models.safetensors_files import checkpoint_files
@@ -110,14 +109,7 @@ def prompt_spec(cfg: UniRSConfig) -> dict[str, Any]:
 
 
 def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: UniRSConfig) -> dict[str, Any]:
-    (tmp / "tokenizer").mkdir()
-    for name in TOKENIZER_FILES:
-        if (checkpoint / "llm" / name).is_file():
-            shutil.copy2(checkpoint / "llm" / name, tmp / "tokenizer" / name)
-    path = tmp / "tokenizer" / "tokenizer.json"
-    if not path.is_file():
-        raise OptionError(f"{checkpoint / 'llm'}: no tokenizer.json; the runtime needs it")
-    tok = Tokenizer.from_file(str(path))
+    tok = copy_tokenizer_files(checkpoint / "llm", tmp, TOKENIZER_FILES)
     stop = {cfg.eos_token_id, tok.token_to_id(STOP)} - {None}
     return {"file": "tokenizer/tokenizer.json", "stop_token_ids": sorted(stop)}
 
