@@ -60,7 +60,8 @@ from pathlib import Path
 from rsedge.bench.decode_floor import bench_runtime
 b, n, steps, threads = Path(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
 r = bench_runtime(b, 0, np.random.default_rng(0).integers(0, 1000, size=n), steps, threads)
-out = {"prefill_s": r.prefill_ms / 1e3, "decode_ms": r.decode_step_ms_median, "decode_ms_mean": r.decode_step_ms_mean}
+out = {"prefill_s": r.prefill_ms / 1e3, "decode_ms": r.decode_step_ms_median, "decode_ms_mean": r.decode_step_ms_mean,
+       "attention": r.attention}
 print(json.dumps(out))
 """
 
@@ -117,6 +118,7 @@ def summary(rounds: list[dict]) -> dict:
         "decode_ms_min_max": [min(dec), max(dec)],
         "decode_ms_rounds": [round(x, 2) for x in dec],
         "errors": [r["error"] for r in rounds if "error" in r],
+        **({"attention": ok[-1]["attention"]} if "attention" in ok[-1] else {}),  # rsedge's decode attention kernel
     }
 
 
@@ -133,6 +135,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--genai-python", default=sys.executable, help="interpreter with onnxruntime_genai")
     ap.add_argument("--thp-variants", action="store_true", help="also run each engine with huge pages switched")
+    ap.add_argument("--kernel-variants", action="store_true",
+                    help="also run the first bundle with rsedge's attention kernel off (RSEDGE_KERNELS=0)")
     ap.add_argument("--json", type=Path, default=None)
     a = ap.parse_args()
     from rsedge.bench.bench import machine
@@ -146,6 +150,10 @@ def main() -> None:
         off = {"RSEDGE_HUGE_PAGES": "0"}
         engines[f"rsedge ({a.bundle[0].name}) THP off"] = lambda: one(
             RSEDGE, str(a.bundle[0]), n, s, str(a.threads), python=sys.executable, env=off
+        )
+    if a.kernel_variants:
+        engines[f"rsedge ({a.bundle[0].name}) kernels off"] = lambda: one(
+            RSEDGE, str(a.bundle[0]), n, s, str(a.threads), python=sys.executable, env={"RSEDGE_KERNELS": "0"}
         )
     skipped: dict[str, str] = {}
     for folder in a.genai:

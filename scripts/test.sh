@@ -5,6 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 .venv/bin/ruff check rsedge tests scripts
+# The tests keep their caches in a temporary XDG_CACHE_HOME: name the headers setup fetched for the kernel's tests.
+export RSEDGE_ORT_INCLUDE="${XDG_CACHE_HOME:-$HOME/.cache}/rsedge/ort-include"
 
 # Bundles of each graph form and the newest onnxruntime's answers, for tests/test_ort_compat.py in both passes.
 compat=$(mktemp -d)

@@ -50,6 +50,8 @@ class BenchResult:
     peak_rss_mb: float | None
     gpu_memory_mb: float | None
     warmup_ms: dict[str, float] = field(default_factory=dict)
+    # whose kernel ran the decode steps' attention: "rsedge" (rsedge.kernels) or "onnxruntime (why not rsedge's)"
+    attention: str = ""
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -217,7 +219,14 @@ def run(
         peak_rss_mb=None if (rss := peak_rss_mb()) is None else round(rss, 1),
         gpu_memory_mb=None if gpu0 is None or gpu1 is None else round((gpu1 - gpu0) / 1e6, 1),
         warmup_ms={k: round(v, 1) for k, v in warmup_ms.items()},
+        attention=attention_label(dec),
     )
+
+
+def attention_label(dec: Any) -> str:
+    """Whose kernel runs ``dec``'s decode attention, with the reason when it is not rsedge's."""
+    kind, note = getattr(dec, "attention", "engine"), getattr(dec, "attention_note", "")
+    return kind if kind == "rsedge" or not note else f"{kind} ({note})"
 
 
 def table_rows(r: BenchResult) -> list[tuple[str, str]]:
@@ -238,6 +247,7 @@ def table_rows(r: BenchResult) -> list[tuple[str, str]]:
             f"{r.decode_ms_median:.2f} ms/token median (min {r.decode_ms_min:.2f}, max {r.decode_ms_max:.2f}, "
             f"p90 {r.decode_ms_p90:.2f}) = {r.decode_tok_per_s:.1f} tok/s at depth {r.prompt_tokens}",
         ),
+        ("decode attention", r.attention or "n/a"),
         ("peak RSS", "n/a" if r.peak_rss_mb is None else f"{r.peak_rss_mb:.0f} MB"),
         ("GPU memory", "n/a" if r.gpu_memory_mb is None else f"{r.gpu_memory_mb:.0f} MB"),
     ]

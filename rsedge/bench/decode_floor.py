@@ -25,6 +25,7 @@ class StepTiming:
     tokens_per_s: float
     # the greedy tokens fed to the decode steps: an FP32 bundle's equal the reference's (both did the same work)
     tokens: list[int]
+    attention: str = ""  # the runtime's decode attention kernel (rsedge.bench.bench.attention_label)
 
 
 def _summary(engine: str, prefill_s: float, steps_s: list[float], tokens: list[int]) -> StepTiming:
@@ -53,7 +54,11 @@ def bench_runtime(bundle: Path, expert: int, prompt_ids: np.ndarray, steps: int,
         t = time.perf_counter()
         logits = dec.step(pipe.embed_rows([tok])[None].astype(dec.dtype), state)
         times.append(time.perf_counter() - t)
-    return _summary("rsedge runtime (onnxruntime)", prefill, times, tokens)
+    from rsedge.bench.bench import attention_label
+
+    timing = _summary("rsedge runtime (onnxruntime)", prefill, times, tokens)
+    timing.attention = attention_label(dec)
+    return timing
 
 
 def bench_reference(checkpoint: Path, expert: int, prompt_ids: np.ndarray, steps: int, threads: int) -> StepTiming:

@@ -27,6 +27,8 @@ ORT_DTYPES = {
     "tensor(int8)": np.int8,  # an INT8 KV cache (rsedge export --kv-cache int8)
 }
 ENV_ALLOCATORS = "session.use_env_allocators"  # the session config entry that takes the process's shared arena
+# Where a graph given as bytes finds its external data (onnxruntime >= 1.17).
+EXTERNAL_FOLDER = "session.model_external_initializers_file_folder_path"
 
 
 def default_trt_cache() -> Path:
@@ -54,6 +56,9 @@ class SessionConfig:
     # None: the per-user default folder. Only graphs make_session is given a content digest for use it.
     graph_cache: Path | None = None
     use_graph_cache: bool = True
+    # CPU: decoders with an INT8 prefill twin run their decode steps' attention on rsedge's kernel when it can be
+    # built on this machine (rsedge.kernels; RSEDGE_KERNELS=0 turns it off for a process).
+    kernels: bool = True
 
     def __post_init__(self) -> None:
         if self.device not in PROVIDERS:
@@ -109,8 +114,18 @@ def providers_for(cfg: SessionConfig, available: set[str], cache_key: str = "") 
     return [(p, provider_options(cfg, p, cache_key)) for p in wanted if p in available]
 
 
-def make_session(path: Path, cfg: SessionConfig, cache_key: str = "", content: str | None = None) -> Any:
+def make_session(
+    path: Path,
+    cfg: SessionConfig,
+    cache_key: str = "",
+    content: str | None = None,
+    model: bytes | None = None,
+    custom_ops: Path | None = None,
+) -> Any:
     """An onnxruntime InferenceSession of ``path`` on ``cfg.device``.
+
+    ``model``: the graph to run instead of ``path``'s (a rewrite of it: its external data is read from ``path``'s
+    folder); ``custom_ops``: a library of custom op kernels the graph uses (:mod:`rsedge.kernels`).
 
     ``content``: a digest of the graph's content (``Bundle.graph_digest``); on the CPU it lets the session come
     from the optimized-graph cache (:mod:`rsedge.runtime.graph_cache`): onnxruntime optimizes the graph once per
@@ -133,13 +148,20 @@ def make_session(path: Path, cfg: SessionConfig, cache_key: str = "", content: s
         opts.log_severity_level = 3
         if cfg.shares_cpu_arena:
             use_shared_cpu_arena(ort, opts)
+        if custom_ops is not None:
+            opts.register_custom_ops_library(str(custom_ops))
+        if model is not None:
+            opts.add_session_config_entry(EXTERNAL_FOLDER, str(path.parent))
         if save:
             opts.optimized_model_filepath = save["path"]
             for k, v in save.items():
                 if k != "path":
                     opts.add_session_config_entry(k, v)
         session = ort.InferenceSession(
-            str(graph), sess_options=opts, providers=[p for p, _ in chosen], provider_options=[o for _, o in chosen]
+            model if model is not None else str(graph),
+            sess_options=opts,
+            providers=[p for p, _ in chosen],
+            provider_options=[o for _, o in chosen],
         )
         # onnxruntime falls back to the next provider when the first cannot start (e.g. TensorRT's libraries are
         # missing) and only logs it: a --device tensorrt run would silently be a CUDA run. Refuse instead.
@@ -151,7 +173,7 @@ def make_session(path: Path, cfg: SessionConfig, cache_key: str = "", content: s
             )
         return session
 
-    if not (content and cfg.device == "cpu" and cfg.use_graph_cache):
+    if model is not None or not (content and cfg.device == "cpu" and cfg.use_graph_cache):
         session = create(path, level)
     else:
         from rsedge.runtime.graph_cache import OptimizedGraphCache, entry_key

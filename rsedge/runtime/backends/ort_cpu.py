@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from rsedge.runtime.backends.ort_decoder import OrtDecoder
+from rsedge.runtime.sessions import SessionConfig, make_session
 
 
 class OrtCpuDecoder(OrtDecoder):
@@ -15,3 +17,24 @@ class OrtCpuDecoder(OrtDecoder):
     def _allocate(self, nbytes: int, zero: bool) -> tuple[Any, int]:
         buf = np.zeros(nbytes, dtype=np.uint8) if zero else np.empty(nbytes, dtype=np.uint8)
         return buf, buf.ctypes.data
+
+    def _make_session(self, path: Path, cfg: SessionConfig, cache_key: str, prefill: Path | None) -> Any:
+        """With an INT8 prefill twin taking every multi-token step, the decode graph sees single tokens only:
+        its attention then runs on rsedge's decode kernel (rsedge.kernels) where that can be built, else on
+        onnxruntime's (``attention_note`` says why)."""
+        if prefill is None or not cfg.kernels:
+            self.attention_note = "no INT8 prefill twin" if prefill is None else "kernels off (SessionConfig)"
+            return make_session(path, cfg, cache_key=cache_key)
+        from rsedge.kernels import KernelUnavailable, decode_attention
+
+        try:
+            model, lib = decode_attention(path)
+            session = make_session(path, cfg, cache_key=cache_key, model=model, custom_ops=lib)
+        except KernelUnavailable as e:
+            self.attention_note = str(e)
+            return make_session(path, cfg, cache_key=cache_key)
+        except Exception as e:  # onnxruntime refused the library or the graph: its own kernel still runs the bundle
+            self.attention_note = f"onnxruntime refused the kernel: {str(e).splitlines()[0] if str(e) else e!r}"
+            return make_session(path, cfg, cache_key=cache_key)
+        self.attention = "rsedge"
+        return session

@@ -77,7 +77,9 @@ class OrtDecoder(DecoderBackend):
         cache (the TensorRT provider), normally its sha256 from the manifest; ``prefill``: the decoder's INT8
         prefill twin (same I/O and KV layout), which then runs every step of more than one token."""
         self.spec, self.cfg = spec, cfg
-        self.session = session if session is not None else make_session(path, cfg, cache_key=cache_key)
+        # Whose kernel runs the decode steps' attention ("onnxruntime" or "rsedge"), and why not rsedge's.
+        self.attention, self.attention_note = "onnxruntime", ""
+        self.session = session if session is not None else self._make_session(path, cfg, cache_key, prefill)
         self.prefill_session = make_session(prefill, cfg) if prefill is not None else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.dtype(ORT_DTYPES[inputs[INPUTS_EMBEDS].type])
@@ -90,6 +92,10 @@ class OrtDecoder(DecoderBackend):
     def _allocate(self, nbytes: int, zero: bool) -> tuple[Any, int]:
         """(an object keeping ``nbytes`` alive, its address) on ``memory_device``."""
         raise NotImplementedError
+
+    def _make_session(self, path: Path, cfg: SessionConfig, cache_key: str, prefill: Path | None) -> Any:
+        """The decode graph's session (subclasses may run it on other kernels)."""
+        return make_session(path, cfg, cache_key=cache_key)
 
     def new_state(self, capacity: int) -> DecodeState:
         nbytes = KVMemory.nbytes(self.spec, capacity, self.kv_dtype)

@@ -1,0 +1,525 @@
+/*
+ * rsedge's decode-step attention: an onnxruntime custom op, ai.rsedge::GroupQueryAttention, with the inputs,
+ * outputs and attributes of com.microsoft::GroupQueryAttention (packed QKV, one KV buffer per layer shared by past
+ * and present, rotary from cos/sin caches) for float32 activations and cache.
+ *
+ * Why: onnxruntime's CPU kernel runs one SGEMM of M=1 per *query* head, so a decode step repacks each KV head's
+ * whole cache once per query head of its group (7 times for Qwen2-0.5B): at 760 positions that was ~5 ms of a
+ * ~22 ms step, against ~1.3 ms to read the cache once. Here each KV head's rows are read once for all the query
+ * heads of its group, in chunks spread over onnxruntime's own intra-op threads, softmax-combined at the end
+ * (split-K, as flash-decoding does). Multi-token steps are computed too (same results), but without GEMM blocking:
+ * the runtime uses this op only for a decoder whose prompt runs through another graph (the INT8 prefill twin).
+ *
+ * Built by rsedge.kernels.build against onnxruntime's C API header (API version 17: KernelContext_ParallelFor).
+ */
+#include <float.h>
+#include <limits.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "onnxruntime_c_api.h"
+
+#define RSEDGE_ORT_API 17
+#define CHUNK 256 /* keys per task: a KV head's chunk of a 64-wide head (2 x 64 KB of K and V) stays in L2 */
+
+static const OrtApi *ort;
+
+typedef struct {
+  int64_t num_heads, kv_heads, do_rotary, interleaved;
+  float scale;
+} Gqa;
+
+#define CHECK(expr)                  \
+  do {                               \
+    OrtStatus *status_ = (expr);     \
+    if (status_) return status_;     \
+  } while (0)
+
+static OrtStatus *fail(const char *msg) { return ort->CreateStatus(ORT_INVALID_ARGUMENT, msg); }
+
+/* e^x for x <= 0 (scores minus their maximum), vectorizable: 2^n * p(r), r in [-ln2/2, ln2/2], relative error < 2e-7 */
+static inline float exp_neg(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  float n = floorf(x * 1.44269504089f + 0.5f);
+  float r = x - n * 0.693145751953125f - n * 1.428606765330187e-06f;
+  float p = 1.0f / 720.0f;
+  p = p * r + 1.0f / 120.0f;
+  p = p * r + 1.0f / 24.0f;
+  p = p * r + 1.0f / 6.0f;
+  p = p * r + 0.5f;
+  p = p * r + 1.0f;
+  p = p * r + 1.0f;
+  union { uint32_t u; float f; } two_n;
+  two_n.u = (uint32_t)((int32_t)n + 127) << 23;
+  return p * two_n.f;
+}
+
+static void rotate(float *dst, const float *src, int64_t hd, const float *cos_row, const float *sin_row,
+                   int64_t half, int interleaved) {
+  memcpy(dst, src, (size_t)hd * sizeof(float));
+  if (!cos_row) return;
+  if (interleaved) {
+    for (int64_t i = 0; i < half; i++) {
+      float x0 = src[2 * i], x1 = src[2 * i + 1];
+      dst[2 * i] = x0 * cos_row[i] - x1 * sin_row[i];
+      dst[2 * i + 1] = x1 * cos_row[i] + x0 * sin_row[i];
+    }
+  } else {
+    for (int64_t i = 0; i < half; i++) {
+      float x0 = src[i], x1 = src[i + half];
+      dst[i] = x0 * cos_row[i] - x1 * sin_row[i];
+      dst[i + half] = x1 * cos_row[i] + x0 * sin_row[i];
+    }
+  }
+}
+
+/* One task: query heads [g*G, g*G+G) of batch row b, token s, against keys [c0, c1) of KV head g. */
+typedef struct {
+  const float *q;         /* rotated queries [B, S, Nq, hd] */
+  const float *k, *v;     /* present caches [B, Nkv, T, hd] */
+  float *part;            /* per task: G x (hd + 2): acc, max, sum */
+  int64_t S, Nq, Nkv, G, hd, T, chunks;
+  const int64_t *past;    /* [B] past length */
+  float scale;
+} Work;
+
+#if defined(__GNUC__) && !defined(__clang__)
+/* GCC's generic vectors (AVX-512, AVX2 or NEON code from one source). Sixteen keys' dot products against one query are
+ * sixteen 16-lane partial sums folded pairwise into one vector (4 levels of shuffle + add): no horizontal sum per key,
+ * which took ~24 cycles per key and head and was two thirds of the step's attention time. */
+#define RSEDGE_FOLD 1
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+typedef int32_t i16 __attribute__((vector_size(64)));
+static const i16 L1A = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+static const i16 L1B = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+static const i16 L2A = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+static const i16 L2B = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+static const i16 L3A = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+static const i16 L3B = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+static const i16 L4A = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+static const i16 L4B = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+
+static inline __attribute__((always_inline)) v16 fold(v16 x, v16 y, i16 lo, i16 hi) {
+  return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
+}
+
+/* q . K[j] for the 16 rows j of K (hd apart); hd a multiple of 16 */
+static inline __attribute__((always_inline)) v16 dots16(const float *q, const float *K, const int hd) {
+  v16 a[16], b[8], c[4], d[2];
+  for (int j = 0; j < 16; j++) {
+    v16 s = *(const v16 *)(K + j * hd) * *(const v16 *)q;
+    for (int e = 16; e < hd; e += 16) s += *(const v16 *)(K + j * hd + e) * *(const v16 *)(q + e);
+    a[j] = s;
+  }
+  for (int i = 0; i < 8; i++) b[i] = fold(a[2 * i], a[2 * i + 1], L1A, L1B);
+  for (int i = 0; i < 4; i++) c[i] = fold(b[2 * i], b[2 * i + 1], L2A, L2B);
+  for (int i = 0; i < 2; i++) d[i] = fold(c[2 * i], c[2 * i + 1], L3A, L3B);
+  return fold(d[0], d[1], L4A, L4B);
+}
+#else
+#define RSEDGE_FOLD 0
+#endif
+
+/* The chunk loop with the head width HD a compile-time constant, so dot products unroll and each query head's
+ * accumulators stay in registers (two of them, even and odd keys, to halve the FMA latency chain). */
+#define ATTEND_CHUNK(HD)                                                                                     \
+  static void attend_chunk_##HD(const float *Q, const float *K, const float *V, int64_t n, int64_t G,       \
+                                float scale, float *part, float *scores) {                                   \
+    for (int64_t h = 0; h < G; h++) {                                                                        \
+      const float *qh = Q + h * (HD);                                                                        \
+      int64_t j = 0;                                                                                         \
+      if (RSEDGE_FOLD && (HD) % 16 == 0)                                                                     \
+        for (; j + 16 <= n; j += 16) DOTS16(scores + j, qh, K + j * (HD), (HD));                           \
+      for (; j < n; j++) {                                                                                   \
+        const float *kj = K + j * (HD);                                                                      \
+        float dot = 0.0f;                                                                                    \
+        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < (HD); d++) dot += qh[d] * kj[d];     \
+        scores[j] = dot;                                                                                     \
+      }                                                                                                      \
+      float m = -FLT_MAX;                                                                                    \
+      _Pragma("omp simd reduction(max : m)") for (j = 0; j < n; j++) {                                       \
+        scores[j] *= scale;                                                                                  \
+        m = scores[j] > m ? scores[j] : m;                                                                   \
+      }                                                                                                      \
+      float sum = 0.0f;                                                                                      \
+      _Pragma("omp simd reduction(+ : sum)") for (j = 0; j < n; j++) {                                       \
+        scores[j] = exp_neg(scores[j] - m);                                                                  \
+        sum += scores[j];                                                                                    \
+      }                                                                                                      \
+      float even[(HD)], odd[(HD)];                                                                           \
+      _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] = odd[d] = 0.0f;                        \
+      for (j = 0; j + 2 <= n; j += 2) {                                                                      \
+        const float *v0 = V + j * (HD), *v1 = v0 + (HD);                                                     \
+        float p0 = scores[j], p1 = scores[j + 1];                                                            \
+        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) {                                             \
+          even[d] += p0 * v0[d];                                                                             \
+          odd[d] += p1 * v1[d];                                                                              \
+        }                                                                                                    \
+      }                                                                                                      \
+      if (j < n) {                                                                                           \
+        const float *v0 = V + j * (HD);                                                                      \
+        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * v0[d];                 \
+      }                                                                                                      \
+      float *out = part + h * ((HD) + 2);                                                                    \
+      _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) out[d] = even[d] + odd[d];                      \
+      out[(HD)] = m;                                                                                         \
+      out[(HD) + 1] = sum;                                                                                   \
+    }                                                                                                        \
+  }
+
+#if RSEDGE_FOLD
+#define DOTS16(dst, q, K, hd) (*(v16 *)(dst) = dots16((q), (K), (hd)))
+#else
+#define DOTS16(dst, q, K, hd) ((void)0)
+#endif
+
+ATTEND_CHUNK(64)
+ATTEND_CHUNK(128)
+
+static void attend_chunk_any(const float *Q, const float *K, const float *V, int64_t n, int64_t G, int64_t hd,
+                             float scale, float *part, float *scores) {
+  for (int64_t h = 0; h < G; h++) {
+    const float *qh = Q + h * hd;
+    float m = -FLT_MAX;
+    for (int64_t j = 0; j < n; j++) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < hd; d++) dot += qh[d] * K[j * hd + d];
+      scores[j] = dot * scale;
+      m = scores[j] > m ? scores[j] : m;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+      scores[j] = exp_neg(scores[j] - m);
+      sum += scores[j];
+    }
+    float *acc = part + h * (hd + 2);
+    memset(acc, 0, (size_t)hd * sizeof(float));
+    for (int64_t j = 0; j < n; j++)
+      for (int64_t d = 0; d < hd; d++) acc[d] += scores[j] * V[j * hd + d];
+    acc[hd] = m;
+    acc[hd + 1] = sum;
+  }
+}
+
+static void attend(void *data, size_t task) {
+  const Work *w = (const Work *)data;
+  int64_t c = (int64_t)task % w->chunks, rest = (int64_t)task / w->chunks;
+  int64_t s = rest % w->S, bg = rest / w->S, g = bg % w->Nkv, b = bg / w->Nkv;
+  int64_t G = w->G, hd = w->hd;
+  int64_t visible = w->past[b] + s + 1; /* causal: token s sees positions [0, past + s] */
+  int64_t c0 = c * CHUNK, c1 = c0 + CHUNK < visible ? c0 + CHUNK : visible;
+  float *part = w->part + (size_t)task * G * (hd + 2);
+  if (c0 >= c1) {
+    for (int64_t h = 0; h < G; h++) {
+      part[h * (hd + 2) + hd] = -FLT_MAX;
+      part[h * (hd + 2) + hd + 1] = 0.0f;
+    }
+    return;
+  }
+  int64_t n = c1 - c0;
+  const float *K = w->k + ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
+  const float *V = w->v + ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
+  const float *Q = w->q + ((size_t)(b * w->S + s) * w->Nq + g * G) * hd;
+  float scores[CHUNK] __attribute__((aligned(64)));
+  switch (hd) {
+    case 64: attend_chunk_64(Q, K, V, n, G, w->scale, part, scores); break;
+    case 128: attend_chunk_128(Q, K, V, n, G, w->scale, part, scores); break;
+    default: attend_chunk_any(Q, K, V, n, G, hd, w->scale, part, scores);
+  }
+}
+
+static int64_t dims_of(const OrtValue *value, int64_t *dims, size_t max_rank, ONNXTensorElementDataType *type,
+                       OrtStatus **status) {
+  OrtTensorTypeAndShapeInfo *info = NULL;
+  size_t rank = 0;
+  *status = ort->GetTensorTypeAndShape(value, &info);
+  if (*status) return -1;
+  *status = ort->GetDimensionsCount(info, &rank);
+  if (!*status && rank <= max_rank) *status = ort->GetDimensions(info, dims, rank);
+  if (!*status && type) *status = ort->GetTensorElementType(info, type);
+  ort->ReleaseTensorTypeAndShapeInfo(info);
+  if (*status) return -1;
+  return rank <= max_rank ? (int64_t)rank : -1;
+}
+
+static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
+  const Gqa *a = (const Gqa *)kernel;
+  const OrtValue *qv = NULL, *kv = NULL, *pkv = NULL, *pvv = NULL, *slv = NULL, *cosv = NULL, *sinv = NULL;
+  size_t n_in = 0;
+  CHECK(ort->KernelContext_GetInputCount(ctx, &n_in));
+  CHECK(ort->KernelContext_GetInput(ctx, 0, &qv));
+  if (n_in > 1) CHECK(ort->KernelContext_GetInput(ctx, 1, &kv));
+  if (kv) return fail("ai.rsedge GroupQueryAttention: only packed QKV (no separate key/value inputs)");
+  CHECK(ort->KernelContext_GetInput(ctx, 3, &pkv));
+  CHECK(ort->KernelContext_GetInput(ctx, 4, &pvv));
+  CHECK(ort->KernelContext_GetInput(ctx, 5, &slv));
+  if (n_in > 8) {
+    CHECK(ort->KernelContext_GetInput(ctx, 7, &cosv));
+    CHECK(ort->KernelContext_GetInput(ctx, 8, &sinv));
+  }
+  if (!pkv || !pvv || !slv) return fail("ai.rsedge GroupQueryAttention: past_key, past_value and seqlens_k are required");
+  if (a->do_rotary && (!cosv || !sinv)) return fail("ai.rsedge GroupQueryAttention: do_rotary needs cos_cache and sin_cache");
+
+  OrtStatus *st = NULL;
+  int64_t qd[3], pd[4], sd[1], cd[2];
+  ONNXTensorElementDataType qt, pt;
+  if (dims_of(qv, qd, 3, &qt, &st) != 3) return st ? st : fail("ai.rsedge GroupQueryAttention: query must be [B, S, D]");
+  if (dims_of(pkv, pd, 4, &pt, &st) != 4) return st ? st : fail("ai.rsedge GroupQueryAttention: past_key must be [B, Nkv, P, hd]");
+  if (qt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || pt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
+    return fail("ai.rsedge GroupQueryAttention: float32 query and cache only");
+  if (dims_of(slv, sd, 1, NULL, &st) != 1) return st ? st : fail("ai.rsedge GroupQueryAttention: seqlens_k must be [B]");
+  int64_t B = qd[0], S = qd[1], Nq = a->num_heads, Nkv = a->kv_heads, hd = pd[3], P = pd[2];
+  if (pd[0] != B || pd[1] != Nkv || sd[0] != B || qd[2] != (Nq + 2 * Nkv) * hd)
+    return fail("ai.rsedge GroupQueryAttention: query, past and seqlens_k shapes disagree with the heads");
+  int64_t half = 0, max_pos = 0;
+  const float *cos_cache = NULL, *sin_cache = NULL;
+  if (a->do_rotary) {
+    if (dims_of(cosv, cd, 2, NULL, &st) != 2) return st ? st : fail("ai.rsedge GroupQueryAttention: cos_cache must be 2-D");
+    half = cd[1];
+    max_pos = cd[0];
+    if (2 * half > hd) return fail("ai.rsedge GroupQueryAttention: rotary wider than the head");
+    CHECK(ort->GetTensorMutableData((OrtValue *)cosv, (void **)&cos_cache));
+    CHECK(ort->GetTensorMutableData((OrtValue *)sinv, (void **)&sin_cache));
+  }
+
+  const float *q_in, *past_k, *past_v;
+  const int32_t *seqlens;
+  CHECK(ort->GetTensorMutableData((OrtValue *)qv, (void **)&q_in));
+  CHECK(ort->GetTensorMutableData((OrtValue *)pkv, (void **)&past_k));
+  CHECK(ort->GetTensorMutableData((OrtValue *)pvv, (void **)&past_v));
+  CHECK(ort->GetTensorMutableData((OrtValue *)slv, (void **)&seqlens));
+
+  int64_t *past = (int64_t *)malloc((size_t)B * sizeof(int64_t));
+  if (!past) return ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
+  int64_t T = P;
+  for (int64_t b = 0; b < B; b++) {
+    past[b] = (int64_t)seqlens[b] + 1 - S;
+    if (past[b] < 0 || past[b] > P) {
+      free(past);
+      return fail("ai.rsedge GroupQueryAttention: seqlens_k outside the past buffer");
+    }
+    if (past[b] + S > T) T = past[b] + S;
+    if (a->do_rotary && past[b] + S > max_pos) {
+      free(past);
+      return fail("ai.rsedge GroupQueryAttention: a position beyond the rotary cache");
+    }
+  }
+
+  int64_t od[3] = {B, S, Nq * hd}, kd[4] = {B, Nkv, T, hd};
+  OrtValue *ov, *pko, *pvo;
+  float *out, *k, *v;
+  OrtStatus *err = NULL;
+#define TRY(expr)           \
+  if (!err) {               \
+    err = (expr);           \
+  }
+  TRY(ort->KernelContext_GetOutput(ctx, 0, od, 3, &ov));
+  TRY(ort->KernelContext_GetOutput(ctx, 1, kd, 4, &pko));
+  TRY(ort->KernelContext_GetOutput(ctx, 2, kd, 4, &pvo));
+  TRY(ort->GetTensorMutableData(ov, (void **)&out));
+  TRY(ort->GetTensorMutableData(pko, (void **)&k));
+  TRY(ort->GetTensorMutableData(pvo, (void **)&v));
+  if (err) {
+    free(past);
+    return err;
+  }
+  /* Shared buffer (the runtime binds past and present to one allocation): rows are appended in place. Otherwise the
+   * past rows are copied first, as onnxruntime's kernel does. */
+  if (k != past_k || v != past_v) {
+    for (int64_t bh = 0; bh < B * Nkv; bh++) {
+      int64_t rows = past[bh / Nkv];
+      memcpy(k + (size_t)bh * T * hd, past_k + (size_t)bh * P * hd, (size_t)(rows * hd) * sizeof(float));
+      memcpy(v + (size_t)bh * T * hd, past_v + (size_t)bh * P * hd, (size_t)(rows * hd) * sizeof(float));
+      /* rows past the new tokens are zero, as onnxruntime's kernel leaves them */
+      memset(k + ((size_t)bh * T + rows) * hd, 0, (size_t)((T - rows) * hd) * sizeof(float));
+      memset(v + ((size_t)bh * T + rows) * hd, 0, (size_t)((T - rows) * hd) * sizeof(float));
+    }
+  }
+
+  int64_t longest = 0;
+  for (int64_t b = 0; b < B; b++) longest = past[b] + S > longest ? past[b] + S : longest;
+  int64_t G = Nq / Nkv, chunks = (longest + CHUNK - 1) / CHUNK;
+  size_t tasks = (size_t)(B * Nkv * S * chunks);
+  float *q = (float *)malloc((size_t)(B * S * Nq * hd) * sizeof(float));
+  float *part = (float *)malloc(tasks * (size_t)(G * (hd + 2)) * sizeof(float));
+  if (!q || !part) {
+    free(past), free(q), free(part);
+    return ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
+  }
+  for (int64_t b = 0; b < B; b++) {
+    for (int64_t s = 0; s < S; s++) {
+      int64_t pos = past[b] + s;
+      const float *row = q_in + (size_t)(b * S + s) * (Nq + 2 * Nkv) * hd;
+      const float *c = a->do_rotary ? cos_cache + pos * half : NULL, *sn = a->do_rotary ? sin_cache + pos * half : NULL;
+      for (int64_t h = 0; h < Nq; h++)
+        rotate(q + ((size_t)(b * S + s) * Nq + h) * hd, row + h * hd, hd, c, sn, half, (int)a->interleaved);
+      for (int64_t h = 0; h < Nkv; h++) {
+        size_t at = ((size_t)(b * Nkv + h) * T + pos) * hd;
+        rotate(k + at, row + (Nq + h) * hd, hd, c, sn, half, (int)a->interleaved);
+        memcpy(v + at, row + (Nq + Nkv + h) * hd, (size_t)hd * sizeof(float));
+      }
+    }
+  }
+
+  Work w = {q, k, v, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale};
+  err = ort->KernelContext_ParallelFor(ctx, attend, tasks, 0, &w);
+  if (!err) {
+    /* Combine the chunks' partial softmaxes: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
+    for (int64_t b = 0; b < B; b++)
+      for (int64_t s = 0; s < S; s++)
+        for (int64_t g = 0; g < Nkv; g++)
+          for (int64_t h = 0; h < G; h++) {
+            size_t first = (size_t)(((b * Nkv + g) * S + s) * chunks);
+            float M = -FLT_MAX, L = 0.0f;
+            for (int64_t c = 0; c < chunks; c++) {
+              float m = part[(first + c) * G * (hd + 2) + h * (hd + 2) + hd];
+              M = m > M ? m : M;
+            }
+            float *o = out + ((size_t)(b * S + s) * Nq + g * G + h) * hd;
+            memset(o, 0, (size_t)hd * sizeof(float));
+            for (int64_t c = 0; c < chunks; c++) {
+              const float *acc = part + (first + c) * G * (hd + 2) + h * (hd + 2);
+              if (acc[hd + 1] == 0.0f) continue;
+              float f = expf(acc[hd] - M);
+              L += acc[hd + 1] * f;
+              for (int64_t d = 0; d < hd; d++) o[d] += acc[d] * f;
+            }
+            for (int64_t d = 0; d < hd; d++) o[d] /= L;
+          }
+  }
+  free(past), free(q), free(part);
+  return err;
+}
+
+/* ---- the custom op's schema and life cycle ---- */
+
+static float attr_float(const OrtKernelInfo *info, const char *name, float fallback) {
+  float value = fallback;
+  OrtStatus *st = ort->KernelInfoGetAttribute_float(info, name, &value);
+  if (st) ort->ReleaseStatus(st), value = fallback;
+  return value;
+}
+
+static int64_t attr_int(const OrtKernelInfo *info, const char *name, int64_t fallback) {
+  int64_t value = fallback;
+  OrtStatus *st = ort->KernelInfoGetAttribute_int64(info, name, &value);
+  if (st) ort->ReleaseStatus(st), value = fallback;
+  return value;
+}
+
+static OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *op, const OrtApi *api, const OrtKernelInfo *info,
+                                             void **kernel) {
+  (void)op, (void)api;
+  Gqa a;
+  a.num_heads = attr_int(info, "num_heads", 0);
+  a.kv_heads = attr_int(info, "kv_num_heads", 0);
+  a.do_rotary = attr_int(info, "do_rotary", 0);
+  a.interleaved = attr_int(info, "rotary_interleaved", 0);
+  if (a.num_heads <= 0 || a.kv_heads <= 0 || a.num_heads % a.kv_heads)
+    return fail("ai.rsedge GroupQueryAttention: num_heads must be a positive multiple of kv_num_heads");
+  if (attr_int(info, "local_window_size", -1) != -1 || attr_float(info, "softcap", 0.0f) != 0.0f ||
+      attr_int(info, "smooth_softmax", 0) != 0)
+    return fail("ai.rsedge GroupQueryAttention: local windows, softcap and smooth softmax are not implemented");
+  a.scale = attr_float(info, "scale", 0.0f);
+  Gqa *k = (Gqa *)malloc(sizeof(Gqa));
+  if (!k) return ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
+  *k = a;
+  *kernel = k;
+  return NULL;
+}
+
+static void ORT_API_CALL destroy_kernel(void *kernel) { free(kernel); }
+
+static OrtStatus *ORT_API_CALL compute_v2(void *kernel, OrtKernelContext *ctx) {
+  const Gqa *a = (const Gqa *)kernel;
+  if (a->scale == 0.0f) { /* resolved at the first call: head_size is known from the inputs only */
+    const OrtValue *pk = NULL;
+    OrtStatus *st = NULL;
+    int64_t pd[4];
+    CHECK(ort->KernelContext_GetInput(ctx, 3, &pk));
+    if (!pk || dims_of(pk, pd, 4, NULL, &st) != 4) return st ? st : fail("ai.rsedge GroupQueryAttention: past_key must be [B, Nkv, P, hd]");
+    Gqa local = *a;
+    local.scale = 1.0f / sqrtf((float)pd[3]);
+    return compute(&local, ctx);
+  }
+  return compute(kernel, ctx);
+}
+
+static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
+static const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
+static size_t ORT_API_CALL n_inputs(const OrtCustomOp *op) { (void)op; return 9; }
+static size_t ORT_API_CALL n_outputs(const OrtCustomOp *op) { (void)op; return 3; }
+
+static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return (i == 5 || i == 6) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t i) {
+  (void)op, (void)i;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp *op, size_t i) {
+  (void)op;
+  return (i == 1 || i == 2 || i == 7 || i == 8) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t i) {
+  (void)op, (void)i;
+  return INPUT_OUTPUT_REQUIRED;
+}
+
+static OrtMemType ORT_API_CALL input_memory(const OrtCustomOp *op, size_t i) {
+  (void)op, (void)i;
+  return OrtMemTypeDefault;
+}
+
+static int ORT_API_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
+static int ORT_API_CALL since(const OrtCustomOp *op) { (void)op; return 1; }
+static int ORT_API_CALL until(const OrtCustomOp *op) { (void)op; return INT_MAX; }
+
+static OrtCustomOp gqa_op;
+static OrtCustomOpDomain *domain; /* one per process: sessions keep referencing it after registration returns */
+static OrtStatus *init_status;
+static pthread_once_t init_once = PTHREAD_ONCE_INIT;
+
+static void init(void) {
+  gqa_op.version = RSEDGE_ORT_API;
+  gqa_op.GetName = op_name;
+  gqa_op.GetExecutionProviderType = op_provider;
+  gqa_op.GetInputType = input_type;
+  gqa_op.GetInputTypeCount = n_inputs;
+  gqa_op.GetOutputType = output_type;
+  gqa_op.GetOutputTypeCount = n_outputs;
+  gqa_op.KernelDestroy = destroy_kernel;
+  gqa_op.GetInputCharacteristic = input_kind;
+  gqa_op.GetOutputCharacteristic = output_kind;
+  gqa_op.GetInputMemoryType = input_memory;
+  gqa_op.GetVariadicInputMinArity = one;
+  gqa_op.GetVariadicInputHomogeneity = one;
+  gqa_op.GetVariadicOutputMinArity = one;
+  gqa_op.GetVariadicOutputHomogeneity = one;
+  gqa_op.CreateKernelV2 = create_kernel;
+  gqa_op.KernelComputeV2 = compute_v2;
+  gqa_op.GetStartVersion = since;
+  gqa_op.GetEndVersion = until;
+  init_status = ort->CreateCustomOpDomain("ai.rsedge", &domain);
+  if (!init_status) init_status = ort->CustomOpDomain_Add(domain, &gqa_op);
+}
+
+OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {
+  const OrtApi *api = base->GetApi(RSEDGE_ORT_API);
+  if (!api) {
+    const OrtApi *v1 = base->GetApi(1);
+    return v1->CreateStatus(ORT_FAIL, "rsedge kernels need onnxruntime >= 1.17 (C API version 17)");
+  }
+  ort = api;
+  pthread_once(&init_once, init);
+  if (init_status) return ort->CreateStatus(ORT_FAIL, ort->GetErrorMessage(init_status));
+  return ort->AddCustomOpDomain(options, domain);
+}
