@@ -653,6 +653,11 @@ def bench_decode_cmd(
 @click.option("--depth", type=click.IntRange(1, 32000), default=None, help="decode after this many prompt tokens")
 @click.option("--repeats", type=click.IntRange(1, 100), default=3, show_default=True, help="warm requests")
 @click.option("--warmup", is_flag=True, help="create and run every session before the first request")
+@click.option(
+    "--prepare",
+    is_flag=True,
+    help="create the request's sessions (vision, its expert's decoder) at open, as a service does, not in the request",
+)
 @verify_option
 @click.option("--json", "json_out", type=click.Path(path_type=Path), default=None, help="also write JSON here")
 def bench_cmd(
@@ -665,6 +670,7 @@ def bench_cmd(
     depth: int | None,
     repeats: int,
     warmup: bool,
+    prepare: bool,
     verify: str,
     json_out: Path | None,
 ) -> None:
@@ -686,6 +692,7 @@ def bench_cmd(
         repeats=repeats,
         verify=verify,
         warmup=warmup,
+        prepare=prepare,
     )
     table = Table(title="rsedge bench")
     table.add_column("what")
@@ -838,6 +845,25 @@ def estimate_cmd(
     render(result)
     if json_out is not None:
         json_out.write_text(json.dumps(result, indent=2) + "\n")
+
+
+@main.command("kernels")
+def kernels_cmd() -> None:
+    """Build rsedge's CPU kernels for this machine (once; kept in the user's cache) and say whether decoders use them.
+
+    Needs a C compiler and onnxruntime's C API header (scripts/fetch_ort_headers.sh); without them onnxruntime's
+    own kernels run, with the same answers."""
+    from rsedge.kernels import KernelUnavailable, enabled
+    from rsedge.kernels.build import find_header, library
+
+    try:
+        lib = library("gqa_decode")
+    except KernelUnavailable as e:
+        click.echo(f"error: rsedge's decode attention kernel cannot be built here: {e}", err=True)
+        sys.exit(1)
+    state = "on" if enabled() else "off (RSEDGE_KERNELS=0)"
+    click.echo(f"decode attention kernel: {lib} (header {find_header()})")
+    click.echo(f"used by CPU decoders with an INT8 prefill twin (rsedge export --target cpu): {state}")
 
 
 # rsedge batch lives in its own module, which imports only click until the command runs.

@@ -1,13 +1,16 @@
 """The whole request against the PyTorch reference: one image, a `[VG]` prompt, 64 new tokens, first and warm.
 
-    python scripts/bench_request.py CHECKPOINT BUNDLE [BUNDLE ...] [--rounds 3] [--threads 2] [--json out.json]
+    python scripts/bench_request.py CHECKPOINT BUNDLE [BUNDLE ...] [--rounds 3] [--threads 2] [--prepare]
+        [--json out.json]
 
 Each round runs every engine in a fresh process (so the first request is a real first request: sessions made,
 weights prepacked), in an order rotated from round to round, because this project's VMs drift by tens of percent
 within minutes and only interleaved rounds compare. The engines:
 
 - each BUNDLE: ``rsedge bench BUNDLE`` (the runtime alone, no torch in the process): the bundle is opened and
-  hashed (``open_s``), then the first request and the median of three warm ones;
+  hashed (``open_s``), then the first request and the median of three warm ones; with ``--prepare`` each bundle
+  also runs as ``rsedge bench --prepare``: the request's sessions created at open, as a service does at start
+  (that time is counted in ``open_s`` and so in "cold", not in the first request);
 - the reference: the checkpoint loaded by rsedge's PyTorch reference (eager FP32, the parity reference, on
   ``--threads`` threads), then the same request built the same way (square preprocessing, the same prompt ids,
   expert 1 for `[VG]`), first and the median of two warm ones. Loading is timed apart (``load_s``) as opening is.
@@ -77,16 +80,20 @@ print(json.dumps({"open_s": load_s, "first_request_s": first, "warm_request_s": 
 """
 
 
-def run_bundle(bundle: Path, new_tokens: int, threads: int) -> dict[str, Any]:
+def run_bundle(bundle: Path, new_tokens: int, threads: int, prepare: bool = False) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "bench.json"
         cmd = [sys.executable, "-m", "rsedge.cli", "bench", str(bundle), "--image", str(IMAGE), "--prompt", PROMPT,
-               "--new-tokens", str(new_tokens), "--threads", str(threads), "--json", str(out)]  # fmt: skip
+               "--new-tokens", str(new_tokens), "--threads", str(threads), "--json", str(out),
+               *(["--prepare"] if prepare else [])]  # fmt: skip
         res = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
         if res.returncode != 0:
             raise RuntimeError(res.stderr.strip().splitlines()[-1] if res.stderr.strip() else "rsedge bench failed")
         r = json.loads(out.read_text())
-    return {k: r[k] for k in ("open_s", "first_request_s", "warm_request_s", "prompt_tokens", "machine")}
+    got = {k: r[k] for k in ("open_s", "first_request_s", "warm_request_s", "prompt_tokens", "machine")}
+    # sessions created at open belong to opening: "open" and "cold" include them
+    got["open_s"] += max(r.get("prepare_ms", {}).values(), default=0.0) / 1e3
+    return got
 
 
 def run_reference(checkpoint: Path, new_tokens: int, threads: int) -> dict[str, Any]:
@@ -115,6 +122,8 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--prepare", action="store_true",
+                    help="also run each bundle with its request's sessions created at open (rsedge bench --prepare)")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
 
@@ -122,6 +131,9 @@ def main() -> None:
         args.checkpoint, args.new_tokens, args.threads))]  # fmt: skip
     for b in args.bundles:
         engines.append((f"rsedge {b.name}", lambda b=b: run_bundle(b, args.new_tokens, args.threads)))
+        if args.prepare:
+            engines.append((f"rsedge {b.name} (sessions at open)",
+                            lambda b=b: run_bundle(b, args.new_tokens, args.threads, prepare=True)))  # fmt: skip
     runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in engines}
     errors: dict[str, str] = {}
     machine: dict[str, Any] = {}

@@ -7,6 +7,11 @@ bash scripts/setup.sh
 .venv/bin/ruff check rsedge tests scripts
 # The tests keep their caches in a temporary XDG_CACHE_HOME: name the headers setup fetched for the kernel's tests.
 export RSEDGE_ORT_INCLUDE="${XDG_CACHE_HOME:-$HOME/.cache}/rsedge/ort-include"
+# An aarch64 cross compiler lets tests/test_kernels.py build the kernel for a Jetson's CPU (best effort: as root).
+if ! command -v aarch64-linux-gnu-gcc >/dev/null && [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+  (apt-get update -qq && apt-get install -y -qq gcc-aarch64-linux-gnu) >/dev/null 2>&1 ||
+    echo "test.sh: no aarch64 cross compiler; the Jetson build test will skip"
+fi
 
 # Bundles of each graph form and the newest onnxruntime's answers, for tests/test_ort_compat.py in both passes.
 compat=$(mktemp -d)

@@ -202,6 +202,24 @@ def test_warmup_moves_session_creation_out_of_the_first_request(tiny_bundle, sam
     assert made == []
 
 
+def test_prepare_creates_the_request_sessions_at_open_without_running_them(tiny_bundle, samples, monkeypatch) -> None:
+    import rsedge.runtime.pipeline as pipeline
+
+    pipe = Pipeline.load(tiny_bundle)
+    prompt = REQUESTS[0][1]
+    expert = pipe.choose_expert(prompt)
+    took = pipe.prepare([expert])
+    assert set(took) == {"vision", f"decoder_expert{expert}"} and all(ms > 0 for ms in took.values())
+    assert pipe._vision is not None and list(pipe._decoders) == [expert]  # only the expert the request needs
+    session = pipe.decoder(expert).session
+    ran: list[str] = []
+    inner = session.run_with_iobinding
+    session.run_with_iobinding = lambda *a: ran.append("decoder") or inner(*a)
+    monkeypatch.setattr(pipeline, "make_session", lambda *a, **k: pytest.fail("a session created in the request"))
+    _answer(pipe, samples, REQUESTS[0][0], prompt, 4)
+    assert len(ran) == 4  # the prepared decoder ran the request (prompt + 3 steps), created before it
+
+
 def test_a_provider_that_cannot_start_is_refused(tiny_bundle, tmp_path, monkeypatch) -> None:
     """onnxruntime falls back to the next provider when TensorRT's libraries are missing (seen on the GPU
     machine); a --device tensorrt run must not silently become a CUDA run."""

@@ -64,6 +64,30 @@ def test_kernel_matches_onnxruntime(library, interleaved, scale, past, new, capa
         np.testing.assert_allclose(b, a, rtol=0, atol=2e-5, err_msg=name)  # float32 sums in another order
 
 
+def _kv_scales(per_channel: bool, hd: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(7)
+    n = 2 * hd if per_channel else 1  # Shape's 2 KV heads
+    return (0.02 + 0.05 * rng.random(n)).astype(np.float32), (0.02 + 0.05 * rng.random(n)).astype(np.float32)
+
+
+@pytest.mark.parametrize("per_channel", [True, False])
+@pytest.mark.parametrize(("past", "new", "capacity", "shared", "batch"), CASES)
+def test_int8_cache_matches_onnxruntime(library, per_channel, past, new, capacity, shared, batch) -> None:
+    """rsedge export --kv-cache int8's form: new rows quantized as onnxruntime does (the same int8 codes), scores
+    and values read through the scales."""
+    scales = _kv_scales(per_channel)
+    ref = session(gqa(ORT_DOMAIN, kv_scales=scales))
+    ours = session(gqa(DOMAIN, kv_scales=scales), library)
+    seed = past * 17 + new
+    want = attend(ref, seed, past, new, capacity, shared, batch)
+    got = attend(ours, seed, past, new, capacity, shared, batch)
+    np.testing.assert_allclose(got[0], want[0], rtol=0, atol=1e-4, err_msg="output")
+    for a, b in zip(want[1:], got[1:], strict=True):
+        assert a.dtype == b.dtype == np.int8
+        assert np.abs(a.astype(np.int16) - b.astype(np.int16)).max() <= 1  # a rounding tie may go either way
+        assert (a != b).mean() < 1e-3
+
+
 @pytest.mark.parametrize("hd", [128, 32])  # 128: the other unrolled width; 32: the generic loop
 def test_other_head_widths(library, hd) -> None:
     ref, ours = session(gqa(ORT_DOMAIN, hd=hd)), session(gqa(DOMAIN, hd=hd), library)
@@ -153,16 +177,28 @@ def test_the_rewrite_moves_only_attention(shared_bundle) -> None:
     assert after.graph.initializer == before.graph.initializer  # the same weights, still external
 
 
+def _gqa_graph(cache: int, args: list[str], **attrs) -> bytes:
+    node = helper.make_node("GroupQueryAttention", args, ["o", "k", "v"], domain="com.microsoft", num_heads=2,
+                            kv_num_heads=1, **attrs)
+    inputs = [helper.make_tensor_value_info(n, cache, None) for n in ("pk", "pv")]
+    return helper.make_model(helper.make_graph([node], "g", inputs, [])).SerializeToString()
+
+
 def test_graphs_the_kernel_cannot_run_are_refused(tiny_bundle) -> None:
     with pytest.raises(KernelUnavailable, match="no GroupQueryAttention"):
         decode_graph(_decoder_graph(tiny_bundle).read_bytes())  # the portable attention form
-    int8 = helper.make_model(helper.make_graph(
-        [helper.make_node("GroupQueryAttention", ["q", "", "", "pk", "pv", "s", "t"], ["o", "k", "v"],
-                          domain="com.microsoft", num_heads=2, kv_num_heads=1)], "g",
-        [helper.make_tensor_value_info("pk", TensorProto.INT8, None),
-         helper.make_tensor_value_info("pv", TensorProto.INT8, None)], []))
-    with pytest.raises(KernelUnavailable, match="float32 KV cache"):
-        decode_graph(int8.SerializeToString())
+    base = ["q", "", "", "pk", "pv", "s", "t"]
+    with pytest.raises(KernelUnavailable, match="float32 or int8 KV cache"):
+        decode_graph(_gqa_graph(TensorProto.FLOAT16, base))
+    with pytest.raises(KernelUnavailable, match="needs k_scale and v_scale"):
+        decode_graph(_gqa_graph(TensorProto.INT8, base))
+    with pytest.raises(KernelUnavailable, match="packed QKV"):
+        decode_graph(_gqa_graph(TensorProto.FLOAT, ["q", "k", "v", "pk", "pv", "s", "t"]))
+    with pytest.raises(KernelUnavailable, match="attributes the kernel does not implement"):
+        decode_graph(_gqa_graph(TensorProto.FLOAT, base, local_window_size=128))
+    int8 = onnx.ModelProto()
+    int8.ParseFromString(decode_graph(_gqa_graph(TensorProto.INT8, [*base, "", "", "", "", "", "ks", "vs"])))
+    assert (int8.graph.node[0].domain, int8.graph.node[0].op_type) == (DOMAIN, "GroupQueryAttentionInt8")
 
 
 def _decoders(bundle: Path, **kw) -> tuple[OrtCpuDecoder, OrtCpuDecoder]:
@@ -229,3 +265,38 @@ def test_the_c_source_ships_with_the_package() -> None:
     pyproject = (Path(__file__).parents[1] / "pyproject.toml").read_text()
     assert 'rsedge = ["data/**/*", "kernels/*.c"]' in pyproject
     assert os.path.isfile(build.SOURCES["gqa_decode"])
+
+
+def test_rsedge_kernels_builds_and_says_where(library, monkeypatch, tmp_path) -> None:
+    from click.testing import CliRunner
+
+    from rsedge.cli import main
+
+    ok = CliRunner().invoke(main, ["kernels"])
+    assert ok.exit_code == 0 and str(library) in ok.output and ": on" in ok.output
+    monkeypatch.setattr(build, "header_dirs", lambda: [tmp_path])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bad = CliRunner().invoke(main, ["kernels"])
+    assert bad.exit_code == 1
+    assert bad.output.count("\n") == 1 and bad.output.startswith("error: ") and "fetch_ort_headers.sh" in bad.output
+
+
+def test_the_source_builds_for_a_jetson(tmp_path) -> None:
+    """Orin's CPU (Cortex-A78AE): the same source through GCC's generic vectors to NEON. A cross compiler proves it
+    compiles here; running it needs the board (the x86 tests above check the numbers)."""
+    import shutil
+    import subprocess
+
+    cc = shutil.which("aarch64-linux-gnu-gcc")
+    if cc is None:
+        pytest.skip("no aarch64 cross compiler (apt-get install gcc-aarch64-linux-gnu)")
+    try:
+        include = build.find_header()
+    except KernelUnavailable as e:
+        pytest.skip(str(e))
+    source, lib = str(build.SOURCES["gqa_decode"]), str(tmp_path / "k.so")
+    cmd = [cc, *build.FLAGS, "-mcpu=cortex-a78ae", "-Werror", f"-I{include}", source, "-o", lib]
+    out = subprocess.run(cmd, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    symbols = subprocess.run(["aarch64-linux-gnu-nm", "-D", str(tmp_path / "k.so")], capture_output=True, text=True)
+    assert " T RegisterCustomOps" in symbols.stdout

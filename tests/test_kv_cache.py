@@ -118,3 +118,26 @@ def test_refused_where_no_quantized_cache_runs(tiny_checkpoint, tmp_path) -> Non
                                        "jp6.1", "--precision", "int8", "--kv-cache", "int8"])  # fmt: skip
     assert result.exit_code != 0 and "error:" in result.output and "attention" in result.output
     assert not any(tmp_path.iterdir())  # nothing half-written
+
+
+def test_rsedge_kernel_runs_the_int8_cache_with_the_same_answers(bundles, samples) -> None:
+    """rsedge's decode-attention kernel (rsedge.kernels) takes the INT8 cache too: the same tokens on every demo task
+    as onnxruntime's quantized-cache kernel, new cache rows quantized alike."""
+    from rsedge.kernels import KernelUnavailable, build
+    from rsedge.runtime.bundle import Bundle
+    from rsedge.runtime.sessions import SessionConfig
+
+    try:
+        build.library()
+    except KernelUnavailable as e:
+        pytest.skip(f"the kernel cannot be built here: {e}")
+    (_, _), (qpath, _) = bundles
+    ours, theirs = _pipe(qpath), Pipeline(Bundle.open(qpath), SessionConfig(kernels=False))
+    for task in DEMO_TASKS:
+        images = [samples / name for name in task.images]
+        a = ours.generate(images, task.prompt, max_new_tokens=NEW_TOKENS, keep_logits=True)
+        b = theirs.generate(images, task.prompt, max_new_tokens=NEW_TOKENS, keep_logits=True)
+        assert (ours.decoder(a.expert).attention, theirs.decoder(b.expert).attention) == ("rsedge", "onnxruntime")
+        assert list(a.tokens) == list(b.tokens), task.name
+        pairs = zip(a.step_logits, b.step_logits, strict=True)
+        assert min(float(x @ y / np.linalg.norm(x) / np.linalg.norm(y)) for x, y in pairs) > 0.999, task.name

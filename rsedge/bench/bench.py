@@ -50,6 +50,8 @@ class BenchResult:
     peak_rss_mb: float | None
     gpu_memory_mb: float | None
     warmup_ms: dict[str, float] = field(default_factory=dict)
+    # --prepare: the request's sessions created at open (Pipeline.prepare), before the first request; ms per part
+    prepare_ms: dict[str, float] = field(default_factory=dict)
     # whose kernel ran the decode steps' attention: "rsedge" (rsedge.kernels) or "onnxruntime (why not rsedge's)"
     attention: str = ""
 
@@ -136,6 +138,7 @@ def run(
     repeats: int = 3,
     verify: str = "sha256",
     warmup: bool = False,
+    prepare: bool = False,
 ) -> BenchResult:
     """Benchmark one bundle in this process (call it in a fresh one: the first request is measured)."""
     from rsedge.runtime.images import load_image
@@ -146,6 +149,7 @@ def run(
     pipe = Pipeline.load(bundle, device=device, threads=threads, verify=verify)
     open_s = time.perf_counter() - t0
     warmup_ms = pipe.warmup() if warmup else {}
+    prepare_ms = pipe.prepare([pipe.choose_expert(prompt)]) if prepare else {}
     t1 = time.perf_counter()
     first = pipe.generate(list(images), prompt, max_new_tokens=new_tokens, ignore_eos=True)
     first_s = time.perf_counter() - t1
@@ -220,6 +224,7 @@ def run(
         gpu_memory_mb=None if gpu0 is None or gpu1 is None else round((gpu1 - gpu0) / 1e6, 1),
         warmup_ms={k: round(v, 1) for k, v in warmup_ms.items()},
         attention=attention_label(dec),
+        prepare_ms={k: round(v, 1) for k, v in prepare_ms.items()},
     )
 
 
@@ -238,6 +243,7 @@ def table_rows(r: BenchResult) -> list[tuple[str, str]]:
         ("onnxruntime", f"{m['onnxruntime']} on {r.device}, threads {r.threads or 'default'}"),
         ("bundle", f"{r.bundle} ({r.precision})"),
         ("open (hash check)", f"{r.open_s * 1e3:.0f} ms"),
+        *([("sessions at open (--prepare)", f"{max(r.prepare_ms.values()):.0f} ms")] if r.prepare_ms else []),
         ("first request", f"{r.first_request_s:.3f} s ({r.new_tokens} new tokens)"),
         ("warm request", f"{r.warm_request_s:.3f} s"),
         ("vision graph", f"{r.vision_ms:.1f} ms (visual tokens with merging {r.image_tokens_ms:.1f} ms)"),

@@ -34,7 +34,7 @@ CACHE_DIR = "kernels-v1"
 # -fopenmp-simd honours the source's `omp simd` loops without linking an OpenMP runtime (onnxruntime's own threads
 # run the kernel).
 FLAGS = ["-O3", "-std=gnu11", "-fPIC", "-shared", "-fno-math-errno", "-fno-trapping-math", "-ffp-contract=fast",
-         "-fopenmp-simd", "-fvisibility=default"]
+         "-fopenmp-simd", "-fvisibility=default", "-Wno-psabi"]
 
 
 class KernelUnavailable(RuntimeError):

@@ -79,8 +79,10 @@ static void rotate(float *dst, const float *src, int64_t hd, const float *cos_ro
 
 /* One task: query heads [g*G, g*G+G) of batch row b, token s, against keys [c0, c1) of KV head g. */
 typedef struct {
-  const float *q;         /* rotated queries [B, S, Nq, hd] */
-  const float *k, *v;     /* present caches [B, Nkv, T, hd] */
+  const float *q;         /* rotated queries [B, S, Nq, hd] (an int8 cache's: times its key scales) */
+  const void *k, *v;      /* present caches [B, Nkv, T, hd]: float, or int8 when vscale is set */
+  const float *vscale;    /* an int8 cache's value scales: [Nkv * hd] per channel, or [1]; NULL: float cache */
+  int scale_per_channel;
   float *part;            /* per task: G x (hd + 2): acc, max, sum */
   int64_t S, Nq, Nkv, G, hd, T, chunks;
   const int64_t *past;    /* [B] past length */
@@ -107,37 +109,45 @@ static inline __attribute__((always_inline)) v16 fold(v16 x, v16 y, i16 lo, i16 
   return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
 }
 
-/* q . K[j] for the 16 rows j of K (hd apart); hd a multiple of 16 */
-static inline __attribute__((always_inline)) v16 dots16(const float *q, const float *K, const int hd) {
-  v16 a[16], b[8], c[4], d[2];
-  for (int j = 0; j < 16; j++) {
-    v16 s = *(const v16 *)(K + j * hd) * *(const v16 *)q;
-    for (int e = 16; e < hd; e += 16) s += *(const v16 *)(K + j * hd + e) * *(const v16 *)(q + e);
-    a[j] = s;
+/* q . K[j] for the 16 rows j of K (hd apart, float32 or int8 elements); hd a multiple of 16 */
+typedef int8_t c16 __attribute__((vector_size(16), aligned(1)));
+#define LOAD_F32(p) (*(const v16 *)(p))
+#define LOAD_I8(p) __builtin_convertvector(*(const c16 *)(p), v16)
+#define DEFINE_DOTS16(NAME, T, LOAD)                                                                   \
+  static inline __attribute__((always_inline)) v16 NAME(const float *q, const T *K, const int hd) {   \
+    v16 a[16], b[8], c[4], d[2];                                                                       \
+    for (int j = 0; j < 16; j++) {                                                                     \
+      v16 s = LOAD(K + j * hd) * *(const v16 *)q;                                                      \
+      for (int e = 16; e < hd; e += 16) s += LOAD(K + j * hd + e) * *(const v16 *)(q + e);             \
+      a[j] = s;                                                                                        \
+    }                                                                                                  \
+    for (int i = 0; i < 8; i++) b[i] = fold(a[2 * i], a[2 * i + 1], L1A, L1B);                         \
+    for (int i = 0; i < 4; i++) c[i] = fold(b[2 * i], b[2 * i + 1], L2A, L2B);                         \
+    for (int i = 0; i < 2; i++) d[i] = fold(c[2 * i], c[2 * i + 1], L3A, L3B);                         \
+    return fold(d[0], d[1], L4A, L4B);                                                                 \
   }
-  for (int i = 0; i < 8; i++) b[i] = fold(a[2 * i], a[2 * i + 1], L1A, L1B);
-  for (int i = 0; i < 4; i++) c[i] = fold(b[2 * i], b[2 * i + 1], L2A, L2B);
-  for (int i = 0; i < 2; i++) d[i] = fold(c[2 * i], c[2 * i + 1], L3A, L3B);
-  return fold(d[0], d[1], L4A, L4B);
-}
+DEFINE_DOTS16(dots16_f32, float, LOAD_F32)
+DEFINE_DOTS16(dots16_i8, int8_t, LOAD_I8)
 #else
 #define RSEDGE_FOLD 0
 #endif
 
 /* The chunk loop with the head width HD a compile-time constant, so dot products unroll and each query head's
- * accumulators stay in registers (two of them, even and odd keys, to halve the FMA latency chain). */
-#define ATTEND_CHUNK(HD)                                                                                     \
-  static void attend_chunk_##HD(const float *Q, const float *K, const float *V, int64_t n, int64_t G,       \
-                                float scale, float *part, float *scores) {                                   \
+ * accumulators stay in registers (two of them, even and odd keys, to halve the FMA latency chain). T is the
+ * cache's element type: float, or int8 with per-channel scales (folded into Q before and applied to the
+ * accumulators after, by the caller). */
+#define ATTEND_CHUNK(NAME, HD, T, DOTS)                                                                      \
+  static void NAME(const float *Q, const T *K, const T *V, int64_t n, int64_t G, float scale, float *part,  \
+                   float *scores) {                                                                          \
     for (int64_t h = 0; h < G; h++) {                                                                        \
       const float *qh = Q + h * (HD);                                                                        \
       int64_t j = 0;                                                                                         \
       if (RSEDGE_FOLD && (HD) % 16 == 0)                                                                     \
-        for (; j + 16 <= n; j += 16) DOTS16(scores + j, qh, K + j * (HD), (HD));                           \
+        for (; j + 16 <= n; j += 16) DOTS16(DOTS, scores + j, qh, K + j * (HD), (HD));                     \
       for (; j < n; j++) {                                                                                   \
-        const float *kj = K + j * (HD);                                                                      \
+        const T *kj = K + j * (HD);                                                                          \
         float dot = 0.0f;                                                                                    \
-        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < (HD); d++) dot += qh[d] * kj[d];     \
+        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < (HD); d++) dot += qh[d] * (float)kj[d]; \
         scores[j] = dot;                                                                                     \
       }                                                                                                      \
       float m = -FLT_MAX;                                                                                    \
@@ -153,16 +163,16 @@ static inline __attribute__((always_inline)) v16 dots16(const float *q, const fl
       float even[(HD)], odd[(HD)];                                                                           \
       _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] = odd[d] = 0.0f;                        \
       for (j = 0; j + 2 <= n; j += 2) {                                                                      \
-        const float *v0 = V + j * (HD), *v1 = v0 + (HD);                                                     \
+        const T *v0 = V + j * (HD), *v1 = v0 + (HD);                                                         \
         float p0 = scores[j], p1 = scores[j + 1];                                                            \
         _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) {                                             \
-          even[d] += p0 * v0[d];                                                                             \
-          odd[d] += p1 * v1[d];                                                                              \
+          even[d] += p0 * (float)v0[d];                                                                      \
+          odd[d] += p1 * (float)v1[d];                                                                       \
         }                                                                                                    \
       }                                                                                                      \
       if (j < n) {                                                                                           \
-        const float *v0 = V + j * (HD);                                                                      \
-        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * v0[d];                 \
+        const T *v0 = V + j * (HD);                                                                          \
+        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * (float)v0[d];          \
       }                                                                                                      \
       float *out = part + h * ((HD) + 2);                                                                    \
       _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) out[d] = even[d] + odd[d];                      \
@@ -172,38 +182,45 @@ static inline __attribute__((always_inline)) v16 dots16(const float *q, const fl
   }
 
 #if RSEDGE_FOLD
-#define DOTS16(dst, q, K, hd) (*(v16 *)(dst) = dots16((q), (K), (hd)))
+#define DOTS16(DOTS, dst, q, K, hd) (*(v16 *)(dst) = DOTS((q), (K), (hd)))
 #else
-#define DOTS16(dst, q, K, hd) ((void)0)
+#define DOTS16(DOTS, dst, q, K, hd) ((void)0)
 #endif
 
-ATTEND_CHUNK(64)
-ATTEND_CHUNK(128)
+ATTEND_CHUNK(chunk_f32_64, 64, float, dots16_f32)
+ATTEND_CHUNK(chunk_f32_128, 128, float, dots16_f32)
+ATTEND_CHUNK(chunk_i8_64, 64, int8_t, dots16_i8)
+ATTEND_CHUNK(chunk_i8_128, 128, int8_t, dots16_i8)
 
-static void attend_chunk_any(const float *Q, const float *K, const float *V, int64_t n, int64_t G, int64_t hd,
-                             float scale, float *part, float *scores) {
-  for (int64_t h = 0; h < G; h++) {
-    const float *qh = Q + h * hd;
-    float m = -FLT_MAX;
-    for (int64_t j = 0; j < n; j++) {
-      float dot = 0.0f;
-      for (int64_t d = 0; d < hd; d++) dot += qh[d] * K[j * hd + d];
-      scores[j] = dot * scale;
-      m = scores[j] > m ? scores[j] : m;
-    }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) {
-      scores[j] = exp_neg(scores[j] - m);
-      sum += scores[j];
-    }
-    float *acc = part + h * (hd + 2);
-    memset(acc, 0, (size_t)hd * sizeof(float));
-    for (int64_t j = 0; j < n; j++)
-      for (int64_t d = 0; d < hd; d++) acc[d] += scores[j] * V[j * hd + d];
-    acc[hd] = m;
-    acc[hd + 1] = sum;
+/* Any other head width: plain loops. */
+#define ATTEND_ANY(NAME, T)                                                                                  \
+  static void NAME(const float *Q, const T *K, const T *V, int64_t n, int64_t G, int64_t hd, float scale,   \
+                   float *part, float *scores) {                                                             \
+    for (int64_t h = 0; h < G; h++) {                                                                        \
+      const float *qh = Q + h * hd;                                                                          \
+      float m = -FLT_MAX;                                                                                    \
+      for (int64_t j = 0; j < n; j++) {                                                                      \
+        float dot = 0.0f;                                                                                    \
+        for (int64_t d = 0; d < hd; d++) dot += qh[d] * (float)K[j * hd + d];                               \
+        scores[j] = dot * scale;                                                                             \
+        m = scores[j] > m ? scores[j] : m;                                                                   \
+      }                                                                                                      \
+      float sum = 0.0f;                                                                                      \
+      for (int64_t j = 0; j < n; j++) {                                                                      \
+        scores[j] = exp_neg(scores[j] - m);                                                                  \
+        sum += scores[j];                                                                                    \
+      }                                                                                                      \
+      float *acc = part + h * (hd + 2);                                                                      \
+      memset(acc, 0, (size_t)hd * sizeof(float));                                                            \
+      for (int64_t j = 0; j < n; j++)                                                                        \
+        for (int64_t d = 0; d < hd; d++) acc[d] += scores[j] * (float)V[j * hd + d];                         \
+      acc[hd] = m;                                                                                           \
+      acc[hd + 1] = sum;                                                                                     \
+    }                                                                                                        \
   }
-}
+
+ATTEND_ANY(chunk_f32_any, float)
+ATTEND_ANY(chunk_i8_any, int8_t)
 
 static void attend(void *data, size_t task) {
   const Work *w = (const Work *)data;
@@ -221,15 +238,28 @@ static void attend(void *data, size_t task) {
     return;
   }
   int64_t n = c1 - c0;
-  const float *K = w->k + ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
-  const float *V = w->v + ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
+  size_t at = ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
   const float *Q = w->q + ((size_t)(b * w->S + s) * w->Nq + g * G) * hd;
   float scores[CHUNK] __attribute__((aligned(64)));
-  switch (hd) {
-    case 64: attend_chunk_64(Q, K, V, n, G, w->scale, part, scores); break;
-    case 128: attend_chunk_128(Q, K, V, n, G, w->scale, part, scores); break;
-    default: attend_chunk_any(Q, K, V, n, G, hd, w->scale, part, scores);
+  if (!w->vscale) {
+    const float *K = (const float *)w->k + at, *V = (const float *)w->v + at;
+    switch (hd) {
+      case 64: chunk_f32_64(Q, K, V, n, G, w->scale, part, scores); break;
+      case 128: chunk_f32_128(Q, K, V, n, G, w->scale, part, scores); break;
+      default: chunk_f32_any(Q, K, V, n, G, hd, w->scale, part, scores);
+    }
+    return;
   }
+  const int8_t *K = (const int8_t *)w->k + at, *V = (const int8_t *)w->v + at;
+  switch (hd) {
+    case 64: chunk_i8_64(Q, K, V, n, G, w->scale, part, scores); break;
+    case 128: chunk_i8_128(Q, K, V, n, G, w->scale, part, scores); break;
+    default: chunk_i8_any(Q, K, V, n, G, hd, w->scale, part, scores);
+  }
+  /* the accumulators summed int8 values: scale each channel back (the key scales are in Q already) */
+  const float *vs = w->vscale + (w->scale_per_channel ? g * hd : 0);
+  for (int64_t h = 0; h < G; h++)
+    for (int64_t d = 0; d < hd; d++) part[h * (hd + 2) + d] *= vs[w->scale_per_channel ? d : 0];
 }
 
 static int64_t dims_of(const OrtValue *value, int64_t *dims, size_t max_rank, ONNXTensorElementDataType *type,
@@ -246,35 +276,67 @@ static int64_t dims_of(const OrtValue *value, int64_t *dims, size_t max_rank, ON
   return rank <= max_rank ? (int64_t)rank : -1;
 }
 
+/* Round to nearest and saturate, as onnxruntime's quantized cache does (checked against it by the tests). */
+static inline int8_t quantize(float x, float scale) {
+  float q = nearbyintf(x / scale);
+  return (int8_t)(q > 127.0f ? 127.0f : q < -128.0f ? -128.0f : q);
+}
+
+static OrtStatus *input(OrtKernelContext *ctx, size_t count, size_t i, const OrtValue **value) {
+  *value = NULL;
+  return i < count ? ort->KernelContext_GetInput(ctx, i, value) : NULL;
+}
+
 static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   const Gqa *a = (const Gqa *)kernel;
-  const OrtValue *qv = NULL, *kv = NULL, *pkv = NULL, *pvv = NULL, *slv = NULL, *cosv = NULL, *sinv = NULL;
+  const OrtValue *qv, *kv, *pkv, *pvv, *slv, *cosv, *sinv, *ksv, *vsv, *extra;
   size_t n_in = 0;
   CHECK(ort->KernelContext_GetInputCount(ctx, &n_in));
-  CHECK(ort->KernelContext_GetInput(ctx, 0, &qv));
-  if (n_in > 1) CHECK(ort->KernelContext_GetInput(ctx, 1, &kv));
+  CHECK(input(ctx, n_in, 0, &qv));
+  CHECK(input(ctx, n_in, 1, &kv));
   if (kv) return fail("ai.rsedge GroupQueryAttention: only packed QKV (no separate key/value inputs)");
-  CHECK(ort->KernelContext_GetInput(ctx, 3, &pkv));
-  CHECK(ort->KernelContext_GetInput(ctx, 4, &pvv));
-  CHECK(ort->KernelContext_GetInput(ctx, 5, &slv));
-  if (n_in > 8) {
-    CHECK(ort->KernelContext_GetInput(ctx, 7, &cosv));
-    CHECK(ort->KernelContext_GetInput(ctx, 8, &sinv));
+  CHECK(input(ctx, n_in, 3, &pkv));
+  CHECK(input(ctx, n_in, 4, &pvv));
+  CHECK(input(ctx, n_in, 5, &slv));
+  CHECK(input(ctx, n_in, 7, &cosv));
+  CHECK(input(ctx, n_in, 8, &sinv));
+  for (size_t i = 9; i <= 11; i++) {
+    CHECK(input(ctx, n_in, i, &extra));
+    if (extra) return fail("ai.rsedge GroupQueryAttention: position_ids, attention_bias and head_sink are not implemented");
   }
-  if (!pkv || !pvv || !slv) return fail("ai.rsedge GroupQueryAttention: past_key, past_value and seqlens_k are required");
+  CHECK(input(ctx, n_in, 12, &ksv));
+  CHECK(input(ctx, n_in, 13, &vsv));
+  if (!qv || !pkv || !pvv || !slv) return fail("ai.rsedge GroupQueryAttention: past_key, past_value and seqlens_k are required");
   if (a->do_rotary && (!cosv || !sinv)) return fail("ai.rsedge GroupQueryAttention: do_rotary needs cos_cache and sin_cache");
 
   OrtStatus *st = NULL;
-  int64_t qd[3], pd[4], sd[1], cd[2];
-  ONNXTensorElementDataType qt, pt;
+  int64_t qd[3], pd[4], sd[1], cd[2], kd_[1], vd_[1];
+  ONNXTensorElementDataType qt, pt, pvt;
   if (dims_of(qv, qd, 3, &qt, &st) != 3) return st ? st : fail("ai.rsedge GroupQueryAttention: query must be [B, S, D]");
   if (dims_of(pkv, pd, 4, &pt, &st) != 4) return st ? st : fail("ai.rsedge GroupQueryAttention: past_key must be [B, Nkv, P, hd]");
-  if (qt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT || pt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT)
-    return fail("ai.rsedge GroupQueryAttention: float32 query and cache only");
+  int64_t pvd[4];
+  if (dims_of(pvv, pvd, 4, &pvt, &st) != 4 || memcmp(pvd, pd, sizeof pd) != 0)
+    return st ? st : fail("ai.rsedge GroupQueryAttention: past_value must have past_key's shape");
+  if (qt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) return fail("ai.rsedge GroupQueryAttention: float32 query only");
+  int int8 = pt == ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8;
+  if ((!int8 && pt != ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT) || pvt != pt)
+    return fail("ai.rsedge GroupQueryAttention: a float32 or int8 cache, the same for keys and values");
+  if (int8 != (ksv != NULL && vsv != NULL))
+    return fail("ai.rsedge GroupQueryAttention: an int8 cache comes with k_scale and v_scale, a float one without");
   if (dims_of(slv, sd, 1, NULL, &st) != 1) return st ? st : fail("ai.rsedge GroupQueryAttention: seqlens_k must be [B]");
   int64_t B = qd[0], S = qd[1], Nq = a->num_heads, Nkv = a->kv_heads, hd = pd[3], P = pd[2];
   if (pd[0] != B || pd[1] != Nkv || sd[0] != B || qd[2] != (Nq + 2 * Nkv) * hd)
     return fail("ai.rsedge GroupQueryAttention: query, past and seqlens_k shapes disagree with the heads");
+  const float *kscale = NULL, *vscale = NULL;
+  int per_channel = 0;
+  if (int8) {
+    if (dims_of(ksv, kd_, 1, NULL, &st) != 1 || dims_of(vsv, vd_, 1, NULL, &st) != 1 || kd_[0] != vd_[0] ||
+        (kd_[0] != 1 && kd_[0] != Nkv * hd))
+      return st ? st : fail("ai.rsedge GroupQueryAttention: k_scale / v_scale must be [1] or [kv_num_heads * head_size]");
+    per_channel = kd_[0] != 1;
+    CHECK(ort->GetTensorMutableData((OrtValue *)ksv, (void **)&kscale));
+    CHECK(ort->GetTensorMutableData((OrtValue *)vsv, (void **)&vscale));
+  }
   int64_t half = 0, max_pos = 0;
   const float *cos_cache = NULL, *sin_cache = NULL;
   if (a->do_rotary) {
@@ -286,7 +348,8 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     CHECK(ort->GetTensorMutableData((OrtValue *)sinv, (void **)&sin_cache));
   }
 
-  const float *q_in, *past_k, *past_v;
+  const float *q_in;
+  const char *past_k, *past_v;
   const int32_t *seqlens;
   CHECK(ort->GetTensorMutableData((OrtValue *)qv, (void **)&q_in));
   CHECK(ort->GetTensorMutableData((OrtValue *)pkv, (void **)&past_k));
@@ -310,8 +373,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   }
 
   int64_t od[3] = {B, S, Nq * hd}, kd[4] = {B, Nkv, T, hd};
+  size_t esz = int8 ? 1 : sizeof(float), row_bytes = (size_t)hd * esz;
   OrtValue *ov, *pko, *pvo;
-  float *out, *k, *v;
+  float *out;
+  char *k, *v;
   OrtStatus *err = NULL;
 #define TRY(expr)           \
   if (!err) {               \
@@ -332,11 +397,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   if (k != past_k || v != past_v) {
     for (int64_t bh = 0; bh < B * Nkv; bh++) {
       int64_t rows = past[bh / Nkv];
-      memcpy(k + (size_t)bh * T * hd, past_k + (size_t)bh * P * hd, (size_t)(rows * hd) * sizeof(float));
-      memcpy(v + (size_t)bh * T * hd, past_v + (size_t)bh * P * hd, (size_t)(rows * hd) * sizeof(float));
+      memcpy(k + (size_t)bh * T * row_bytes, past_k + (size_t)bh * P * row_bytes, (size_t)rows * row_bytes);
+      memcpy(v + (size_t)bh * T * row_bytes, past_v + (size_t)bh * P * row_bytes, (size_t)rows * row_bytes);
       /* rows past the new tokens are zero, as onnxruntime's kernel leaves them */
-      memset(k + ((size_t)bh * T + rows) * hd, 0, (size_t)((T - rows) * hd) * sizeof(float));
-      memset(v + ((size_t)bh * T + rows) * hd, 0, (size_t)((T - rows) * hd) * sizeof(float));
+      memset(k + ((size_t)bh * T + rows) * row_bytes, 0, (size_t)(T - rows) * row_bytes);
+      memset(v + ((size_t)bh * T + rows) * row_bytes, 0, (size_t)(T - rows) * row_bytes);
     }
   }
 
@@ -344,28 +409,43 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   for (int64_t b = 0; b < B; b++) longest = past[b] + S > longest ? past[b] + S : longest;
   int64_t G = Nq / Nkv, chunks = (longest + CHUNK - 1) / CHUNK;
   size_t tasks = (size_t)(B * Nkv * S * chunks);
-  float *q = (float *)malloc((size_t)(B * S * Nq * hd) * sizeof(float));
+  float *q = (float *)malloc((size_t)(B * S * Nq * hd + hd) * sizeof(float)); /* + one row of scratch */
   float *part = (float *)malloc(tasks * (size_t)(G * (hd + 2)) * sizeof(float));
   if (!q || !part) {
     free(past), free(q), free(part);
     return ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
   }
+  float *rotated = q + (size_t)(B * S * Nq * hd);
   for (int64_t b = 0; b < B; b++) {
     for (int64_t s = 0; s < S; s++) {
       int64_t pos = past[b] + s;
       const float *row = q_in + (size_t)(b * S + s) * (Nq + 2 * Nkv) * hd;
       const float *c = a->do_rotary ? cos_cache + pos * half : NULL, *sn = a->do_rotary ? sin_cache + pos * half : NULL;
-      for (int64_t h = 0; h < Nq; h++)
-        rotate(q + ((size_t)(b * S + s) * Nq + h) * hd, row + h * hd, hd, c, sn, half, (int)a->interleaved);
+      for (int64_t h = 0; h < Nq; h++) {
+        float *qh = q + ((size_t)(b * S + s) * Nq + h) * hd;
+        rotate(qh, row + h * hd, hd, c, sn, half, (int)a->interleaved);
+        if (int8) /* q . (k_int8 * k_scale) = (q * k_scale) . k_int8: the key scales go into the query once */
+          for (int64_t d = 0; d < hd; d++) qh[d] *= kscale[per_channel ? (h / G) * hd + d : 0];
+      }
       for (int64_t h = 0; h < Nkv; h++) {
         size_t at = ((size_t)(b * Nkv + h) * T + pos) * hd;
-        rotate(k + at, row + (Nq + h) * hd, hd, c, sn, half, (int)a->interleaved);
-        memcpy(v + at, row + (Nq + Nkv + h) * hd, (size_t)hd * sizeof(float));
+        const float *vrow = row + (Nq + Nkv + h) * hd;
+        if (!int8) {
+          rotate((float *)k + at, row + (Nq + h) * hd, hd, c, sn, half, (int)a->interleaved);
+          memcpy((float *)v + at, vrow, (size_t)hd * sizeof(float));
+          continue;
+        }
+        rotate(rotated, row + (Nq + h) * hd, hd, c, sn, half, (int)a->interleaved);
+        for (int64_t d = 0; d < hd; d++) {
+          int64_t ch = per_channel ? h * hd + d : 0;
+          ((int8_t *)k)[at + d] = quantize(rotated[d], kscale[ch]);
+          ((int8_t *)v)[at + d] = quantize(vrow[d], vscale[ch]);
+        }
       }
     }
   }
 
-  Work w = {q, k, v, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale};
+  Work w = {q, k, v, vscale, per_channel, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale};
   err = ort->KernelContext_ParallelFor(ctx, attend, tasks, 0, &w);
   if (!err) {
     /* Combine the chunks' partial softmaxes: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
@@ -421,6 +501,8 @@ static OrtStatus *ORT_API_CALL create_kernel(const OrtCustomOp *op, const OrtApi
   a.interleaved = attr_int(info, "rotary_interleaved", 0);
   if (a.num_heads <= 0 || a.kv_heads <= 0 || a.num_heads % a.kv_heads)
     return fail("ai.rsedge GroupQueryAttention: num_heads must be a positive multiple of kv_num_heads");
+  if (attr_int(info, "kv_cache_bit_width", 8) != 8)
+    return fail("ai.rsedge GroupQueryAttention: an 8-bit quantized cache only");
   if (attr_int(info, "local_window_size", -1) != -1 || attr_float(info, "softcap", 0.0f) != 0.0f ||
       attr_int(info, "smooth_softmax", 0) != 0)
     return fail("ai.rsedge GroupQueryAttention: local windows, softcap and smooth softmax are not implemented");
@@ -449,24 +531,37 @@ static OrtStatus *ORT_API_CALL compute_v2(void *kernel, OrtKernelContext *ctx) {
   return compute(kernel, ctx);
 }
 
-static const char *ORT_API_CALL op_name(const OrtCustomOp *op) { (void)op; return "GroupQueryAttention"; }
+static OrtCustomOp gqa_op, gqa_int8_op;
+
+/* Two ops: onnxruntime types a custom op's outputs from its inputs' fixed types, so the int8 cache has its own name. */
+static const char *ORT_API_CALL op_name(const OrtCustomOp *op) {
+  return op == &gqa_int8_op ? "GroupQueryAttentionInt8" : "GroupQueryAttention";
+}
 static const char *ORT_API_CALL op_provider(const OrtCustomOp *op) { (void)op; return "CPUExecutionProvider"; }
-static size_t ORT_API_CALL n_inputs(const OrtCustomOp *op) { (void)op; return 9; }
+static size_t ORT_API_CALL n_inputs(const OrtCustomOp *op) { (void)op; return 14; }
 static size_t ORT_API_CALL n_outputs(const OrtCustomOp *op) { (void)op; return 3; }
 
+/* GroupQueryAttention's inputs: query, key, value, past_key, past_value, seqlens_k, total_sequence_length,
+ * cos_cache, sin_cache, position_ids, attention_bias, head_sink, k_scale, v_scale; the caches (3, 4 in; 1, 2 out)
+ * float32, or int8 for GroupQueryAttentionInt8. */
+static ONNXTensorElementDataType cache_type(const OrtCustomOp *op) {
+  return op == &gqa_int8_op ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT8 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+}
+
 static ONNXTensorElementDataType ORT_API_CALL input_type(const OrtCustomOp *op, size_t i) {
-  (void)op;
-  return (i == 5 || i == 6) ? ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32 : ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  if (i == 3 || i == 4) return cache_type(op);
+  if (i == 5 || i == 6) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT32;
+  if (i == 9) return ONNX_TENSOR_ELEMENT_DATA_TYPE_INT64;
+  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
 }
 
 static ONNXTensorElementDataType ORT_API_CALL output_type(const OrtCustomOp *op, size_t i) {
-  (void)op, (void)i;
-  return ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT;
+  return i == 0 ? ONNX_TENSOR_ELEMENT_DATA_TYPE_FLOAT : cache_type(op);
 }
 
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL input_kind(const OrtCustomOp *op, size_t i) {
   (void)op;
-  return (i == 1 || i == 2 || i == 7 || i == 8) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
+  return (i == 1 || i == 2 || i >= 7) ? INPUT_OUTPUT_OPTIONAL : INPUT_OUTPUT_REQUIRED;
 }
 
 static OrtCustomOpInputOutputCharacteristic ORT_API_CALL output_kind(const OrtCustomOp *op, size_t i) {
@@ -483,33 +578,38 @@ static int ORT_API_CALL one(const OrtCustomOp *op) { (void)op; return 1; }
 static int ORT_API_CALL since(const OrtCustomOp *op) { (void)op; return 1; }
 static int ORT_API_CALL until(const OrtCustomOp *op) { (void)op; return INT_MAX; }
 
-static OrtCustomOp gqa_op;
 static OrtCustomOpDomain *domain; /* one per process: sessions keep referencing it after registration returns */
 static OrtStatus *init_status;
 static pthread_once_t init_once = PTHREAD_ONCE_INIT;
 
+static void describe(OrtCustomOp *op) {
+  op->version = RSEDGE_ORT_API;
+  op->GetName = op_name;
+  op->GetExecutionProviderType = op_provider;
+  op->GetInputType = input_type;
+  op->GetInputTypeCount = n_inputs;
+  op->GetOutputType = output_type;
+  op->GetOutputTypeCount = n_outputs;
+  op->KernelDestroy = destroy_kernel;
+  op->GetInputCharacteristic = input_kind;
+  op->GetOutputCharacteristic = output_kind;
+  op->GetInputMemoryType = input_memory;
+  op->GetVariadicInputMinArity = one;
+  op->GetVariadicInputHomogeneity = one;
+  op->GetVariadicOutputMinArity = one;
+  op->GetVariadicOutputHomogeneity = one;
+  op->CreateKernelV2 = create_kernel;
+  op->KernelComputeV2 = compute_v2;
+  op->GetStartVersion = since;
+  op->GetEndVersion = until;
+}
+
 static void init(void) {
-  gqa_op.version = RSEDGE_ORT_API;
-  gqa_op.GetName = op_name;
-  gqa_op.GetExecutionProviderType = op_provider;
-  gqa_op.GetInputType = input_type;
-  gqa_op.GetInputTypeCount = n_inputs;
-  gqa_op.GetOutputType = output_type;
-  gqa_op.GetOutputTypeCount = n_outputs;
-  gqa_op.KernelDestroy = destroy_kernel;
-  gqa_op.GetInputCharacteristic = input_kind;
-  gqa_op.GetOutputCharacteristic = output_kind;
-  gqa_op.GetInputMemoryType = input_memory;
-  gqa_op.GetVariadicInputMinArity = one;
-  gqa_op.GetVariadicInputHomogeneity = one;
-  gqa_op.GetVariadicOutputMinArity = one;
-  gqa_op.GetVariadicOutputHomogeneity = one;
-  gqa_op.CreateKernelV2 = create_kernel;
-  gqa_op.KernelComputeV2 = compute_v2;
-  gqa_op.GetStartVersion = since;
-  gqa_op.GetEndVersion = until;
+  describe(&gqa_op);
+  describe(&gqa_int8_op);
   init_status = ort->CreateCustomOpDomain("ai.rsedge", &domain);
   if (!init_status) init_status = ort->CustomOpDomain_Add(domain, &gqa_op);
+  if (!init_status) init_status = ort->CustomOpDomain_Add(domain, &gqa_int8_op);
 }
 
 OrtStatus *ORT_API_CALL RegisterCustomOps(OrtSessionOptions *options, const OrtApiBase *base) {

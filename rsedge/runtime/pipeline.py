@@ -149,6 +149,24 @@ class Pipeline:
             pipe.warmup()
         return pipe
 
+    def prepare(self, experts: Sequence[int]) -> dict[str, float]:
+        """Create the vision session and the decoders of ``experts`` now, side by side (onnxruntime builds sessions
+        without the GIL), without running them: what a first request would otherwise do before its first graph.
+        Returns ms per part (each from the start, so the largest is the wall time)."""
+        t0 = time.perf_counter()
+        parts: dict[str, Callable[[], Any]] = {"vision": self.vision}
+        parts.update({f"decoder_expert{e}": (lambda e=e: self.decoder(e)) for e in experts})
+        took: dict[str, float] = {}
+
+        def create(name: str) -> None:
+            parts[name]()
+            took[name] = (time.perf_counter() - t0) * 1e3
+
+        with ThreadPoolExecutor(len(parts)) as pool:
+            for done in [pool.submit(create, name) for name in parts]:
+                done.result()  # a session that cannot be created raises here, as it would in the request
+        return took
+
     def warmup(self, experts: Sequence[int] | None = None, prompt_tokens: int | None = None) -> dict[str, float]:
         """Create the vision session and the decoders of ``experts`` (default: every expert the router can
         pick) and run each once on a blank input: a prefill of ``prompt_tokens`` (default: one image's visual
