@@ -259,7 +259,7 @@ def build_bundle(
     root, out = Path(bundle_dir), Path(out_dir)
     # Every graph and weight file checked against its sha256 first: an engine built from a damaged file would
     # carry the damage past every later check.
-    bundle = Bundle.open(root)
+    bundle = Bundle.open(root).for_device("tensorrt-engine")  # a two-form bundle's engines are its Q/DQ form's
     manifest = bundle.manifest
     profiles = default_profiles(manifest, max_prompt, max_total, max_images)
     for name in graphs or []:
