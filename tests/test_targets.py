@@ -57,7 +57,8 @@ def test_jetpack_export_is_checked_and_refused_precisions_leave_nothing(tiny_che
 def test_a_bundle_failing_the_tensorrt_check_is_not_left_behind(tiny_checkpoint, tmp_path, monkeypatch) -> None:
     import rsedge.export.targets as targets
 
-    monkeypatch.setattr(targets, "check_for_target", lambda bundle, name: ["decoder_expert0.onnx: Foo unsupported"])
+    failing = {"problems": ["decoder_expert0.onnx: Foo unsupported"]}
+    monkeypatch.setattr(targets, "tensorrt_check", lambda bundle, name, manifest=None: failing)  # run inside the export
     r = _export(tiny_checkpoint, tmp_path / "bad", "--target", "jp6.2", "--precision", "fp16", "--no-validate")
     assert r.exit_code == 2 and "fails the jp6.2 TensorRT check: decoder_expert0.onnx: Foo unsupported" in r.output
     assert not (tmp_path / "bad").exists()

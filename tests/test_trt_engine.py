@@ -335,3 +335,16 @@ def test_real_engines_answer_like_onnxruntime(tiny_bundle, samples, tmp_path):
         assert got.tokens == want.tokens
         for a, b in zip(got.step_logits, want.step_logits, strict=True):
             np.testing.assert_allclose(a, b, atol=2e-3, rtol=2e-3)
+
+
+def test_a_static_int8_vision_graph_is_built_with_the_int8_flag(tiny_checkpoint, tmp_path, monkeypatch):
+    """Every JetPack target's INT8 / INT4 bundle has a static INT8 vision graph: its explicit INT8 Q/DQ needs the INT8
+    builder flag (refused without it), whatever form the decoders' weights take."""
+    from rsedge.export.bundle import export_bundle
+
+    export_bundle(tiny_checkpoint, tmp_path / "b", precision="int4", block_size=64, form="qdq", vision="int8",
+                  validate=False)  # fmt: skip
+    install(monkeypatch)  # after the export: onnxruntime's quantizer looks for a real tensorrt module
+    record = json.loads((_build(tmp_path / "b", tmp_path / "e") / "engines.json").read_text())
+    assert record["engines"]["vision_int8.onnx"]["precision"] == {"fp16": True, "int8": True, "strongly_typed": False}
+    assert record["engines"]["decoder_expert0.onnx"]["precision"]["strongly_typed"]

@@ -239,7 +239,7 @@ def read_bundle(path: str | Path) -> BundleFacts:
     from rsedge.runtime.bundle import Bundle
     from rsedge.runtime.onnx_refs import OnnxFormatError, graph_external_locations
 
-    bundle = Bundle.open(path, verify="size")
+    bundle = Bundle.open(path, verify="size").for_device("tensorrt")  # a Jetson runs a two-form bundle's Q/DQ form
     graph_files: dict[str, list[str]] = {}
     nodes: dict[str, int] = {}
     for key, entry in graph_entries(bundle.manifest).items():

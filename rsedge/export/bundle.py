@@ -37,8 +37,12 @@ def export_bundle(
     keep: tuple[str, ...] = (),
     prefill: str = "same",
     kv_cache: str = "float",
+    target: str | None = None,
+    also_target: str | None = None,
 ) -> dict[str, Any]:
-    """Export a checkpoint to a bundle folder; returns the manifest. The options are :class:`ExportOptions`'."""
+    """Export a checkpoint to a bundle folder; returns the manifest. The options are :class:`ExportOptions`'
+    (``target`` names the target they were picked for, ``also_target`` a second target whose decoder form the
+    bundle carries too: rsedge.export.targets)."""
     options = ExportOptions(
         precision=precision,
         router=router,
@@ -54,6 +58,8 @@ def export_bundle(
         keep=tuple(keep),
         prefill=prefill,
         kv_cache=kv_cache,
+        target=target,
+        also_target=also_target,
     ).resolve()
     checkpoint, out = Path(checkpoint), Path(out)
     refuse_existing(out)  # before the checkpoint is read at all

@@ -254,7 +254,7 @@ def build_decoder_graph(
         "rsedge.attention": attention,
         "rsedge.dtype": b.dtype.name,
         "rsedge.text_config": json.dumps(asdict(text), sort_keys=True),
-        "rsedge.weight_files": json.dumps([DECODER_SHARED_BIN, expert_bin(expert)]),
+        "rsedge.weight_files": json.dumps([store.file_name(DECODER_SHARED_BIN), store.file_name(expert_bin(expert))]),
     }
     if mrope:
         doc += f" mrope: rope_position_ids[3,B,S] int64, sections {list(spec.mrope_section)}."

@@ -3,7 +3,9 @@
 What an architecture contributes is an :class:`Exporter` (found through ``rsedge.models.registry``): its config and
 tensors, its reference model, its graphs, the manifest sections it owns and its validation. Everything else, the
 option rules, the quantization recipe and plan, the calibration set and its per-expert record, the static INT8
-vision pass, the onnxruntime requirement, the file hashes and the all-or-nothing write, is here, once.
+vision pass, the onnxruntime requirement, a TensorRT target's static check, a second decoder form's store, plan,
+manifest entry and validation (``--also-target``, rsedge.export.forms), the file hashes and the all-or-nothing write,
+is here, once.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ import json
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar
@@ -23,6 +25,8 @@ import onnx
 from rsedge.calibration.calibset import RS_DEFAULT, CalibrationSet, resolve_calibration
 from rsedge.calibration.readers import CalibrationError
 from rsedge.errors import OptionError
+from rsedge.export import targets
+from rsedge.export.forms import FormStore, graph_listing, weights_record
 from rsedge.export.kv_cache import KV_DTYPES, quantize_decoder_caches
 from rsedge.export.linear_map import LINEAR_MAP, LinearMap
 from rsedge.export.ort_requirements import bundle_runtime
@@ -32,6 +36,7 @@ from rsedge.fsutil import atomic_folder, refuse_existing
 from rsedge.quantize.recipes import QuantPlan, Recipe, make_recipe
 from rsedge.quantize.vision_int8 import quantize_vision
 from rsedge.runtime.bundle import FORMAT, FORMAT_VERSION, MANIFEST, sha256_file
+from rsedge.runtime.forms import form_manifest
 
 PRECISIONS = ("fp32", "fp16", "int8", "int4")
 GRAPH_DTYPES = {"fp32": np.float32, "fp16": np.float16}
@@ -51,6 +56,9 @@ class ExportOptions:
     onnxruntime runs, "standard" elsewhere). ``prefill`` "int8" adds an INT8 prefill twin per decoder graph.
     ``router``: a task-routed model's table, overriding its checkpoint's. ``kv_cache`` "int8" keeps the decoder's
     KV cache as INT8 with per-channel scales calibrated on ``calibration`` (fused attention forms only).
+    ``target``: the export target these options were picked for (rsedge.export.targets); a TensorRT target's static
+    check runs inside the export. ``also_target``: a second target whose decoder form the bundle carries beside the
+    first (rsedge.export.forms); its options are resolved into ``second``.
     """
 
     precision: str = "fp32"
@@ -67,7 +75,10 @@ class ExportOptions:
     keep: tuple[str, ...] = ()
     prefill: str = "same"
     kv_cache: str = "float"
+    target: str | None = None
+    also_target: str | None = None
     recipe: Recipe | None = field(default=None, compare=False)
+    second: ExportOptions | None = field(default=None, compare=False)
 
     def resolve(self) -> ExportOptions:
         """The options with their defaults filled in and the recipe made; OptionError for a combination no
@@ -101,7 +112,19 @@ class ExportOptions:
                 "an INT8 KV cache is onnxruntime's GroupQueryAttention's: it needs --attention gqa-shared or gqa "
                 f"(this export's is {attention}) and the onnxruntime form (--form ort)"
             )
-        return ExportOptions(**{**self.__dict__, "compute": compute, "attention": attention, "recipe": recipe})
+        for name in (self.target, self.also_target):
+            targets.check_block_size(name, self.precision, self.block_size)
+        second = None
+        if self.also_target is not None:
+            picked = targets.second_form_options(self.target, self.also_target, self.precision, self.form)
+            second = ExportOptions(**{
+                **self.__dict__, "prefill": "same", "kv_cache": "float", "recipe": None, "second": None,
+                "vision": recipe.vision,  # the bundle has one vision graph, the first form's
+                **picked, "target": self.also_target, "also_target": None,
+            }).resolve()  # fmt: skip
+        return ExportOptions(
+            **{**self.__dict__, "compute": compute, "attention": attention, "recipe": recipe, "second": second}
+        )
 
     @property
     def dtype(self) -> type:
@@ -129,6 +152,7 @@ class Exporter(ABC):
 
     architecture: ClassVar[str]
     default_calibration: ClassVar[str] = RS_DEFAULT  # the set "rs-default" means for this architecture
+    second_forms: ClassVar[bool] = False  # whether write_form / validate_forms write and check a second form
 
     def __init__(self, checkpoint: Path, options: ExportOptions) -> None:
         self.checkpoint = checkpoint
@@ -194,6 +218,19 @@ class Exporter(ABC):
         """The side of the vision graph's square input (static INT8 calibration feeds it)."""
         raise NotImplementedError
 
+    def write_form(self, ctx: ExportContext) -> dict[str, Any]:
+        """A second decoder form's graphs into ``ctx.tmp`` (``ctx.options``: its options, ``ctx.store``: its
+        rsedge.export.forms.FormStore, which names its files); returns its ``graphs.decoder`` record. Only for an
+        exporter with ``second_forms``."""
+        raise NotImplementedError
+
+    def validate_forms(self, forms: list[tuple[ExportContext, dict[str, Any]]]) -> list[dict[str, Any]]:
+        """:meth:`validate` for each (context, one-form manifest) of the bundle's decoder forms, the first form
+        first; an exporter with ``second_forms`` checks every form against one reference."""
+        if len(forms) != 1:
+            raise NotImplementedError(f"{self.architecture}: one decoder form per bundle")
+        return [self.validate(*forms[0])]
+
     @abstractmethod
     def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:
         """The sections the architecture owns: model, router, preprocess, prompt, tokenizer."""
@@ -217,6 +254,9 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
     recipe = opts.recipe
     refuse_existing(out)
     t_start = time.perf_counter()
+    if opts.second is not None and not exporter.second_forms:
+        raise OptionError(f"--also-target: the {exporter.architecture} exporter writes one decoder form per bundle; "
+                          "export one bundle per target")  # fmt: skip
     exporter.check()
     with atomic_folder(out) as tmp:  # entered first: an unwritable output fails before the checkpoint is read
         progress("reading checkpoint")
@@ -243,6 +283,11 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
         graphs, arrays = exporter.write_graphs(ctx)
         if ctx.store is not None:  # validation splits each quantized graph weight back by this map
             ctx.store.cache[LINEAR_MAP] = ctx.linear_map
+        second = None
+        if opts.second is not None:
+            progress(f"building the {opts.second.form} decoder graphs ({opts.second.target})")
+            second = second_form_context(ctx, opts.second)
+            second_decoder = exporter.write_form(second)
         if opts.kv_cache == "int8":
             progress("calibrating the INT8 KV cache")
             graphs["decoder"]["kv_cache_quantization"] = quantize_decoder_caches(
@@ -280,16 +325,89 @@ def run_export(exporter: Exporter, out: Path, progress: Progress) -> dict[str, A
         }
         # The oldest onnxruntime that runs these graphs (the runtime refuses an older one with that reason).
         manifest["runtime"] = bundle_runtime(tmp / f for f in exporter.graph_files(graphs))
+        if second is not None:
+            manifest["forms"] = form_entries(exporter, ctx, second, second_decoder, graphs, manifest["runtime"])
+        # A TensorRT target's static check, before minutes of validation: a bundle that fails it is not left behind.
+        for form_opts in (opts, opts.second):
+            if form_opts is not None and form_opts.target is not None:
+                tensorrt_check_into(manifest, tmp, form_opts, second is not None)
         if plan is not None and plan.awq:
             manifest["awq"] = plan.summary()
         if opts.validate:
             progress("validating against the PyTorch reference")
-            manifest["validation"] = exporter.validate(ctx, manifest)
+            if second is None:
+                manifest["validation"] = exporter.validate(ctx, manifest)
+            else:
+                view = form_manifest(manifest, opts.second.form)
+                first, other = exporter.validate_forms([(ctx, manifest), (second, view)])
+                manifest["validation"], manifest["forms"][opts.second.form]["validation"] = first, other
         manifest["export_seconds"] = round(time.perf_counter() - t_start, 2)
         manifest["files"] = {
             str(p.relative_to(tmp)): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in sorted(tmp.rglob("*"))
             if p.is_file()
         }
+        for name, entry in manifest.get("forms", {}).items():  # each form's graphs with their hashes
+            entry["graphs"] = graph_listing(tmp, form_manifest(manifest, name)["graphs"]["decoder"], manifest["files"])
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
+
+
+def second_form_context(ctx: ExportContext, options: ExportOptions) -> ExportContext:
+    """The context a second decoder form is written and validated in: its options, its own store (files with the
+    form's suffix; tensors the first form stored byte for byte are read from the first's files) and a plan that
+    shares the first's calibration statistics and AWQ scales, so both forms quantize to the same codes."""
+    plan = None
+    if ctx.plan is not None:
+        plan = QuantPlan(options.recipe, stats=ctx.plan.stats, awq=ctx.plan.awq)
+    return replace(ctx, options=options, plan=plan, store=FormStore(ctx.store, options.form))
+
+
+def form_entries(
+    exporter: Exporter,
+    ctx: ExportContext,
+    second: ExportContext,
+    decoder: dict[str, Any],
+    graphs: dict[str, Any],
+    first_runtime: dict[str, Any],
+) -> dict[str, Any]:
+    """The manifest's ``forms``: the first form (its decoder stays ``graphs.decoder``) and the second, with the
+    decoder record and the fields a one-form manifest of it has (rsedge.runtime.forms)."""
+    first, other = ctx.options, second.options
+    runtime = bundle_runtime(ctx.tmp / f for f in exporter.graph_files({**graphs, "decoder": decoder}))
+    common = lambda o: {  # noqa: E731
+        "target": o.target,
+        "engine": targets.target(o.target).engine,
+        "compute_dtype": o.compute,
+        "attention": o.attention,
+        "prefill": o.prefill,
+    }
+    return {
+        first.form: {"primary": True, **common(first), "onnxruntime_min": first_runtime["onnxruntime_min"]},
+        other.form: {
+            **common(other),
+            "onnxruntime_min": runtime["onnxruntime_min"],
+            "decoder": decoder,
+            "quantization": other.recipe.to_json(),
+            "runtime": runtime,
+            "weights": weights_record(second.store, first.form, first.precision),
+        },
+    }
+
+
+def tensorrt_check_into(manifest: dict[str, Any], tmp: Path, options: ExportOptions, two_forms: bool) -> None:
+    """Run ``options.target``'s static TensorRT check on its form's graphs (nothing for an onnxruntime target);
+    OptionError naming the first problem where it fails, else its record in that form's ``forms`` entry."""
+    view = form_manifest(manifest, options.form) if two_forms else manifest
+    record = targets.tensorrt_check(tmp, options.target, view)
+    if record is None:
+        return
+    problems = record["problems"]
+    if problems:  # the bundle is not left behind: the export's folder is dropped with this error
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        which = f"{options.form} form of the " if two_forms else ""
+        raise OptionError(
+            f"the {which}{options.precision} bundle fails the {options.target} TensorRT check: {problems[0]}{more}"
+        )
+    if two_forms:
+        manifest["forms"][options.form]["tensorrt_check"] = record

@@ -99,7 +99,8 @@ def build_prefill_graph(
         b_name, s_name = node.input[1], node.input[2]
         zp_name = node.input[3] if len(node.input) > 3 and node.input[3] else None
         bias = node.input[5] if len(node.input) > 5 else ""
-        target = PREFILL_SHARED_BIN if _location(inits[b_name]) == DECODER_SHARED_BIN else prefill_bin(expert)
+        shared = _location(inits[b_name]) == store.file_name(DECODER_SHARED_BIN)
+        target = PREFILL_SHARED_BIN if shared else prefill_bin(expert)
 
         def requantized(b_name=b_name, s_name=s_name, zp_name=zp_name, a=a) -> tuple[np.ndarray, np.ndarray]:
             if b_name not in memo:

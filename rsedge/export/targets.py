@@ -3,7 +3,8 @@
 ``rsedge export MODEL --target T --precision P`` picks the options below instead of a user knowing them;
 an explicit option still wins where the target allows it, and a precision the target cannot run is
 refused before anything is read. TensorRT targets are checked with the static JetPack check as part of
-the export (a bundle that fails it is not left behind).
+the export (a bundle that fails it is not left behind). ``--also-target`` adds a second target's decoder form to
+the same bundle (:func:`second_form_options`, rsedge.export.forms).
 
 Why these choices (measured, see the README):
 - ``cuda``: onnxruntime's CUDA GroupQueryAttention and MatMulNBits take FP16 activations only; its
@@ -121,12 +122,71 @@ def export_options(name: str, precision: str, explicit: dict[str, Any]) -> dict[
     return opts
 
 
-def check_for_target(bundle_dir: Any, name: str) -> list[str]:
-    """Problems the static TensorRT check finds for a TensorRT target (empty: passes, or not TensorRT)."""
+FORM_NAMES = {"ort": "MatMulNBits, onnxruntime", "qdq": "explicit Q/DQ, TensorRT"}
+
+
+def second_form_options(first: str | None, also: str, precision: str, first_form: str) -> dict[str, Any]:
+    """The export options of the second decoder form ``--also-target`` adds to a ``--target first`` bundle (form,
+    compute, attention, prefill: what ``also`` picks; the vision graph stays the first target's). OptionError, before
+    any work, for a pair that cannot be one bundle: no first target, a precision ``also`` cannot run, an unquantized
+    precision (its one graph form runs on both engines), or two targets of the same form."""
+    if first is None:
+        raise OptionError(f"--also-target {also} needs --target: the bundle's first form is the first target's")
+    t = target(also)
+    opts = t.options(precision)  # refuses a precision the target cannot run
+    if "form" not in opts:
+        raise OptionError(
+            f"--also-target {also}: a {precision} bundle has one decoder form, which onnxruntime and TensorRT both "
+            f"run; export it once (rsedge check-trt BUNDLE --target {t.jetpack or 'jp6.1'} checks it)"
+        )
+    if opts["form"] == first_form:
+        raise OptionError(
+            f"--target {first} and --also-target {also} both take the {first_form} form ({FORM_NAMES[first_form]}); "
+            "a bundle carries each form once: export two bundles"
+        )
+    del opts["precision"]
+    opts.pop("vision", None)
+    return opts
+
+
+def check_block_size(name: str | None, precision: str, block_size: int) -> None:
+    """OptionError, before any work, where a TensorRT target's INT4 DequantizeLinear cannot take ``block_size``."""
+    if name is None or target(name).engine != "tensorrt" or precision != "int4":
+        return
+    from rsedge.export.trt_support import INT4_BLOCK_SIZES
+
+    if block_size not in INT4_BLOCK_SIZES:
+        raise OptionError(
+            f"target {name} runs TensorRT, whose INT4 DequantizeLinear takes --block-size "
+            f"{' or '.join(map(str, INT4_BLOCK_SIZES))}, not {block_size}"
+        )
+
+
+def tensorrt_check(bundle_dir: Any, name: str, manifest: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The static TensorRT check of a TensorRT target, for the manifest: the JetPack, its TensorRT, whether every
+    graph passes, the problems ("graph: issue") and the count of warnings and unverified points; None for an
+    onnxruntime target. ``manifest``: the (form's) manifest to check, for a folder whose manifest.json is not
+    written yet."""
     t = target(name)
     if t.jetpack is None:
-        return []
-    from rsedge.export.trt_support import check_bundle, passes
+        return None
+    from rsedge.export import trt_support as ts
 
-    report = check_bundle(bundle_dir, t.jetpack)
-    return [f"{graph}: {issue}" for graph, issues in report.items() if not passes(issues) for issue in issues]
+    jp = t.jetpack
+    report = ts.check_bundle(bundle_dir, jp) if manifest is None else ts.check_manifest(bundle_dir, manifest, jp)
+    issues = [(graph, i) for graph, found in report.items() for i in found]
+    return {
+        "jetpack": jp,
+        "tensorrt": ts.resolve_version(jp),
+        "passes": all(ts.passes(found) for found in report.values()),
+        "problems": [f"{graph}: {i.op_type}: {i.reason} [{i.node}]" for graph, i in issues if i.severity == ts.ERROR],
+        "warnings": sum(i.severity == ts.WARNING for _, i in issues),
+        "unverified": sum(i.severity == ts.UNVERIFIED for _, i in issues),
+        "graphs": sorted(report),
+    }
+
+
+def check_for_target(bundle_dir: Any, name: str) -> list[str]:
+    """Problems the static TensorRT check finds for a TensorRT target (empty: passes, or not TensorRT)."""
+    record = tensorrt_check(bundle_dir, name)
+    return [] if record is None else record["problems"]

@@ -259,7 +259,7 @@ def build_bundle(
     root, out = Path(bundle_dir), Path(out_dir)
     # Every graph and weight file checked against its sha256 first: an engine built from a damaged file would
     # carry the damage past every later check.
-    bundle = Bundle.open(root)
+    bundle = Bundle.open(root).for_device("tensorrt-engine")  # a two-form bundle's engines are its Q/DQ form's
     manifest = bundle.manifest
     profiles = default_profiles(manifest, max_prompt, max_total, max_images)
     for name in graphs or []:
@@ -278,6 +278,9 @@ def build_bundle(
         isinstance(q, dict) and q.get("form") == "qdq" and q.get("bits") == 8
         for q in (quant.get("decoder"), quant.get("lm_head"))
     )
+    # A static INT8 vision graph (recipe.vision "int8": every JetPack target's) carries explicit INT8 Q/DQ around
+    # float layers: weakly typed with the INT8 flag, whatever the decoders' weights are.
+    vision_int8 = manifest["graphs"].get("vision", {}).get("quantized") == "int8-qdq"
     built: dict[str, Path] = {}
     entries: dict[str, dict[str, Any]] = {}
     for name in graphs or list(profiles):
@@ -288,10 +291,10 @@ def build_bundle(
             engine,
             profiles[name],
             fp16=fp16,
-            int8=decoder and int8_qdq,
+            int8=int8_qdq if decoder else vision_int8,
             workspace_gb=workspace_gb,
             timing_cache=timing_cache,
-            strongly_typed=decoder and int4_qdq,  # the vision graph stays in the model dtype (recipe.vision)
+            strongly_typed=decoder and int4_qdq,
         )
         built[name] = info.pop("path")
         entries[name] = {"file": engine.name, "graph_sha256": bundle.files[name].sha256, **info}

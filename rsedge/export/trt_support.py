@@ -20,6 +20,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from rsedge.errors import BundleError, OptionError
+from rsedge.runtime import forms
 
 # JetPack -> TensorRT (shared/docs/edge-targets.md, section 4: JP 5.1 = 8.5.2, JP 6.0 = 8.6.2, JP 6.1/6.2 = 10.3).
 JETPACK_TARGETS = {"jp5.1": "8.5", "jp6.0": "8.6", "jp6.1": "10.3", "jp6.2": "10.3"}
@@ -577,7 +578,8 @@ def bundle_graph_files(manifest: Mapping) -> list[str]:
 
 
 def check_bundle(bundle_dir: str | Path, target: str) -> dict[str, list[Issue]]:
-    """check_graph for every graph of a bundle; ``target`` is a JetPack name or a TensorRT version."""
+    """check_graph for every graph of a bundle; ``target`` is a JetPack name or a TensorRT version. A bundle that
+    carries two decoder forms is checked in the one TensorRT runs (the qdq form)."""
     root = Path(bundle_dir)
     mpath = root / "manifest.json"
     if not mpath.is_file():
@@ -586,7 +588,13 @@ def check_bundle(bundle_dir: str | Path, target: str) -> dict[str, list[Issue]]:
         manifest = json.loads(mpath.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
         raise BundleError(f"{mpath}: unreadable manifest ({e})") from None
-    return {f: check_graph(root / f, target) for f in bundle_graph_files(manifest)}
+    form = forms.form_for_device(manifest, "tensorrt") if isinstance(manifest, dict) else None
+    return check_manifest(root, manifest if form is None else forms.form_manifest(manifest, form), target)
+
+
+def check_manifest(root: str | Path, manifest: Mapping, target: str) -> dict[str, list[Issue]]:
+    """check_graph for every graph ``manifest`` names (one form's), the files read from ``root``."""
+    return {f: check_graph(Path(root) / f, target) for f in bundle_graph_files(manifest)}
 
 
 def format_report(

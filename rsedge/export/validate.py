@@ -141,26 +141,30 @@ def steady_reference() -> Iterator[None]:
 
 
 def validate_bundle(
-    root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, precision: str
+    root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, precision: str, vision: bool = True
 ) -> list[GraphCheck]:
-    """Check vision and every expert's decoder (prefill + 2 decode steps) against the reference."""
+    """Check vision and every expert's decoder (prefill + 2 decode steps) against the reference. ``vision`` False
+    leaves the vision graph out (a bundle's second decoder form shares the first's)."""
     with steady_reference(), torch.no_grad():
-        return _validate(root, manifest, model, precision)
+        return _validate(root, manifest, model, precision, vision)
 
 
-def _validate(root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, precision: str) -> list[GraphCheck]:
+def _validate(
+    root: Path, manifest: dict[str, Any], model: RSUniVLMForCausalLM, precision: str, vision: bool = True
+) -> list[GraphCheck]:
     cfg = model.cfg
     checks: list[GraphCheck] = []
-    vis = ort_session(root / manifest["graphs"]["vision"]["file"])
-    vin = vis.get_inputs()[0]
     pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
-    got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
     ref_feats = model.encode_images(torch.from_numpy(pixels))
-    # A vision graph left in the compute dtype (the INT4 default) is held to that dtype's bound.
-    compute = "fp16" if vin.type == "tensor(float16)" else "fp32"
-    vision_tol = "vision-int8" if manifest["graphs"]["vision"].get("quantized") else compute
-    checks.append(compare("vision", got, ref_feats.numpy(), vision_tol))
-    del vis
+    if vision:
+        vis = ort_session(root / manifest["graphs"]["vision"]["file"])
+        vin = vis.get_inputs()[0]
+        got = vis.run(None, {vin.name: pixels.astype(ORT_NP[vin.type])})[0]
+        # A vision graph left in the compute dtype (the INT4 default) is held to that dtype's bound.
+        compute = "fp16" if vin.type == "tensor(float16)" else "fp32"
+        vision_tol = "vision-int8" if manifest["graphs"]["vision"].get("quantized") else compute
+        checks.append(compare("vision", got, ref_feats.numpy(), vision_tol))
+        del vis
 
     # A prompt-shaped prefill: text embeddings around one image's visual tokens.
     rng = np.random.default_rng(0)

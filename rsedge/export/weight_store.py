@@ -43,6 +43,11 @@ class WeightStore:
         self._sizes: dict[str, int] = {}
         self.cache: dict[tuple, object] = {}  # derived tensors (quantized codes) shared by several graphs
 
+    def file_name(self, file: str) -> str:
+        """The file a tensor asked for in ``file`` is written to, and the name a graph beside it takes: the name itself
+        here; a second decoder form's store (rsedge.export.forms.FormStore) adds the form's suffix."""
+        return file
+
     def __contains__(self, key: tuple[str, str]) -> bool:
         """``(file, name) in store``."""
         return key in self._records

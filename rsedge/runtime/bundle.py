@@ -12,6 +12,7 @@ exact bytes must carry an Ed25519 signature by one of them (:mod:`rsedge.runtime
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -23,6 +24,7 @@ from typing import Any
 import numpy as np
 
 from rsedge.errors import BundleError, OptionError, SignatureError
+from rsedge.runtime import forms
 from rsedge.runtime.hash_cache import HashCache
 from rsedge.runtime.manifest_fields import Fields
 from rsedge.runtime.onnx_refs import OnnxFormatError, graph_external_locations
@@ -125,6 +127,10 @@ class Bundle:
         self._arrays: dict[str, ArrayRef] = {}
         self._graph_data: dict[str, list[str]] = {}  # graph -> the listed files holding its external data
         self.hashed = False  # whether open() checked every file against its sha256
+        # The decoder form ``manifest`` describes (rsedge.runtime.forms): the first, or the one for_device chose;
+        # None for a one-form bundle.
+        self.form = forms.primary(manifest)
+        self.full_manifest = manifest  # every form's (``manifest`` is one form's in a for_device view)
         self._check_references()
 
     @classmethod
@@ -211,8 +217,10 @@ class Bundle:
         return real
 
     def _graph_files(self) -> Iterator[tuple[str, Any]]:
-        """(field, file) of every graph the manifest names, wherever it sits under ``graphs``."""
+        """(field, file) of every graph the manifest names, wherever it sits under ``graphs``, and every second
+        form's decoders (``forms.<name>.decoder``)."""
         stack: list[tuple[str, Any]] = [("graphs", self.manifest.get("graphs"))]
+        stack += [(f"forms.{name}.decoder", e.get("decoder")) for name, e in forms.carried(self.manifest).items()]
         while stack:
             field, node = stack.pop()
             if isinstance(node, dict):
@@ -224,6 +232,7 @@ class Bundle:
         """Every file the manifest names elsewhere is a listed (hashed) file; arrays fit inside theirs."""
         fields = Fields(str(self.root), self.manifest)
         fields.check_runtime_fields()
+        self._check_forms()
         refs = [("tokenizer.file", self.manifest["tokenizer"]["file"]), *self._graph_files()]
         for name, entry in self.manifest["arrays"].items():
             ref = ArrayRef.from_json(entry, f"{self.root}: manifest field arrays.{name}")
@@ -234,6 +243,35 @@ class Bundle:
                 raise fields.fail(field, f"names {rel!r}, which is not among the bundle's hashed files")
         for name, ref in self._arrays.items():
             ref.check_fits(self.files[ref.file].size, f"{self.root}: array {name}")
+
+    def _check_forms(self) -> None:
+        """A second form's fields as the runtime will read them: its view must pass the same checks, with as many
+        experts as the first."""
+        carried = self.manifest.get("forms")
+        if carried is None:
+            return
+        if not isinstance(carried, dict) or not all(isinstance(e, dict) for e in carried.values()):
+            raise BundleError(f"{self.root}: manifest field forms must map form names to objects")
+        if sum(bool(e.get("primary")) for e in carried.values()) != 1:
+            raise BundleError(f"{self.root}: manifest field forms must name one primary form")
+        experts = len(self.manifest["graphs"]["decoder"]["experts"])
+        for name in carried:
+            view = forms.form_manifest(self.manifest, name)
+            Fields(f"{self.root} ({name} form)", view).check_runtime_fields()
+            if len(view["graphs"]["decoder"]["experts"]) != experts:
+                raise BundleError(f"{self.root}: the {name} form has other experts than the first form's {experts}")
+
+    def for_device(self, device: str) -> Bundle:
+        """This bundle as the one-form bundle ``device`` runs (rsedge.runtime.forms.DEVICE_FORMS): itself where it
+        carries one form or that form is already chosen, else a view whose manifest is that form's. Files, hashes
+        and the signed manifest bytes are the bundle's own."""
+        form = forms.form_for_device(self.full_manifest, device)
+        if form is None or form == self.form:
+            return self
+        view = copy.copy(self)
+        view.manifest = forms.form_manifest(self.full_manifest, form)
+        view.form = form
+        return view
 
     def _check_graph_data(self) -> None:
         """Each graph's external data must be listed files: onnxruntime opens them by the names the graph holds."""

@@ -102,8 +102,10 @@ class Answer:
 
 class Pipeline:
     def __init__(self, bundle: Bundle, session: SessionConfig | None = None, engines: EngineSet | None = None) -> None:
-        self.bundle = bundle
         self.session_cfg = session or SessionConfig()
+        # A bundle carrying two decoder forms runs the one this device takes (MatMulNBits on onnxruntime's CPU and
+        # CUDA providers, Q/DQ on TensorRT); from here on it reads as a one-form bundle of that form.
+        self.bundle = bundle = bundle.for_device("tensorrt-engine" if engines is not None else self.session_cfg.device)
         if engines is None:  # onnxruntime runs the graphs: one too old for them is refused before any session
             ort_support.check_onnxruntime(bundle.manifest, str(bundle.root), self.session_cfg.device)
         root = bundle.root
@@ -143,6 +145,7 @@ class Pipeline:
         ``engines``: a folder from ``rsedge build-engines`` of this bundle, checked (bundle, TensorRT version, GPU,
         engine hashes) before use; its engines then run the vision graph and every decoder."""
         bundle, cfg = Bundle.open(path, verify=verify, trust=trust), SessionConfig(device=device, threads=threads)
+        bundle = bundle.for_device("tensorrt-engine" if engines is not None else device)  # the engines' form
         checked = None if engines is None else EngineSet.open(engines, bundle, device_id=cfg.device_id)
         pipe = cls(bundle, cfg, engines=checked)
         if warmup:

@@ -109,6 +109,7 @@ def preprocess_spec(cfg: RSUniVLMConfig) -> dict[str, Any]:
 
 class RSUniVLMExporter(Exporter):
     architecture = "rsunivlm"
+    second_forms = True
 
     def check(self) -> None:
         self.cfg = RSUniVLMConfig.from_checkpoint(self.checkpoint)
@@ -165,20 +166,7 @@ class RSUniVLMExporter(Exporter):
         vision = build_vision_graph(cfg, weights, store, np.float32 if int8_vision else dtype)
         save_graph(vision, tmp / "vision.onnx")
         graphs: dict[str, Any] = {"vision": {"file": "vision.onnx", **graph_io(vision)}}
-        experts: dict[str, Any] = {}
-        memo: dict[str, Any] = {}
-        opset = plan.recipe.opset if plan is not None else OPSET
-        for e in range(cfg.text.num_experts):
-            ctx.progress(f"building decoder graph, expert {e}")
-            dec = build_decoder_graph(cfg, weights, e, store, dtype, quant=plan, opset=opset, attention=opts.attention)
-            save_graph(dec, tmp / f"decoder_expert{e}.onnx")
-            experts[str(e)] = {"file": f"decoder_expert{e}.onnx", **graph_io(dec)}
-            if opts.prefill == "int8":
-                save_graph(build_prefill_graph(dec, store, e, memo), tmp / prefill_onnx(e))
-                experts[str(e)]["prefill_file"] = prefill_onnx(e)
-        graphs["decoder"] = decoder_record(cfg, experts, opts.attention)
-        if opts.prefill == "int8":
-            graphs["decoder"]["prefill"] = PREFILL_FORM
+        graphs["decoder"] = self.write_form(ctx)
         # image_newline is read by the runtime, not by a graph: it lives with the decoder's shared weights, so a
         # re-quantized vision graph can replace vision.bin whole.
         store.tensor("model.image_newline", weights["model.image_newline"].astype(dtype), file=DECODER_SHARED_BIN)
@@ -186,6 +174,29 @@ class RSUniVLMExporter(Exporter):
         int8_rows = plan is not None and plan.recipe.embeddings == "int8-rows"
         arrays |= store_embedding_arrays(cfg, weights, store, dtype, int8_rows)
         return graphs, arrays
+
+    def write_form(self, ctx: ExportContext) -> dict[str, Any]:
+        """One decoder graph per expert in ``ctx.options``' form (and its INT8 prefill twin with ``prefill="int8"``),
+        weights into ``ctx.store``, files named by it (a second form's store adds the form's suffix); returns the
+        ``graphs.decoder`` record."""
+        cfg, opts, plan, store = self.cfg, ctx.options, ctx.plan, ctx.store
+        name = store.file_name
+        weights, dtype = NumpyView(self.tensors), opts.dtype
+        experts: dict[str, Any] = {}
+        memo: dict[str, Any] = {}
+        opset = plan.recipe.opset if plan is not None else OPSET
+        for e in range(cfg.text.num_experts):
+            ctx.progress(f"building decoder graph, expert {e}")
+            dec = build_decoder_graph(cfg, weights, e, store, dtype, quant=plan, opset=opset, attention=opts.attention)
+            experts[str(e)] = {"file": name(f"decoder_expert{e}.onnx"), **graph_io(dec)}
+            save_graph(dec, ctx.tmp / experts[str(e)]["file"])
+            if opts.prefill == "int8":
+                experts[str(e)]["prefill_file"] = name(prefill_onnx(e))
+                save_graph(build_prefill_graph(dec, store, e, memo), ctx.tmp / experts[str(e)]["prefill_file"])
+        record = decoder_record(cfg, experts, opts.attention)
+        if opts.prefill == "int8":
+            record["prefill"] = PREFILL_FORM
+        return record
 
     def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:
         return {
@@ -210,12 +221,18 @@ class RSUniVLMExporter(Exporter):
         }
 
     def validate(self, ctx: ExportContext, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.validate_forms([(ctx, manifest)])[0]
+
+    def validate_forms(self, forms: list[tuple[ExportContext, dict[str, Any]]]) -> list[dict[str, Any]]:
         model = self.reference()
         self.tensors.clear()  # the reference now holds the weights; do not keep a second copy
         gc.collect()
-        if ctx.plan is not None:  # check the graphs compute what their quantized weights define
-            apply_fake_quant(model, ctx.store.cache)
-        precision = ctx.options.precision
-        result = checks_to_json(validate_bundle(ctx.tmp, manifest, model, precision), precision)
+        results = []
+        for i, (ctx, manifest) in enumerate(forms):
+            if ctx.plan is not None:  # check the graphs compute what their quantized weights define
+                apply_fake_quant(model, ctx.store.cache)  # each form's own codes replace the form's before
+            precision = ctx.options.precision
+            checks = validate_bundle(ctx.tmp, manifest, model, precision, vision=i == 0)  # one vision graph
+            results.append(checks_to_json(checks, precision))
         self.model = None
-        return result
+        return results
