@@ -87,6 +87,7 @@ typedef struct {
   int64_t S, Nq, Nkv, G, hd, T, chunks;
   const int64_t *past;    /* [B] past length */
   float scale;
+  int failed;             /* set by a task that could not get scratch memory */
 } Work;
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -109,45 +110,37 @@ static inline __attribute__((always_inline)) v16 fold(v16 x, v16 y, i16 lo, i16 
   return __builtin_shuffle(x, y, lo) + __builtin_shuffle(x, y, hi);
 }
 
-/* q . K[j] for the 16 rows j of K (hd apart, float32 or int8 elements); hd a multiple of 16 */
-typedef int8_t c16 __attribute__((vector_size(16), aligned(1)));
-#define LOAD_F32(p) (*(const v16 *)(p))
-#define LOAD_I8(p) __builtin_convertvector(*(const c16 *)(p), v16)
-#define DEFINE_DOTS16(NAME, T, LOAD)                                                                   \
-  static inline __attribute__((always_inline)) v16 NAME(const float *q, const T *K, const int hd) {   \
-    v16 a[16], b[8], c[4], d[2];                                                                       \
-    for (int j = 0; j < 16; j++) {                                                                     \
-      v16 s = LOAD(K + j * hd) * *(const v16 *)q;                                                      \
-      for (int e = 16; e < hd; e += 16) s += LOAD(K + j * hd + e) * *(const v16 *)(q + e);             \
-      a[j] = s;                                                                                        \
-    }                                                                                                  \
-    for (int i = 0; i < 8; i++) b[i] = fold(a[2 * i], a[2 * i + 1], L1A, L1B);                         \
-    for (int i = 0; i < 4; i++) c[i] = fold(b[2 * i], b[2 * i + 1], L2A, L2B);                         \
-    for (int i = 0; i < 2; i++) d[i] = fold(c[2 * i], c[2 * i + 1], L3A, L3B);                         \
-    return fold(d[0], d[1], L4A, L4B);                                                                 \
+/* q . K[j] for the 16 rows j of K (hd apart); hd a multiple of 16 */
+static inline __attribute__((always_inline)) v16 dots16(const float *q, const float *K, const int hd) {
+  v16 a[16], b[8], c[4], d[2];
+  for (int j = 0; j < 16; j++) {
+    v16 s = *(const v16 *)(K + j * hd) * *(const v16 *)q;
+    for (int e = 16; e < hd; e += 16) s += *(const v16 *)(K + j * hd + e) * *(const v16 *)(q + e);
+    a[j] = s;
   }
-DEFINE_DOTS16(dots16_f32, float, LOAD_F32)
-DEFINE_DOTS16(dots16_i8, int8_t, LOAD_I8)
+  for (int i = 0; i < 8; i++) b[i] = fold(a[2 * i], a[2 * i + 1], L1A, L1B);
+  for (int i = 0; i < 4; i++) c[i] = fold(b[2 * i], b[2 * i + 1], L2A, L2B);
+  for (int i = 0; i < 2; i++) d[i] = fold(c[2 * i], c[2 * i + 1], L3A, L3B);
+  return fold(d[0], d[1], L4A, L4B);
+}
 #else
 #define RSEDGE_FOLD 0
 #endif
 
 /* The chunk loop with the head width HD a compile-time constant, so dot products unroll and each query head's
- * accumulators stay in registers (two of them, even and odd keys, to halve the FMA latency chain). T is the
- * cache's element type: float, or int8 with per-channel scales (folded into Q before and applied to the
- * accumulators after, by the caller). */
-#define ATTEND_CHUNK(NAME, HD, T, DOTS)                                                                      \
-  static void NAME(const float *Q, const T *K, const T *V, int64_t n, int64_t G, float scale, float *part,  \
-                   float *scores) {                                                                          \
+ * accumulators stay in registers (two of them, even and odd keys, to halve the FMA latency chain). */
+#define ATTEND_CHUNK(NAME, HD)                                                                               \
+  static void NAME(const float *Q, const float *K, const float *V, int64_t n, int64_t G, float scale,       \
+                   float *part, float *scores) {                                                             \
     for (int64_t h = 0; h < G; h++) {                                                                        \
       const float *qh = Q + h * (HD);                                                                        \
       int64_t j = 0;                                                                                         \
       if (RSEDGE_FOLD && (HD) % 16 == 0)                                                                     \
-        for (; j + 16 <= n; j += 16) DOTS16(DOTS, scores + j, qh, K + j * (HD), (HD));                     \
+        for (; j + 16 <= n; j += 16) DOTS16(scores + j, qh, K + j * (HD), (HD));                           \
       for (; j < n; j++) {                                                                                   \
-        const T *kj = K + j * (HD);                                                                          \
+        const float *kj = K + j * (HD);                                                                      \
         float dot = 0.0f;                                                                                    \
-        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < (HD); d++) dot += qh[d] * (float)kj[d]; \
+        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < (HD); d++) dot += qh[d] * kj[d];     \
         scores[j] = dot;                                                                                     \
       }                                                                                                      \
       float m = -FLT_MAX;                                                                                    \
@@ -163,16 +156,16 @@ DEFINE_DOTS16(dots16_i8, int8_t, LOAD_I8)
       float even[(HD)], odd[(HD)];                                                                           \
       _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] = odd[d] = 0.0f;                        \
       for (j = 0; j + 2 <= n; j += 2) {                                                                      \
-        const T *v0 = V + j * (HD), *v1 = v0 + (HD);                                                         \
+        const float *v0 = V + j * (HD), *v1 = v0 + (HD);                                                     \
         float p0 = scores[j], p1 = scores[j + 1];                                                            \
         _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) {                                             \
-          even[d] += p0 * (float)v0[d];                                                                      \
-          odd[d] += p1 * (float)v1[d];                                                                       \
+          even[d] += p0 * v0[d];                                                                             \
+          odd[d] += p1 * v1[d];                                                                              \
         }                                                                                                    \
       }                                                                                                      \
       if (j < n) {                                                                                           \
-        const T *v0 = V + j * (HD);                                                                          \
-        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * (float)v0[d];          \
+        const float *v0 = V + j * (HD);                                                                      \
+        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * v0[d];                 \
       }                                                                                                      \
       float *out = part + h * ((HD) + 2);                                                                    \
       _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) out[d] = even[d] + odd[d];                      \
@@ -182,45 +175,60 @@ DEFINE_DOTS16(dots16_i8, int8_t, LOAD_I8)
   }
 
 #if RSEDGE_FOLD
-#define DOTS16(DOTS, dst, q, K, hd) (*(v16 *)(dst) = DOTS((q), (K), (hd)))
+#define DOTS16(dst, q, K, hd) (*(v16 *)(dst) = dots16((q), (K), (hd)))
 #else
-#define DOTS16(DOTS, dst, q, K, hd) ((void)0)
+#define DOTS16(dst, q, K, hd) ((void)0)
 #endif
 
-ATTEND_CHUNK(chunk_f32_64, 64, float, dots16_f32)
-ATTEND_CHUNK(chunk_f32_128, 128, float, dots16_f32)
-ATTEND_CHUNK(chunk_i8_64, 64, int8_t, dots16_i8)
-ATTEND_CHUNK(chunk_i8_128, 128, int8_t, dots16_i8)
+ATTEND_CHUNK(chunk_64, 64)
+ATTEND_CHUNK(chunk_128, 128)
 
 /* Any other head width: plain loops. */
-#define ATTEND_ANY(NAME, T)                                                                                  \
-  static void NAME(const float *Q, const T *K, const T *V, int64_t n, int64_t G, int64_t hd, float scale,   \
-                   float *part, float *scores) {                                                             \
-    for (int64_t h = 0; h < G; h++) {                                                                        \
-      const float *qh = Q + h * hd;                                                                          \
-      float m = -FLT_MAX;                                                                                    \
-      for (int64_t j = 0; j < n; j++) {                                                                      \
-        float dot = 0.0f;                                                                                    \
-        for (int64_t d = 0; d < hd; d++) dot += qh[d] * (float)K[j * hd + d];                               \
-        scores[j] = dot * scale;                                                                             \
-        m = scores[j] > m ? scores[j] : m;                                                                   \
-      }                                                                                                      \
-      float sum = 0.0f;                                                                                      \
-      for (int64_t j = 0; j < n; j++) {                                                                      \
-        scores[j] = exp_neg(scores[j] - m);                                                                  \
-        sum += scores[j];                                                                                    \
-      }                                                                                                      \
-      float *acc = part + h * (hd + 2);                                                                      \
-      memset(acc, 0, (size_t)hd * sizeof(float));                                                            \
-      for (int64_t j = 0; j < n; j++)                                                                        \
-        for (int64_t d = 0; d < hd; d++) acc[d] += scores[j] * (float)V[j * hd + d];                         \
-      acc[hd] = m;                                                                                           \
-      acc[hd + 1] = sum;                                                                                     \
-    }                                                                                                        \
+static void chunk_any(const float *Q, const float *K, const float *V, int64_t n, int64_t G, int64_t hd, float scale,
+                      float *part, float *scores) {
+  for (int64_t h = 0; h < G; h++) {
+    const float *qh = Q + h * hd;
+    float m = -FLT_MAX;
+    for (int64_t j = 0; j < n; j++) {
+      float dot = 0.0f;
+      for (int64_t d = 0; d < hd; d++) dot += qh[d] * K[j * hd + d];
+      scores[j] = dot * scale;
+      m = scores[j] > m ? scores[j] : m;
+    }
+    float sum = 0.0f;
+    for (int64_t j = 0; j < n; j++) {
+      scores[j] = exp_neg(scores[j] - m);
+      sum += scores[j];
+    }
+    float *acc = part + h * (hd + 2);
+    memset(acc, 0, (size_t)hd * sizeof(float));
+    for (int64_t j = 0; j < n; j++)
+      for (int64_t d = 0; d < hd; d++) acc[d] += scores[j] * V[j * hd + d];
+    acc[hd] = m;
+    acc[hd + 1] = sum;
   }
+}
 
-ATTEND_ANY(chunk_f32_any, float)
-ATTEND_ANY(chunk_i8_any, int8_t)
+/* An int8 chunk's rows as floats, once per task for all its query heads (GCC vectorizes this loop's sign extension
+ * and conversion; int8 vectors converted inside the dot products came out scalar, 7x slower than float). */
+static void widen(float *dst, const int8_t *src, size_t count) {
+#pragma omp simd
+  for (size_t i = 0; i < count; i++) dst[i] = (float)src[i];
+}
+
+/* Per-thread scratch for widened chunks, grown as needed and kept for the thread's life. */
+static _Thread_local float *scratch;
+static _Thread_local size_t scratch_floats;
+
+static float *thread_scratch(size_t floats) {
+  if (floats > scratch_floats) {
+    float *grown = (float *)realloc(scratch, floats * sizeof(float));
+    if (!grown) return NULL;
+    scratch = grown;
+    scratch_floats = floats;
+  }
+  return scratch;
+}
 
 static void attend(void *data, size_t task) {
   const Work *w = (const Work *)data;
@@ -241,21 +249,24 @@ static void attend(void *data, size_t task) {
   size_t at = ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
   const float *Q = w->q + ((size_t)(b * w->S + s) * w->Nq + g * G) * hd;
   float scores[CHUNK] __attribute__((aligned(64)));
-  if (!w->vscale) {
-    const float *K = (const float *)w->k + at, *V = (const float *)w->v + at;
-    switch (hd) {
-      case 64: chunk_f32_64(Q, K, V, n, G, w->scale, part, scores); break;
-      case 128: chunk_f32_128(Q, K, V, n, G, w->scale, part, scores); break;
-      default: chunk_f32_any(Q, K, V, n, G, hd, w->scale, part, scores);
+  const float *K = (const float *)w->k + at, *V = (const float *)w->v + at;
+  float *wide = NULL;
+  if (w->vscale) {
+    wide = thread_scratch(2 * (size_t)(n * hd));
+    if (!wide) { /* no memory for the widened rows: the call fails (compute reads the flag) */
+      __atomic_store_n(&((Work *)w)->failed, 1, __ATOMIC_RELAXED);
+      return;
     }
-    return;
+    widen(wide, (const int8_t *)w->k + at, (size_t)(n * hd));
+    widen(wide + n * hd, (const int8_t *)w->v + at, (size_t)(n * hd));
+    K = wide, V = wide + n * hd;
   }
-  const int8_t *K = (const int8_t *)w->k + at, *V = (const int8_t *)w->v + at;
   switch (hd) {
-    case 64: chunk_i8_64(Q, K, V, n, G, w->scale, part, scores); break;
-    case 128: chunk_i8_128(Q, K, V, n, G, w->scale, part, scores); break;
-    default: chunk_i8_any(Q, K, V, n, G, hd, w->scale, part, scores);
+    case 64: chunk_64(Q, K, V, n, G, w->scale, part, scores); break;
+    case 128: chunk_128(Q, K, V, n, G, w->scale, part, scores); break;
+    default: chunk_any(Q, K, V, n, G, hd, w->scale, part, scores);
   }
+  if (!w->vscale) return;
   /* the accumulators summed int8 values: scale each channel back (the key scales are in Q already) */
   const float *vs = w->vscale + (w->scale_per_channel ? g * hd : 0);
   for (int64_t h = 0; h < G; h++)
@@ -445,8 +456,9 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     }
   }
 
-  Work w = {q, k, v, vscale, per_channel, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale};
+  Work w = {q, k, v, vscale, per_channel, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale, 0};
   err = ort->KernelContext_ParallelFor(ctx, attend, tasks, 0, &w);
+  if (!err && w.failed) err = ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
   if (!err) {
     /* Combine the chunks' partial softmaxes: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
     for (int64_t b = 0; b < B; b++)
