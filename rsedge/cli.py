@@ -406,6 +406,9 @@ def run_cmd(
         pipe = Pipeline.load(
             bundle, device=device, threads=threads, verify=verify, trust=list(trust) or None, engines=engines
         )
+    with _onnxruntime_errors(bundle):
+        # The request's sessions side by side now, rather than one inside the other's shadow in the request.
+        pipe.prepare([pipe.choose_expert(prompt, expert)], vision=bool(images) or video is not None or bool(frames_dir))
     if scene is not None:
         from rsedge.geo.command import run_scene
 

@@ -152,12 +152,13 @@ class Pipeline:
             pipe.warmup()
         return pipe
 
-    def prepare(self, experts: Sequence[int]) -> dict[str, float]:
-        """Create the vision session and the decoders of ``experts`` now, side by side (onnxruntime builds sessions
-        without the GIL), without running them: what a first request would otherwise do before its first graph.
-        Returns ms per part (each from the start, so the largest is the wall time)."""
+    def prepare(self, experts: Sequence[int], vision: bool = True) -> dict[str, float]:
+        """Create the vision session (unless ``vision`` is False: a text-only request) and the decoders of
+        ``experts`` now, side by side (onnxruntime builds sessions without the GIL), without running them: what a
+        first request would otherwise do before its first graph. Returns ms per part (each from the start, so the
+        largest is the wall time)."""
         t0 = time.perf_counter()
-        parts: dict[str, Callable[[], Any]] = {"vision": self.vision}
+        parts: dict[str, Callable[[], Any]] = {"vision": self.vision} if vision else {}
         parts.update({f"decoder_expert{e}": (lambda e=e: self.decoder(e)) for e in experts})
         took: dict[str, float] = {}
 
