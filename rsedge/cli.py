@@ -47,6 +47,10 @@ verify_option = click.option(
 )
 
 
+# rsedge.export.targets.TARGETS' names (that module is imported only when an export runs)
+EXPORT_TARGETS = ["cpu", "cuda", "jp5.1", "jp6.0", "jp6.1", "jp6.2"]
+
+
 def _os_error_line(e: OSError) -> str:
     reason = e.strerror or str(e) or type(e).__name__
     return f"{e.filename}: {reason}" if e.filename else reason
@@ -116,14 +120,14 @@ def make_checkpoint_cmd(
 )
 @click.option(
     "--target",
-    type=click.Choice(["cpu", "cuda", "jp5.1", "jp6.0", "jp6.1", "jp6.2"]),
+    type=click.Choice(EXPORT_TARGETS),
     default=None,
     help="deployment target: picks graph form, compute dtype, attention and vision for it (TensorRT targets "
     "are checked as part of the export)",
 )
 @click.option(
     "--also-target",
-    type=click.Choice(["cpu", "cuda", "jp5.1", "jp6.0", "jp6.1", "jp6.2"]),
+    type=click.Choice(EXPORT_TARGETS),
     default=None,
     help="a second target whose decoder form the bundle carries too (int8/int4; the other graph form than --target's, "
     "e.g. --target cpu --also-target jp6.1): the runtime picks the form by device, weights shared are stored once",

@@ -13,6 +13,11 @@ fi
 for tool in apt-get dpkg-deb; do
   command -v "$tool" >/dev/null || { echo "fetch_ort_headers: $tool not found (Debian/Ubuntu tools)" >&2; exit 1; }
 done
+keyring=/usr/share/keyrings/debian-archive-keyring.gpg
+if [ ! -f "$keyring" ]; then  # Ubuntu (JetPack) does not carry Debian's archive key
+  echo "fetch_ort_headers: $keyring missing; install it (apt-get install debian-archive-keyring)" >&2
+  exit 1
+fi
 work=$(mktemp -d)
 trap 'rm -rf "$work"' EXIT
 mkdir -p "$work/lists/partial" "$work/archives/partial" "$work/parts"
@@ -23,7 +28,7 @@ Types: deb
 URIs: http://deb.debian.org/debian
 Suites: trixie
 Components: main
-Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+Signed-By: $keyring
 SRC
 apt_opts=(-o Dir::Etc::SourceList=/dev/null -o "Dir::Etc::SourceParts=$work/parts" -o "Dir::State::Lists=$work/lists"
   -o "Dir::Cache::Archives=$work/archives" -o APT::Architecture=amd64 -o Debug::NoLocking=1 -o APT::Sandbox::User=root)

@@ -20,6 +20,9 @@ def _export(ckpt: Path, out: Path, *args: str):
 
 def test_every_target_names_a_runnable_form() -> None:
     assert set(TARGETS) == {"cpu", "cuda", "jp5.1", "jp6.0", "jp6.1", "jp6.2"}
+    from rsedge.cli import EXPORT_TARGETS
+
+    assert list(TARGETS) == EXPORT_TARGETS  # the CLI's choices are the targets, in their order
     assert export_options("cuda", "int4", {}) == {
         "precision": "int4", "form": "ort", "compute": "fp16", "attention": "gqa", "vision": "model"
     }  # fmt: skip
