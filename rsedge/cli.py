@@ -528,6 +528,12 @@ def _onnxruntime_errors(bundle: Path) -> Iterator[None]:
 @click.option("--image-root", type=click.Path(path_type=Path), default=None, help="allow server-side image paths here")
 @click.option("--device", type=click.Choice(["cpu", "cuda", "tensorrt"]), default="cpu", show_default=True)
 @click.option("--threads", type=int, default=None, help="onnxruntime threads per session")
+@click.option(
+    "--warmup",
+    is_flag=True,
+    help="create and run every expert's sessions at start, so that no request pays for them "
+    "(default: the vision session at start, each expert's decoder at its first request)",
+)
 @verify_option
 @click.option(
     "--trust", multiple=True, type=click.Path(path_type=Path), help="public key the bundles must be signed by"
@@ -537,6 +543,7 @@ def serve_cmd(
     api_key_file: Path | None,
     device: str,
     threads: int | None,
+    warmup: bool,
     verify: str,
     trust: tuple[Path, ...],
     **options,
@@ -547,7 +554,7 @@ def serve_cmd(
 
     options["deadline_s"] = options.pop("deadline")
     key = read_api_key(api_key_file) if api_key_file is not None else None
-    serve(list(bundles), ServeConfig(api_key=key, **options), device, threads, verify, list(trust))
+    serve(list(bundles), ServeConfig(api_key=key, **options), device, threads, verify, list(trust), warmup=warmup)
 
 
 @main.command("keygen")

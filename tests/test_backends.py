@@ -215,7 +215,11 @@ def test_prepare_creates_the_request_sessions_at_open_without_running_them(tiny_
     ran: list[str] = []
     inner = session.run_with_iobinding
     session.run_with_iobinding = lambda *a: ran.append("decoder") or inner(*a)
-    monkeypatch.setattr(pipeline, "make_session", lambda *a, **k: pytest.fail("a session created in the request"))
+    import rsedge.runtime.backends.ort_cpu as ort_cpu
+
+    fail = lambda *a, **k: pytest.fail("a session created in the request")  # noqa: E731
+    monkeypatch.setattr(pipeline, "make_session", fail)
+    monkeypatch.setattr(ort_cpu, "make_session", fail)
     _answer(pipe, samples, REQUESTS[0][0], prompt, 4)
     assert len(ran) == 4  # the prepared decoder ran the request (prompt + 3 steps), created before it
 

@@ -304,6 +304,24 @@ def test_experts_load_on_first_use(tiny_bundle, samples):
     assert set(health["models"][served.name]["resident_bytes"]) == {"bundle", "vision", "expert1"}
 
 
+def test_warmup_loads_every_expert_at_start(tiny_bundle, samples, monkeypatch):
+    import rsedge.runtime.backends.ort_cpu as ort_cpu
+    import rsedge.runtime.backends.ort_decoder as ort_decoder
+    import rsedge.runtime.pipeline as pipeline
+
+    warm = ModelSet.load([tiny_bundle], warmup=True)  # rsedge serve --warmup
+    router = warm.default.pipe.bundle.router
+    assert sorted(warm.default.pipe._decoders) == sorted({*router["table"].values(), router["default"]})
+    fail = lambda *a, **k: pytest.fail("a session was created inside a request")  # noqa: E731
+    monkeypatch.setattr(pipeline, "make_session", fail)
+    monkeypatch.setattr(ort_decoder, "make_session", fail)
+    monkeypatch.setattr(ort_cpu, "make_session", fail)
+    with client(warm) as c:
+        for prompt in (VG, "[CAP] Describe the image.", "[SEG] building."):
+            r = c.post("/v1/chat/completions", json=chat_body(prompt, [samples / IMAGE], max_tokens=3))
+            assert r.status_code == 200, r.text
+
+
 def test_request_ids(models):
     with client(models) as c:
         given = c.get("/v1/models", headers={"X-Request-Id": "ops-42"})

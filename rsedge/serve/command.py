@@ -14,7 +14,13 @@ from rsedge.serve.config import ServeConfig
 
 
 def serve(
-    bundles: list[Path], cfg: ServeConfig, device: str, threads: int | None, verify: str, trust: list[Path]
+    bundles: list[Path],
+    cfg: ServeConfig,
+    device: str,
+    threads: int | None,
+    verify: str,
+    trust: list[Path],
+    warmup: bool = False,
 ) -> None:
     try:
         import uvicorn
@@ -30,7 +36,9 @@ def serve(
     cfg.check_bind()  # before minutes of loading, not after
     logger = logs.setup()
     with pixel_limit(cfg.max_pixels):  # the service's cap replaces rsedge's default for its image reader
-        models = ModelSet.load(bundles, device=device, threads=threads, verify=verify, trust=trust or None)
+        models = ModelSet.load(
+            bundles, device=device, threads=threads, verify=verify, trust=trust or None, warmup=warmup
+        )
         for m in models.by_name.values():
             logger.info("loaded", extra={"fields": {"model": m.name, "path": str(m.path), "resident": m.resident}})
         app = create_app(models, cfg)
