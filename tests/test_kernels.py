@@ -253,6 +253,7 @@ def test_a_cpu_bundle_answers_the_same_on_the_kernel(library, twin_bundle, sampl
         a = on.generate([samples / "dior_05863.png"], prompt, max_new_tokens=16, keep_logits=True, ignore_eos=True)
         b = off.generate([samples / "dior_05863.png"], prompt, max_new_tokens=16, keep_logits=True, ignore_eos=True)
         assert (on.decoder(expert).attention, off.decoder(expert).attention) == ("rsedge", "onnxruntime")
+        assert on.decoder(expert).prefill_attention == "onnxruntime"  # a float cache's prompt keeps onnxruntime's
         assert list(a.tokens) == list(b.tokens)
         # INT4 MatMulNBits quantizes its inputs to int8 (accuracy_level 4): attention outputs differing in their
         # last bits can round an activation the other way, so logits agree to within that, not bit for bit.

@@ -88,6 +88,7 @@ typedef struct {
   const int64_t *past;    /* [B] past length */
   float scale;
   int failed;             /* set by a task that could not get scratch memory */
+  float *out;             /* [B, S, Nq * hd]: whole-token tasks write their tokens' outputs here */
 } Work;
 
 #if defined(__GNUC__) && !defined(__clang__)
@@ -127,85 +128,80 @@ static inline __attribute__((always_inline)) v16 dots16(const float *q, const fl
 #define RSEDGE_FOLD 0
 #endif
 
-/* The chunk loop with the head width HD a compile-time constant, so dot products unroll and each query head's
- * accumulators stay in registers (two of them, even and odd keys, to halve the FMA latency chain). */
-#define ATTEND_CHUNK(NAME, HD)                                                                               \
-  static void NAME(const float *Q, const float *K, const float *V, int64_t n, int64_t G, float scale,       \
-                   float *part, float *scores) {                                                             \
-    for (int64_t h = 0; h < G; h++) {                                                                        \
-      const float *qh = Q + h * (HD);                                                                        \
-      int64_t j = 0;                                                                                         \
-      if (RSEDGE_FOLD && (HD) % 16 == 0)                                                                     \
-        for (; j + 16 <= n; j += 16) DOTS16(scores + j, qh, K + j * (HD), (HD));                           \
-      for (; j < n; j++) {                                                                                   \
-        const float *kj = K + j * (HD);                                                                      \
-        float dot = 0.0f;                                                                                    \
-        _Pragma("omp simd reduction(+ : dot)") for (int64_t d = 0; d < (HD); d++) dot += qh[d] * kj[d];     \
-        scores[j] = dot;                                                                                     \
-      }                                                                                                      \
-      float m = -FLT_MAX;                                                                                    \
-      _Pragma("omp simd reduction(max : m)") for (j = 0; j < n; j++) {                                       \
-        scores[j] *= scale;                                                                                  \
-        m = scores[j] > m ? scores[j] : m;                                                                   \
-      }                                                                                                      \
-      float sum = 0.0f;                                                                                      \
-      _Pragma("omp simd reduction(+ : sum)") for (j = 0; j < n; j++) {                                       \
-        scores[j] = exp_neg(scores[j] - m);                                                                  \
-        sum += scores[j];                                                                                    \
-      }                                                                                                      \
-      float even[(HD)], odd[(HD)];                                                                           \
-      _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] = odd[d] = 0.0f;                        \
-      for (j = 0; j + 2 <= n; j += 2) {                                                                      \
-        const float *v0 = V + j * (HD), *v1 = v0 + (HD);                                                     \
-        float p0 = scores[j], p1 = scores[j + 1];                                                            \
-        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) {                                             \
-          even[d] += p0 * v0[d];                                                                             \
-          odd[d] += p1 * v1[d];                                                                              \
-        }                                                                                                    \
-      }                                                                                                      \
-      if (j < n) {                                                                                           \
-        const float *v0 = V + j * (HD);                                                                      \
-        _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * v0[d];                 \
-      }                                                                                                      \
-      float *out = part + h * ((HD) + 2);                                                                    \
-      _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) out[d] = even[d] + odd[d];                      \
-      out[(HD)] = m;                                                                                         \
-      out[(HD) + 1] = sum;                                                                                   \
+/* Per query head, over one chunk: softmax of its scores (scaled here) and their weighted sum of V rows into
+ * part (acc[HD], max, sum). HD a compile-time constant so the accumulators stay in registers (two: even and odd
+ * keys, to halve the FMA latency chain). */
+#define SOFTMAX_PV(NAME, HD)                                                                                  \
+  static void NAME(float *scores, const float *V, int64_t n, float scale, float *out) {                     \
+    float m = -FLT_MAX;                                                                                      \
+    int64_t j;                                                                                               \
+    _Pragma("omp simd reduction(max : m)") for (j = 0; j < n; j++) {                                         \
+      scores[j] *= scale;                                                                                    \
+      m = scores[j] > m ? scores[j] : m;                                                                     \
     }                                                                                                        \
+    float sum = 0.0f;                                                                                        \
+    _Pragma("omp simd reduction(+ : sum)") for (j = 0; j < n; j++) {                                         \
+      scores[j] = exp_neg(scores[j] - m);                                                                    \
+      sum += scores[j];                                                                                      \
+    }                                                                                                        \
+    float even[(HD)], odd[(HD)];                                                                             \
+    _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] = odd[d] = 0.0f;                          \
+    for (j = 0; j + 2 <= n; j += 2) {                                                                        \
+      const float *v0 = V + j * (HD), *v1 = v0 + (HD);                                                       \
+      float p0 = scores[j], p1 = scores[j + 1];                                                              \
+      _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) {                                               \
+        even[d] += p0 * v0[d];                                                                               \
+        odd[d] += p1 * v1[d];                                                                                \
+      }                                                                                                      \
+    }                                                                                                        \
+    if (j < n) {                                                                                             \
+      const float *v0 = V + j * (HD);                                                                        \
+      _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) even[d] += scores[j] * v0[d];                   \
+    }                                                                                                        \
+    _Pragma("omp simd") for (int64_t d = 0; d < (HD); d++) out[d] = even[d] + odd[d];                        \
+    out[(HD)] = m;                                                                                           \
+    out[(HD) + 1] = sum;                                                                                     \
   }
 
-#if RSEDGE_FOLD
-#define DOTS16(dst, q, K, hd) (*(v16 *)(dst) = dots16((q), (K), (hd)))
-#else
-#define DOTS16(dst, q, K, hd) ((void)0)
-#endif
+SOFTMAX_PV(softmax_pv_64, 64)
+SOFTMAX_PV(softmax_pv_128, 128)
 
-ATTEND_CHUNK(chunk_64, 64)
-ATTEND_CHUNK(chunk_128, 128)
+static void softmax_pv_any(float *scores, const float *V, int64_t n, int64_t hd, float scale, float *out) {
+  float m = -FLT_MAX, sum = 0.0f;
+  for (int64_t j = 0; j < n; j++) {
+    scores[j] *= scale;
+    m = scores[j] > m ? scores[j] : m;
+  }
+  for (int64_t j = 0; j < n; j++) {
+    scores[j] = exp_neg(scores[j] - m);
+    sum += scores[j];
+  }
+  memset(out, 0, (size_t)hd * sizeof(float));
+  for (int64_t j = 0; j < n; j++)
+    for (int64_t d = 0; d < hd; d++) out[d] += scores[j] * V[j * hd + d];
+  out[hd] = m;
+  out[hd + 1] = sum;
+}
 
-/* Any other head width: plain loops. */
-static void chunk_any(const float *Q, const float *K, const float *V, int64_t n, int64_t G, int64_t hd, float scale,
-                      float *part, float *scores) {
+/* The G heads' scores q . K[j] over a chunk, sixteen keys folded at a time where the head width allows. */
+static void scores_by_rows(const float *Q, const float *K, int64_t n, int64_t G, int64_t hd, float *scores) {
   for (int64_t h = 0; h < G; h++) {
     const float *qh = Q + h * hd;
-    float m = -FLT_MAX;
-    for (int64_t j = 0; j < n; j++) {
+    float *sc = scores + h * CHUNK;
+    int64_t j = 0;
+#if RSEDGE_FOLD
+    if (hd == 64)
+      for (; j + 16 <= n; j += 16) *(v16 *)(sc + j) = dots16(qh, K + j * 64, 64);
+    else if (hd == 128)
+      for (; j + 16 <= n; j += 16) *(v16 *)(sc + j) = dots16(qh, K + j * 128, 128);
+#endif
+    for (; j < n; j++) {
+      const float *kj = K + j * hd;
       float dot = 0.0f;
-      for (int64_t d = 0; d < hd; d++) dot += qh[d] * K[j * hd + d];
-      scores[j] = dot * scale;
-      m = scores[j] > m ? scores[j] : m;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t d = 0; d < hd; d++) dot += qh[d] * kj[d];
+      sc[j] = dot;
     }
-    float sum = 0.0f;
-    for (int64_t j = 0; j < n; j++) {
-      scores[j] = exp_neg(scores[j] - m);
-      sum += scores[j];
-    }
-    float *acc = part + h * (hd + 2);
-    memset(acc, 0, (size_t)hd * sizeof(float));
-    for (int64_t j = 0; j < n; j++)
-      for (int64_t d = 0; d < hd; d++) acc[d] += scores[j] * V[j * hd + d];
-    acc[hd] = m;
-    acc[hd + 1] = sum;
   }
 }
 
@@ -230,47 +226,124 @@ static float *thread_scratch(size_t floats) {
   return scratch;
 }
 
-static void attend(void *data, size_t task) {
-  const Work *w = (const Work *)data;
-  int64_t c = (int64_t)task % w->chunks, rest = (int64_t)task / w->chunks;
-  int64_t s = rest % w->S, bg = rest / w->S, g = bg % w->Nkv, b = bg / w->Nkv;
+/* The rows of chunk c of KV head g, batch row b, as float pointers: the cache's own for a float cache, else widened
+ * into wide (2 * CHUNK * hd floats), once for every token that reads them. Returns how many rows exist (<= CHUNK). */
+static int64_t chunk_rows(const Work *w, int64_t b, int64_t g, int64_t c, int64_t limit, float *wide, const float **K,
+                          const float **V) {
+  int64_t hd = w->hd, c0 = c * CHUNK, n = c0 + CHUNK < limit ? CHUNK : limit - c0;
+  size_t at = ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
+  if (n <= 0) return 0;
+  if (!w->vscale) {
+    *K = (const float *)w->k + at, *V = (const float *)w->v + at;
+    return n;
+  }
+  widen(wide, (const int8_t *)w->k + at, (size_t)(n * hd));
+  widen(wide + n * hd, (const int8_t *)w->v + at, (size_t)(n * hd));
+  *K = wide, *V = wide + n * hd;
+  return n;
+}
+
+/* Token s's partial softmax over the first n rows of a chunk (those it may see) for the G query heads of KV head g,
+ * into part (G x (hd + 2): acc, max, sum). */
+static void chunk_attend(const Work *w, int64_t b, int64_t g, int64_t s, const float *K, const float *V, int64_t n,
+                         float *part, float *scores) {
   int64_t G = w->G, hd = w->hd;
-  int64_t visible = w->past[b] + s + 1; /* causal: token s sees positions [0, past + s] */
-  int64_t c0 = c * CHUNK, c1 = c0 + CHUNK < visible ? c0 + CHUNK : visible;
-  float *part = w->part + (size_t)task * G * (hd + 2);
-  if (c0 >= c1) {
-    for (int64_t h = 0; h < G; h++) {
-      part[h * (hd + 2) + hd] = -FLT_MAX;
-      part[h * (hd + 2) + hd + 1] = 0.0f;
-    }
+  if (n <= 0) {
+    for (int64_t h = 0; h < G; h++) part[h * (hd + 2) + hd] = -FLT_MAX, part[h * (hd + 2) + hd + 1] = 0.0f;
     return;
   }
-  int64_t n = c1 - c0;
-  size_t at = ((size_t)(b * w->Nkv + g) * w->T + c0) * hd;
   const float *Q = w->q + ((size_t)(b * w->S + s) * w->Nq + g * G) * hd;
-  float scores[CHUNK] __attribute__((aligned(64)));
-  const float *K = (const float *)w->k + at, *V = (const float *)w->v + at;
-  float *wide = NULL;
-  if (w->vscale) {
-    wide = thread_scratch(2 * (size_t)(n * hd));
-    if (!wide) { /* no memory for the widened rows: the call fails (compute reads the flag) */
-      __atomic_store_n(&((Work *)w)->failed, 1, __ATOMIC_RELAXED);
-      return;
+  scores_by_rows(Q, K, n, G, hd, scores);
+  for (int64_t h = 0; h < G; h++) {
+    float *out = part + h * (hd + 2), *sc = scores + h * CHUNK;
+    switch (hd) {
+      case 64: softmax_pv_64(sc, V, n, w->scale, out); break;
+      case 128: softmax_pv_128(sc, V, n, w->scale, out); break;
+      default: softmax_pv_any(sc, V, n, hd, w->scale, out);
     }
-    widen(wide, (const int8_t *)w->k + at, (size_t)(n * hd));
-    widen(wide + n * hd, (const int8_t *)w->v + at, (size_t)(n * hd));
-    K = wide, V = wide + n * hd;
-  }
-  switch (hd) {
-    case 64: chunk_64(Q, K, V, n, G, w->scale, part, scores); break;
-    case 128: chunk_128(Q, K, V, n, G, w->scale, part, scores); break;
-    default: chunk_any(Q, K, V, n, G, hd, w->scale, part, scores);
   }
   if (!w->vscale) return;
   /* the accumulators summed int8 values: scale each channel back (the key scales are in Q already) */
   const float *vs = w->vscale + (w->scale_per_channel ? g * hd : 0);
   for (int64_t h = 0; h < G; h++)
     for (int64_t d = 0; d < hd; d++) part[h * (hd + 2) + d] *= vs[w->scale_per_channel ? d : 0];
+}
+
+/* A task's scratch (per thread, kept): the G heads' scores, an int8 cache's widened rows, and for a prompt's
+ * tasks the partial softmaxes (one for the chunk, one running per token of the block). */
+typedef struct {
+  float *scores, *wide, *part, *run;
+} Scratch;
+
+static int task_scratch(const Work *w, int prompt, int64_t tokens, Scratch *sc) {
+  size_t hd = (size_t)w->hd, G = (size_t)w->G, partial = G * (hd + 2);
+  size_t scores = G * CHUNK, wide = w->vscale ? 2 * CHUNK * hd : 0;
+  size_t parts = prompt ? partial * (1 + (size_t)tokens) : 0;
+  float *base = thread_scratch(scores + wide + parts);
+  if (!base) {
+    __atomic_store_n(&((Work *)w)->failed, 1, __ATOMIC_RELAXED); /* compute reads the flag */
+    return 0;
+  }
+  sc->scores = base, sc->wide = base + scores, sc->part = sc->wide + wide;
+  sc->run = sc->part + partial;
+  return 1;
+}
+
+/* A decode step (one token): a task per (batch row, KV head, chunk) so that both threads share one token's keys;
+ * the chunks' partials are combined after (split-K). */
+static void attend_split(void *data, size_t task) {
+  const Work *w = (const Work *)data;
+  int64_t c = (int64_t)task % w->chunks, rest = (int64_t)task / w->chunks;
+  int64_t s = rest % w->S, bg = rest / w->S, g = bg % w->Nkv, b = bg / w->Nkv;
+  Scratch sc;
+  if (!task_scratch(w, 0, 0, &sc)) return;
+  const float *K = NULL, *V = NULL;
+  int64_t n = chunk_rows(w, b, g, c, w->past[b] + s + 1, sc.wide, &K, &V);
+  chunk_attend(w, b, g, s, K, V, n, w->part + (size_t)task * w->G * (w->hd + 2), sc.scores);
+}
+
+/* A prompt (several tokens): a task per (batch row, KV head, block of TOKENS tokens). Each chunk's rows are read
+ * (widened) once for the block and stay in cache for its tokens; each token's chunks merge as they
+ * come (online softmax), and the task writes the outputs: no partials kept per chunk, whatever the prompt's length. */
+#define TOKENS 16
+static void attend_whole(void *data, size_t task) {
+  const Work *w = (const Work *)data;
+  int64_t blocks = (w->S + TOKENS - 1) / TOKENS;
+  int64_t blk = (int64_t)task % blocks, bg = (int64_t)task / blocks, g = bg % w->Nkv, b = bg / w->Nkv;
+  int64_t G = w->G, hd = w->hd, stride = hd + 2;
+  int64_t s0 = blk * TOKENS, s1 = s0 + TOKENS < w->S ? s0 + TOKENS : w->S;
+  Scratch sc;
+  if (!task_scratch(w, 1, s1 - s0, &sc)) return;
+  for (int64_t i = 0; i < (s1 - s0) * G; i++) {
+    memset(sc.run + i * stride, 0, (size_t)hd * sizeof(float));
+    sc.run[i * stride + hd] = -FLT_MAX, sc.run[i * stride + hd + 1] = 0.0f;
+  }
+  int64_t last = w->past[b] + s1; /* rows the block's last token sees */
+  for (int64_t c = 0; c * CHUNK < last; c++) {
+    const float *K = NULL, *V = NULL;
+    int64_t n = chunk_rows(w, b, g, c, last, sc.wide, &K, &V);
+    for (int64_t s = s0; s < s1; s++) {
+      int64_t visible = w->past[b] + s + 1 - c * CHUNK;
+      if (visible <= 0) continue;
+      chunk_attend(w, b, g, s, K, V, visible < n ? visible : n, sc.part, sc.scores);
+      for (int64_t h = 0; h < G; h++) {
+        float *r = sc.run + ((s - s0) * G + h) * stride;
+        const float *p = sc.part + h * stride;
+        if (p[hd + 1] == 0.0f) continue;
+        float m = p[hd] > r[hd] ? p[hd] : r[hd];
+        float fr = r[hd + 1] == 0.0f ? 0.0f : expf(r[hd] - m), fp = expf(p[hd] - m);
+        for (int64_t d = 0; d < hd; d++) r[d] = r[d] * fr + p[d] * fp;
+        r[hd + 1] = r[hd + 1] * fr + p[hd + 1] * fp;
+        r[hd] = m;
+      }
+    }
+  }
+  for (int64_t s = s0; s < s1; s++)
+    for (int64_t h = 0; h < G; h++) {
+      const float *r = sc.run + ((s - s0) * G + h) * stride;
+      float *o = w->out + ((size_t)(b * w->S + s) * w->Nq + g * G + h) * hd;
+      for (int64_t d = 0; d < hd; d++) o[d] = r[d] / r[hd + 1];
+    }
 }
 
 static int64_t dims_of(const OrtValue *value, int64_t *dims, size_t max_rank, ONNXTensorElementDataType *type,
@@ -419,10 +492,11 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
   int64_t longest = 0;
   for (int64_t b = 0; b < B; b++) longest = past[b] + S > longest ? past[b] + S : longest;
   int64_t G = Nq / Nkv, chunks = (longest + CHUNK - 1) / CHUNK;
-  size_t tasks = (size_t)(B * Nkv * S * chunks);
+  int whole = S > 1; /* a prompt: one task per token; a decode step: one per chunk, combined after */
+  size_t tasks = whole ? (size_t)(B * Nkv * ((S + TOKENS - 1) / TOKENS)) : (size_t)(B * Nkv * chunks);
   float *q = (float *)malloc((size_t)(B * S * Nq * hd + hd) * sizeof(float)); /* + one row of scratch */
-  float *part = (float *)malloc(tasks * (size_t)(G * (hd + 2)) * sizeof(float));
-  if (!q || !part) {
+  float *part = whole ? NULL : (float *)malloc(tasks * (size_t)(G * (hd + 2)) * sizeof(float));
+  if (!q || (!whole && !part)) {
     free(past), free(q), free(part);
     return ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
   }
@@ -456,10 +530,10 @@ static OrtStatus *compute(void *kernel, OrtKernelContext *ctx) {
     }
   }
 
-  Work w = {q, k, v, vscale, per_channel, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale, 0};
-  err = ort->KernelContext_ParallelFor(ctx, attend, tasks, 0, &w);
+  Work w = {q, k, v, vscale, per_channel, part, S, Nq, Nkv, G, hd, T, chunks, past, a->scale, 0, out};
+  err = ort->KernelContext_ParallelFor(ctx, whole ? attend_whole : attend_split, tasks, 0, &w);
   if (!err && w.failed) err = ort->CreateStatus(ORT_FAIL, "ai.rsedge GroupQueryAttention: out of memory");
-  if (!err) {
+  if (!err && !whole) {
     /* Combine the chunks' partial softmaxes: out = sum_c acc_c e^(m_c - M) / sum_c l_c e^(m_c - M). */
     for (int64_t b = 0; b < B; b++)
       for (int64_t s = 0; s < S; s++)

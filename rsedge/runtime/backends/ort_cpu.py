@@ -25,16 +25,32 @@ class OrtCpuDecoder(OrtDecoder):
         if prefill is None or not cfg.kernels:
             self.attention_note = "no INT8 prefill twin" if prefill is None else "kernels off (SessionConfig)"
             return make_session(path, cfg, cache_key=cache_key)
+        session, self.attention_note = self._kernel_session(path, cfg, cache_key)
+        if session is None:
+            return make_session(path, cfg, cache_key=cache_key)
+        self.attention = "rsedge"
+        return session
+
+    def _make_prefill_session(self, prefill: Path, cfg: SessionConfig) -> Any:
+        """An INT8 cache's prompt runs on the kernel too: onnxruntime's quantized-cache kernel is several times
+        slower than its float one on a prompt (README, "A decode attention kernel"); a float cache's prompt keeps
+        onnxruntime's GEMM-based kernel, level with the kernel's on a prompt and ahead of it after a long past."""
+        if self.attention == "rsedge" and self.kv_dtype == np.int8:
+            session, _ = self._kernel_session(prefill, cfg, "")
+            if session is not None:
+                self.prefill_attention = "rsedge"
+                return session
+        return make_session(prefill, cfg)
+
+    @staticmethod
+    def _kernel_session(path: Path, cfg: SessionConfig, cache_key: str) -> tuple[Any, str]:
+        """(a session of ``path`` with its attention on rsedge's kernel, "") or (None, why not)."""
         from rsedge.kernels import KernelUnavailable, decode_attention
 
         try:
             model, lib = decode_attention(path)
-            session = make_session(path, cfg, cache_key=cache_key, model=model, custom_ops=lib)
+            return make_session(path, cfg, cache_key=cache_key, model=model, custom_ops=lib), ""
         except KernelUnavailable as e:
-            self.attention_note = str(e)
-            return make_session(path, cfg, cache_key=cache_key)
+            return None, str(e)
         except Exception as e:  # onnxruntime refused the library or the graph: its own kernel still runs the bundle
-            self.attention_note = f"onnxruntime refused the kernel: {str(e).splitlines()[0] if str(e) else e!r}"
-            return make_session(path, cfg, cache_key=cache_key)
-        self.attention = "rsedge"
-        return session
+            return None, f"onnxruntime refused the kernel: {str(e).splitlines()[0] if str(e) else e!r}"

@@ -77,16 +77,17 @@ class OrtDecoder(DecoderBackend):
         cache (the TensorRT provider), normally its sha256 from the manifest; ``prefill``: the decoder's INT8
         prefill twin (same I/O and KV layout), which then runs every step of more than one token."""
         self.spec, self.cfg = spec, cfg
-        # Whose kernel runs the decode steps' attention ("onnxruntime" or "rsedge"), and why not rsedge's.
-        self.attention, self.attention_note = "onnxruntime", ""
+        # Whose kernel runs the decode steps' attention ("onnxruntime" or "rsedge"), and why not rsedge's; the
+        # prefill twin's, for a bundle that has one.
+        self.attention, self.attention_note, self.prefill_attention = "onnxruntime", "", "onnxruntime"
         self.session = session if session is not None else self._make_session(path, cfg, cache_key, prefill)
-        self.prefill_session = make_session(prefill, cfg) if prefill is not None else None
         inputs = {i.name: i for i in self.session.get_inputs()}
         self.dtype = np.dtype(ORT_DTYPES[inputs[INPUTS_EMBEDS].type])
         # The cache's element type is the graph's: the activation dtype, or int8 for a bundle exported with
         # --kv-cache int8 (GroupQueryAttention quantizes new rows with the graph's per-channel scales).
         past = inputs.get(f"{PAST_KEY}0.key")
         self.kv_dtype = np.dtype(ORT_DTYPES[past.type]) if past is not None else self.dtype
+        self.prefill_session = self._make_prefill_session(prefill, cfg) if prefill is not None else None
         self.vocab = int(self.session.get_outputs()[0].shape[-1])
 
     def _allocate(self, nbytes: int, zero: bool) -> tuple[Any, int]:
@@ -96,6 +97,10 @@ class OrtDecoder(DecoderBackend):
     def _make_session(self, path: Path, cfg: SessionConfig, cache_key: str, prefill: Path | None) -> Any:
         """The decode graph's session (subclasses may run it on other kernels)."""
         return make_session(path, cfg, cache_key=cache_key)
+
+    def _make_prefill_session(self, prefill: Path, cfg: SessionConfig) -> Any:
+        """The INT8 prefill twin's session (``self.kv_dtype`` is known by then)."""
+        return make_session(prefill, cfg)
 
     def new_state(self, capacity: int) -> DecodeState:
         nbytes = KVMemory.nbytes(self.spec, capacity, self.kv_dtype)
