@@ -7,7 +7,9 @@ Graphs:
 - ``vision`` (``vision.onnx``, ``vision.bin``): tower + PatchMerger, ``pixel_values`` and the grid feeds ->
   ``image_embeds`` (rsedge.models.qwen2_5_vl.vision); static INT8 (``vision_int8.onnx``, the INT8 recipe's default)
   is calibrated here through the runtime's own preprocessing and grid feeds, not by the driver's square-pixel pass;
-- ``decoder``: one dense Qwen2 decoder with multimodal rotary (``decoder_spec.qwen2_5_vl``), ``decoder_expert0``.
+- ``decoder``: one dense Qwen2 decoder with multimodal rotary (``decoder_spec.qwen2_5_vl``), ``decoder_expert0``;
+  ``--also-target`` adds a second form of it (:meth:`Qwen25VLExporter.write_form`, rsedge.export.forms), except the
+  cpu target's, whose INT8 prefill twin is not built here.
 """
 
 from __future__ import annotations
@@ -131,6 +133,7 @@ def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: Qwen25VLConfig) -> dict[str
 
 class Qwen25VLExporter(Exporter):
     architecture = "qwen2_5_vl"
+    second_forms = True
 
     def check(self) -> None:
         if self.options.router:
@@ -139,7 +142,16 @@ class Qwen25VLExporter(Exporter):
         if recipe is not None and recipe.algorithm == "awq":
             raise OptionError("AWQ is not built for Qwen2.5-VL bundles yet; use --algorithm rtn")
         if self.options.prefill == "int8":
-            raise OptionError("an INT8 prefill twin is not built for Qwen2.5-VL bundles yet")
+            hint = " (--target cpu adds one by default; --prefill same leaves it out)"
+            hint = hint if self.options.target == "cpu" else ""
+            raise OptionError(f"an INT8 prefill twin is not built for Qwen2.5-VL bundles yet{hint}")
+        second = self.options.second
+        if second is not None and second.prefill == "int8":  # what --also-target cpu brings; no flag drops it
+            raise OptionError(
+                f"--also-target {second.target}: that target's form carries an INT8 prefill twin, which is not built "
+                f"for Qwen2.5-VL bundles yet; make it the first form: --target {second.target} --prefill same "
+                f"--also-target {self.options.target}"
+            )
         self.cfg = Qwen25VLConfig.from_checkpoint(self.checkpoint)
         self.vision = vision_config_record(self.cfg.vision)
         self.pre = vision_preprocess(self.checkpoint)
@@ -198,23 +210,33 @@ class Qwen25VLExporter(Exporter):
                 "quantized": "int8-qdq",
                 **graph_io(onnx.load(str(dst), load_external_data=False)),
             }
-        ctx.progress("building decoder graph")
-        weights = {k: v.float().numpy() for k, v in self.tensors.items() if not k.startswith("visual.")}
-        opset = plan.recipe.opset if plan is not None else OPSET
-        dec = build_decoder_graph(
-            self.spec, weights, 0, store, dtype, quant=plan, opset=opset, attention=opts.attention
-        )
-        save_graph(dec, tmp / "decoder_expert0.onnx")
-        experts = {"0": {"file": "decoder_expert0.onnx", **graph_io(dec)}}
-        graphs["decoder"] = decoder_record(self.spec, experts, opts.attention)
-        graphs["decoder"]["rope"] = {
-            "kind": "mrope",
-            "input": "rope_position_ids",
-            "sections": list(self.spec.mrope_section),
-        }
+        weights = self.language_weights()
+        graphs["decoder"] = self.write_form(ctx, weights)
         int8_rows = plan is not None and plan.recipe.embeddings == "int8-rows"
         arrays = store_embedding_arrays(self.spec, weights, store, dtype, int8_rows)
         return graphs, arrays
+
+    def language_weights(self) -> dict[str, np.ndarray]:
+        """The language model's tensors (everything but ``visual.*``) as float32 numpy."""
+        return {k: v.float().numpy() for k, v in self.tensors.items() if not k.startswith("visual.")}
+
+    def write_form(self, ctx: ExportContext, weights: dict[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """The decoder graph in ``ctx.options``' form, weights into ``ctx.store``, its file named by it (a second
+        form's store adds the form's suffix); returns the ``graphs.decoder`` record. ``weights``: the language
+        model's (:meth:`language_weights` when not given)."""
+        opts, plan, store = ctx.options, ctx.plan, ctx.store
+        weights = self.language_weights() if weights is None else weights
+        ctx.progress("building decoder graph")
+        opset = plan.recipe.opset if plan is not None else OPSET
+        dtype = np.dtype(opts.dtype).name
+        dec = build_decoder_graph(
+            self.spec, weights, 0, store, dtype, quant=plan, opset=opset, attention=opts.attention
+        )
+        experts = {"0": {"file": store.file_name("decoder_expert0.onnx"), **graph_io(dec)}}
+        save_graph(dec, ctx.tmp / experts["0"]["file"])
+        record = decoder_record(self.spec, experts, opts.attention)
+        record["rope"] = {"kind": "mrope", "input": "rope_position_ids", "sections": list(self.spec.mrope_section)}
+        return record
 
     def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:
         return {
@@ -234,16 +256,22 @@ class Qwen25VLExporter(Exporter):
         return self.model
 
     def validate(self, ctx: ExportContext, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.validate_forms([(ctx, manifest)])[0]
+
+    def validate_forms(self, forms: list[tuple[ExportContext, dict[str, Any]]]) -> list[dict[str, Any]]:
         ref = self.reference()
         self.tensors.clear()  # the reference now holds the weights
         gc.collect()
-        if ctx.plan is not None:  # the graphs compute what their quantized weights define
-            apply_fake_quant(_LMView(ref), ctx.store.cache)
-        precision = ctx.options.precision
-        with steady_reference(), torch.no_grad():
-            checks = _validate(ctx.tmp, manifest, ref, self.pre, precision)
+        results = []
+        for i, (ctx, manifest) in enumerate(forms):
+            if ctx.plan is not None:  # the graphs compute what their quantized weights define
+                apply_fake_quant(_LMView(ref), ctx.store.cache)  # each form's own codes replace the form's before
+            precision = ctx.options.precision
+            with steady_reference(), torch.no_grad():  # one vision graph, the first form's
+                checks = _validate(ctx.tmp, manifest, ref, self.pre, precision, vision=i == 0)
+            results.append(checks_to_json(checks, precision))
         self.model = None
-        return checks_to_json(checks, precision)
+        return results
 
 
 class _LMView(torch.nn.Module):
@@ -284,23 +312,30 @@ def run_decoder(
 
 
 def _validate(
-    root: Path, manifest: dict[str, Any], ref: Qwen25VLReference, pre: VisionPreprocess, precision: str
+    root: Path,
+    manifest: dict[str, Any],
+    ref: Qwen25VLReference,
+    pre: VisionPreprocess,
+    precision: str,
+    vision: bool = True,
 ) -> list[GraphCheck]:
     """The vision graph on a non-square image, then the decoder (prefill of a prompt around its tokens, at their
-    rotary positions, and two decode steps), against transformers' model."""
+    rotary positions, and two decode steps), against transformers' model. ``vision`` False checks the decoder
+    alone (a bundle's second decoder form shares the first's vision graph)."""
     cfg, graphs, model = ref.cfg, manifest["graphs"], ref.model
     compute = "fp16" if manifest["compute_dtype"] == "fp16" else "fp32"
     checks: list[GraphCheck] = []
 
     pixels, grid, _ = preprocess(validation_image(150, 96), pre)
-    sess = _session(root / graphs["vision"]["file"])
-    types = {i.name: ORT_NP.get(i.type) for i in sess.get_inputs()}
-    feeds = {PIXEL_VALUES: pixels, **vision_feeds(grid, manifest["vision"])}
-    got = sess.run(None, {k: v.astype(types[k]) if types[k] is not None else v for k, v in feeds.items()})[0]
     image_ref = model.model.get_image_features(torch.from_numpy(pixels), torch.from_numpy(grid)).pooler_output[0]
-    vision_bound = "vision-int8" if graphs["vision"].get("quantized") else compute
-    checks.append(compare("vision", got.astype(np.float32), image_ref.numpy(), vision_bound))
-    del sess
+    if vision:
+        sess = _session(root / graphs["vision"]["file"])
+        types = {i.name: ORT_NP.get(i.type) for i in sess.get_inputs()}
+        feeds = {PIXEL_VALUES: pixels, **vision_feeds(grid, manifest["vision"])}
+        got = sess.run(None, {k: v.astype(types[k]) if types[k] is not None else v for k, v in feeds.items()})[0]
+        vision_bound = "vision-int8" if graphs["vision"].get("quantized") else compute
+        checks.append(compare("vision", got.astype(np.float32), image_ref.numpy(), vision_bound))
+        del sess
 
     rng = np.random.default_rng(0)
     text = rng.integers(3, min(cfg.text.vocab_size, cfg.image_token_id), size=10).tolist()

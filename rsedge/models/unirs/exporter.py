@@ -10,7 +10,9 @@ Graphs, each with its own weight file so the driver's static INT8 pass can repla
 - ``decoder``: one dense LLaMA decoder (``decoder_spec.llama``), ``decoder_expert0``.
 
 An image and each video frame run vision -> projector; a pair runs vision (both) -> change -> projector: one
-block. ``prefill="int8"`` (the cpu target) adds the decoder's INT8 prefill twin, as for RSUniVLM.
+block. ``prefill="int8"`` (the cpu target) adds the decoder's INT8 prefill twin, as for RSUniVLM. ``--also-target``
+writes a second decoder form (:meth:`UniRSExporter.write_form` through the driver's rsedge.export.forms.FormStore);
+the vision-side graphs are the first target's, one copy.
 
 Quantization reads the decoder's :meth:`UniRSExporter.linear_map`; AWQ and the static INT8 vision graph calibrate on
 UniRS's own set (``rs-default`` means ``rs-default-unirs``), fed through the reference as the bundle's runtime
@@ -22,6 +24,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+from collections.abc import Mapping
 from dataclasses import asdict
 from pathlib import Path
 from types import SimpleNamespace
@@ -117,6 +120,7 @@ def copy_tokenizer(checkpoint: Path, tmp: Path, cfg: UniRSConfig) -> dict[str, A
 class UniRSExporter(Exporter):
     architecture = "unirs"
     default_calibration = RS_DEFAULT_UNIRS
+    second_forms = True
 
     def __init__(self, checkpoint: Path, options: ExportOptions, overrides: EvalOverrides | None = None) -> None:
         super().__init__(checkpoint, options)
@@ -202,22 +206,34 @@ class UniRSExporter(Exporter):
             graph = build(cfg, weights, store, graph_dtype, file=file)
             save_graph(graph, tmp / f"{key}.onnx")
             graphs[key] = {"file": f"{key}.onnx", **graph_io(graph)}
-        ctx.progress("building decoder graph")
-        spec = llama(cfg.text)
-        opset = plan.recipe.opset if plan is not None else OPSET
         llm = weights["llm"]
-        dec = build_decoder_graph(spec, llm, 0, store, dtype, quant=plan, opset=opset, attention=opts.attention)
-        save_graph(dec, tmp / "decoder_expert0.onnx")
-        expert = {"file": "decoder_expert0.onnx", **graph_io(dec)}
-        if opts.prefill == "int8":  # the prompt through onnxruntime's INT8 GEMM (the cpu target's default)
-            save_graph(build_prefill_graph(dec, store, 0, {}), tmp / prefill_onnx(0))
-            expert["prefill_file"] = prefill_onnx(0)
-        graphs["decoder"] = decoder_record(spec, {"0": expert}, opts.attention)
-        if opts.prefill == "int8":
-            graphs["decoder"]["prefill"] = PREFILL_FORM
+        graphs["decoder"] = self.write_form(ctx, llm)
         int8_rows = plan is not None and plan.recipe.embeddings == "int8-rows"
-        arrays = store_embedding_arrays(spec, llm, store, dtype, int8_rows)
+        arrays = store_embedding_arrays(llama(cfg.text), llm, store, dtype, int8_rows)
         return graphs, arrays
+
+    def write_form(self, ctx: ExportContext, llm: Mapping[str, np.ndarray] | None = None) -> dict[str, Any]:
+        """The decoder graph in ``ctx.options``' form (and its INT8 prefill twin with ``prefill="int8"``), weights
+        into ``ctx.store``, files named by it (a second form's store adds the form's suffix); returns the
+        ``graphs.decoder`` record. ``llm``: the language model's weights as float32 numpy (read from the checkpoint's
+        tensors when not given)."""
+        opts, plan, store = ctx.options, ctx.plan, ctx.store
+        if llm is None:
+            llm = {k: v.float().numpy() for k, v in self.tensors["llm"].items()}
+        ctx.progress("building decoder graph")
+        spec = llama(self.cfg.text)
+        opset = plan.recipe.opset if plan is not None else OPSET
+        dtype = np.dtype(opts.dtype).name
+        dec = build_decoder_graph(spec, llm, 0, store, dtype, quant=plan, opset=opset, attention=opts.attention)
+        expert = {"file": store.file_name("decoder_expert0.onnx"), **graph_io(dec)}
+        save_graph(dec, ctx.tmp / expert["file"])
+        if opts.prefill == "int8":  # the prompt through onnxruntime's INT8 GEMM (the cpu target's default)
+            expert["prefill_file"] = store.file_name(prefill_onnx(0))
+            save_graph(build_prefill_graph(dec, store, 0, {}), ctx.tmp / expert["prefill_file"])
+        record = decoder_record(spec, {"0": expert}, opts.attention)
+        if opts.prefill == "int8":
+            record["prefill"] = PREFILL_FORM
+        return record
 
     def manifest_sections(self, ctx: ExportContext) -> dict[str, Any]:
         return {
@@ -230,13 +246,19 @@ class UniRSExporter(Exporter):
         }
 
     def validate(self, ctx: ExportContext, manifest: dict[str, Any]) -> dict[str, Any]:
+        return self.validate_forms([(ctx, manifest)])[0]
+
+    def validate_forms(self, forms: list[tuple[ExportContext, dict[str, Any]]]) -> list[dict[str, Any]]:
         model = self.reference()
         self.tensors.clear()  # the reference now holds the weights
         gc.collect()
-        if ctx.plan is not None:  # the graphs compute what their quantized weights define
-            apply_fake_quant(model, ctx.store.cache)
-        precision = ctx.options.precision
-        with steady_reference(), torch.no_grad():
-            checks = validate_graphs(ctx.tmp, manifest, model, precision)
+        results = []
+        for i, (ctx, manifest) in enumerate(forms):
+            if ctx.plan is not None:  # the graphs compute what their quantized weights define
+                apply_fake_quant(model, ctx.store.cache)  # each form's own codes replace the form's before
+            precision = ctx.options.precision
+            with steady_reference(), torch.no_grad():  # the vision-side graphs are one set, the first form's
+                checks = validate_graphs(ctx.tmp, manifest, model, precision, vision=i == 0)
+            results.append(checks_to_json(checks, precision))
         self.model = None
-        return checks_to_json(checks, precision)
+        return results

@@ -24,9 +24,12 @@ from rsedge.models.unirs.graphs import PAIR_FEATURES, PIXEL_VALUES, VISION_FEATU
 from rsedge.models.unirs.modeling import IMAGE_TOKEN_INDEX, UniRSForCausalLM
 
 
-def validate_graphs(root: Path, manifest: dict[str, Any], model: UniRSForCausalLM, precision: str) -> list[GraphCheck]:
+def validate_graphs(
+    root: Path, manifest: dict[str, Any], model: UniRSForCausalLM, precision: str, vision: bool = True
+) -> list[GraphCheck]:
     """Each vision-side graph on a pair's pixels, then the decoder (prefill of a prompt around the pair's block
-    and two decode steps), against the reference; ExportValidationError at the first failed check."""
+    and two decode steps), against the reference; ExportValidationError at the first failed check. ``vision`` False
+    checks the decoder alone (a bundle's second decoder form shares the first's vision-side graphs)."""
     cfg, graphs = model.cfg, manifest["graphs"]
     checks: list[GraphCheck] = []
 
@@ -42,17 +45,20 @@ def validate_graphs(root: Path, manifest: dict[str, Any], model: UniRSForCausalL
 
     pixels = np.concatenate([validation_image(cfg.vision.image_size, s) for s in (0, 1)])
     ref_feats = model.vision_features(torch.from_numpy(pixels))
-    feats = run("vision", PIXEL_VALUES, pixels)
-    checks.append(compare("vision", feats, ref_feats.numpy(), bound("vision")))
+    if vision:
+        feats = run("vision", PIXEL_VALUES, pixels)
+        checks.append(compare("vision", feats, ref_feats.numpy(), bound("vision")))
     # Each later graph takes the reference's input: a check measures its own error, not its inputs'.
-    tokens = run("projector", VISION_FEATURES, ref_feats.numpy())
     ref_tokens = model.mm_projector.single(ref_feats)
-    checks.append(compare("projector", tokens, ref_tokens.numpy(), bound("projector")))
+    if vision:
+        tokens = run("projector", VISION_FEATURES, ref_feats.numpy())
+        checks.append(compare("projector", tokens, ref_tokens.numpy(), bound("projector")))
     block = ref_tokens[0]
     if "change" in graphs:
-        change = run("change", PAIR_FEATURES, ref_feats.numpy())
         ref_change = model.change_features(ref_feats[:1], ref_feats[1:])
-        checks.append(compare("change", change, ref_change.numpy(), bound("change")))
+        if vision:
+            change = run("change", PAIR_FEATURES, ref_feats.numpy())
+            checks.append(compare("change", change, ref_change.numpy(), bound("change")))
         block = model.mm_projector.single(ref_change)[0]
 
     rng = np.random.default_rng(0)
