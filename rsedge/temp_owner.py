@@ -107,19 +107,30 @@ def sigterm_unwinds() -> Iterator[None]:
         yield
         return
 
+    fired = []
+
     def handler(signum: int, frame: object) -> None:
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup short
+        fired.append(signum)
         raise Terminated(signum)
 
     signal.signal(signal.SIGTERM, handler)
     try:
         yield
-    except Terminated:
+    except BaseException as e:
+        # Raised inside an extension's callback (torch reading safetensors), Terminated can come back as that
+        # library's own error ("could not determine the shape of object type ..."): the signal still decides.
+        if not isinstance(e, Terminated) and not fired:
+            raise
         signal.signal(signal.SIGTERM, previous)
         if previous == signal.SIG_DFL:
             os.kill(os.getpid(), signal.SIGTERM)  # die of the signal: the exit status a supervisor expects
         elif callable(previous):
             previous(signal.SIGTERM, None)
         raise
+    else:
+        if fired:  # the exception was caught and swallowed on the way: the block finished, the signal still stands
+            signal.signal(signal.SIGTERM, previous)
+            os.kill(os.getpid(), signal.SIGTERM)
     finally:
         signal.signal(signal.SIGTERM, previous)

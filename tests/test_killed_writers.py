@@ -111,3 +111,23 @@ def test_a_reboot_makes_every_old_folder_stale(tmp_path):
     with atomic_folder(tmp_path / "bundle"):
         pass
     assert not old.exists()
+
+
+@pytest.mark.parametrize("handling", ["raise RuntimeError('converted') from None", "pass"])
+def test_sigterm_still_kills_when_a_library_converts_or_swallows_it(handling):
+    """torch, reading safetensors, turned the Terminated raised in its callback into its own RuntimeError (an export
+    SIGTERMed while reading its checkpoint then exited 2 with "unreadable safetensors file"); the signal decides."""
+    code = (
+        "import os, signal, time\n"
+        "from rsedge.temp_owner import sigterm_unwinds\n"
+        "with sigterm_unwinds():\n"
+        "    try:\n"
+        "        os.kill(os.getpid(), signal.SIGTERM)\n"
+        "        time.sleep(5)\n"
+        "    except BaseException:\n"
+        f"        {handling}\n"
+        "print('survived')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == -signal.SIGTERM, (proc.returncode, proc.stdout, proc.stderr)
+    assert "survived" not in proc.stdout
