@@ -12,6 +12,7 @@ import onnx
 import pytest
 from onnx import TensorProto, helper
 
+from rsedge.bench.bench import attention_label
 from rsedge.kernels import KernelUnavailable, build
 from rsedge.kernels.attention_graph import DOMAIN, decode_graph
 from rsedge.kernels.single_node import ORT_DOMAIN, Call, Shape, gqa_model, session
@@ -114,7 +115,11 @@ def test_the_library_is_built_once_and_a_damaged_one_rebuilt(library) -> None:
     assert again == library
     stamp = library.stat().st_mtime_ns
     assert build.library().stat().st_mtime_ns == stamp  # cached: not compiled again
-    library.write_bytes(library.read_bytes() + b"\0")  # damaged: its recorded sha256 no longer matches
+    # damaged: its recorded sha256 no longer matches (a new file, not written in place: this process has the
+    # library mapped, and rewriting a mapped file under a running kernel can fault)
+    damaged = library.with_name(library.name + ".tmp")
+    damaged.write_bytes(library.read_bytes() + b"\0")
+    os.replace(damaged, library)
     rebuilt = build.library()
     assert rebuilt == library and (library.parent / f"{library.name}.sha256").read_text().strip() == build.sha256_file(
         library
@@ -254,6 +259,8 @@ def test_a_cpu_bundle_answers_the_same_on_the_kernel(library, twin_bundle, sampl
         b = off.generate([samples / "dior_05863.png"], prompt, max_new_tokens=16, keep_logits=True, ignore_eos=True)
         assert (on.decoder(expert).attention, off.decoder(expert).attention) == ("rsedge", "onnxruntime")
         assert on.decoder(expert).prefill_attention == "onnxruntime"  # a float cache's prompt keeps onnxruntime's
+        assert attention_label(on.decoder(expert)) == "rsedge; prompt: onnxruntime"  # what rsedge bench reports
+        assert attention_label(off.decoder(expert)) == "onnxruntime (kernels off (SessionConfig)); prompt: onnxruntime"
         assert list(a.tokens) == list(b.tokens)
         # INT4 MatMulNBits quantizes its inputs to int8 (accuracy_level 4): attention outputs differing in their
         # last bits can round an activation the other way, so logits agree to within that, not bit for bit.

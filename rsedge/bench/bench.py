@@ -229,9 +229,13 @@ def run(
 
 
 def attention_label(dec: Any) -> str:
-    """Whose kernel runs ``dec``'s decode attention, with the reason when it is not rsedge's."""
+    """Whose kernel runs ``dec``'s decode attention, with the reason when it is not rsedge's, and its prompt's
+    (the INT8 prefill twin's) where it has one."""
     kind, note = getattr(dec, "attention", "engine"), getattr(dec, "attention_note", "")
-    return kind if kind == "rsedge" or not note else f"{kind} ({note})"
+    label = kind if kind == "rsedge" or not note else f"{kind} ({note})"
+    if getattr(dec, "prefill_session", None) is not None:
+        label += f"; prompt: {getattr(dec, 'prefill_attention', 'onnxruntime')}"
+    return label
 
 
 def table_rows(r: BenchResult) -> list[tuple[str, str]]:
