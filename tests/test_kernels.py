@@ -207,16 +207,15 @@ def test_graphs_the_kernel_cannot_run_are_refused(tiny_bundle) -> None:
 
 
 def _decoders(bundle: Path, **kw) -> tuple[OrtCpuDecoder, OrtCpuDecoder]:
-    """The bundle's expert-0 decoder with and without the kernel; its own graph stands in as the 'prefill twin'
-    so that the kernel is chosen for an FP32 graph, whose numbers can be compared tightly."""
+    """The bundle's expert-0 decoder with and without the kernel (an FP32 graph, whose numbers compare tightly;
+    its prompt runs through the same graph: the kernel's prompt path)."""
     import json
 
     text = json.loads((bundle / "manifest.json").read_text())["model"]["text"]
     spec = DecoderSpec(text["num_hidden_layers"], text["num_key_value_heads"],
                        text["hidden_size"] // text["num_attention_heads"], shared_kv=True)
     graph = _decoder_graph(bundle)
-    return tuple(OrtCpuDecoder(graph, spec, SessionConfig(threads=2, kernels=k), prefill=graph, **kw)
-                 for k in (True, False))
+    return tuple(OrtCpuDecoder(graph, spec, SessionConfig(threads=2, kernels=k), **kw) for k in (True, False))
 
 
 def test_a_decoder_on_the_kernel_decodes_as_onnxruntime(library, shared_bundle) -> None:
@@ -227,7 +226,7 @@ def test_a_decoder_on_the_kernel_decodes_as_onnxruntime(library, shared_bundle) 
     states = [d.new_state(96) for d in (kernel, plain)]
     prompt = rng.standard_normal((1, 40, hidden)).astype(np.float32)
     for d, st in zip((kernel, plain), states, strict=True):
-        d.step(prompt, st)  # through the 'twin', onnxruntime's kernel, for both
+        d.step(prompt, st)  # the prompt: the kernel's prompt path against onnxruntime's
     for _ in range(24):
         x = rng.standard_normal((1, 1, hidden)).astype(np.float32)
         a, b = (d.step(x, st).copy() for d, st in zip((kernel, plain), states, strict=True))
@@ -258,8 +257,8 @@ def test_a_cpu_bundle_answers_the_same_on_the_kernel(library, twin_bundle, sampl
         a = on.generate([samples / "dior_05863.png"], prompt, max_new_tokens=16, keep_logits=True, ignore_eos=True)
         b = off.generate([samples / "dior_05863.png"], prompt, max_new_tokens=16, keep_logits=True, ignore_eos=True)
         assert (on.decoder(expert).attention, off.decoder(expert).attention) == ("rsedge", "onnxruntime")
-        assert on.decoder(expert).prefill_attention == "onnxruntime"  # a float cache's prompt keeps onnxruntime's
-        assert attention_label(on.decoder(expert)) == "rsedge; prompt: onnxruntime"  # what rsedge bench reports
+        assert on.decoder(expert).prefill_attention == "rsedge"  # the INT8 prefill twin's prompt too
+        assert attention_label(on.decoder(expert)) == "rsedge; prompt: rsedge"  # what rsedge bench reports
         assert attention_label(off.decoder(expert)) == "onnxruntime (kernels off (SessionConfig)); prompt: onnxruntime"
         assert list(a.tokens) == list(b.tokens)
         # INT4 MatMulNBits quantizes its inputs to int8 (accuracy_level 4): attention outputs differing in their

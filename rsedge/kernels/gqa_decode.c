@@ -1,14 +1,15 @@
 /*
- * rsedge's decode-step attention: an onnxruntime custom op, ai.rsedge::GroupQueryAttention, with the inputs,
- * outputs and attributes of com.microsoft::GroupQueryAttention (packed QKV, one KV buffer per layer shared by past
- * and present, rotary from cos/sin caches) for float32 activations and cache.
+ * rsedge's attention kernel: an onnxruntime custom op, ai.rsedge::GroupQueryAttention (and GroupQueryAttentionInt8
+ * for an INT8 per-channel cache), with the inputs, outputs and attributes of com.microsoft::GroupQueryAttention
+ * (packed QKV, one KV buffer per layer shared by past and present, rotary from cos/sin caches), float32 activations.
  *
  * Why: onnxruntime's CPU kernel runs one SGEMM of M=1 per *query* head, so a decode step repacks each KV head's
  * whole cache once per query head of its group (7 times for Qwen2-0.5B): at 760 positions that was ~5 ms of a
- * ~22 ms step, against ~1.3 ms to read the cache once. Here each KV head's rows are read once for all the query
- * heads of its group, in chunks spread over onnxruntime's own intra-op threads, softmax-combined at the end
- * (split-K, as flash-decoding does). Multi-token steps are computed too (same results), but without GEMM blocking:
- * the runtime uses this op only for a decoder whose prompt runs through another graph (the INT8 prefill twin).
+ * ~22 ms step, against ~1.3 ms to read the cache once. Here a decode step reads each KV head's rows once for all
+ * the query heads of its group, in chunks spread over onnxruntime's own intra-op threads, softmax-combined at the
+ * end (split-K, as flash-decoding does). A prompt goes in blocks of 16 tokens per task: each chunk's keys are
+ * transposed once for the block and multiplied by its queries four rows at a time (a small GEMM), each token's
+ * chunks merged as they come (online softmax).
  *
  * Built by rsedge.kernels.build against onnxruntime's C API header (API version 17: KernelContext_ParallelFor).
  */
@@ -205,6 +206,43 @@ static void scores_by_rows(const float *Q, const float *K, int64_t n, int64_t G,
   }
 }
 
+#if RSEDGE_FOLD
+/* A prompt's scores, rows x keys, against the chunk's keys transposed (Kt [hd][ld], ld a multiple of 16, the
+ * padding zero): four query rows share each Kt load, sixteen keys a vector, no horizontal sums (a small GEMM). */
+static void scores_by_columns(const float *Q, int64_t rows, int64_t hd, const float *Kt, int64_t ld, float *scores) {
+  int64_t r = 0;
+  for (; r + 4 <= rows; r += 4) {
+    const float *q0 = Q + r * hd, *q1 = q0 + hd, *q2 = q1 + hd, *q3 = q2 + hd;
+    for (int64_t j = 0; j < ld; j += 16) {
+      v16 a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+      for (int64_t d = 0; d < hd; d++) {
+        v16 k = *(const v16 *)(Kt + d * ld + j);
+        a0 += q0[d] * k, a1 += q1[d] * k, a2 += q2[d] * k, a3 += q3[d] * k;
+      }
+      *(v16 *)(scores + r * CHUNK + j) = a0;
+      *(v16 *)(scores + (r + 1) * CHUNK + j) = a1;
+      *(v16 *)(scores + (r + 2) * CHUNK + j) = a2;
+      *(v16 *)(scores + (r + 3) * CHUNK + j) = a3;
+    }
+  }
+  for (; r < rows; r++)
+    for (int64_t j = 0; j < ld; j += 16) {
+      v16 a = {0};
+      for (int64_t d = 0; d < hd; d++) a += Q[r * hd + d] * *(const v16 *)(Kt + d * ld + j);
+      *(v16 *)(scores + r * CHUNK + j) = a;
+    }
+}
+#endif
+
+/* keys [n rows][hd] -> Kt [hd][ld] (ld: n rounded up to 16; the padding columns zero) */
+static void transpose_keys(const float *K, int64_t n, int64_t hd, float *Kt, int64_t ld) {
+  for (int64_t d = 0; d < hd; d++) {
+    float *row = Kt + d * ld;
+    for (int64_t j = 0; j < n; j++) row[j] = K[j * hd + d];
+    for (int64_t j = n; j < ld; j++) row[j] = 0.0f;
+  }
+}
+
 /* An int8 chunk's rows as floats, once per task for all its query heads (GCC vectorizes this loop's sign extension
  * and conversion; int8 vectors converted inside the dot products came out scalar, 7x slower than float). */
 static void widen(float *dst, const int8_t *src, size_t count) {
@@ -243,6 +281,15 @@ static int64_t chunk_rows(const Work *w, int64_t b, int64_t g, int64_t c, int64_
   return n;
 }
 
+/* An int8 cache's partials summed int8 values: each channel scaled back (the key scales are in Q already). */
+static void unscale_values(const Work *w, int64_t g, int64_t heads, float *part) {
+  if (!w->vscale) return;
+  int64_t hd = w->hd;
+  const float *vs = w->vscale + (w->scale_per_channel ? g * hd : 0);
+  for (int64_t h = 0; h < heads; h++)
+    for (int64_t d = 0; d < hd; d++) part[h * (hd + 2) + d] *= vs[w->scale_per_channel ? d : 0];
+}
+
 /* Token s's partial softmax over the first n rows of a chunk (those it may see) for the G query heads of KV head g,
  * into part (G x (hd + 2): acc, max, sum). */
 static void chunk_attend(const Work *w, int64_t b, int64_t g, int64_t s, const float *K, const float *V, int64_t n,
@@ -262,30 +309,27 @@ static void chunk_attend(const Work *w, int64_t b, int64_t g, int64_t s, const f
       default: softmax_pv_any(sc, V, n, hd, w->scale, out);
     }
   }
-  if (!w->vscale) return;
-  /* the accumulators summed int8 values: scale each channel back (the key scales are in Q already) */
-  const float *vs = w->vscale + (w->scale_per_channel ? g * hd : 0);
-  for (int64_t h = 0; h < G; h++)
-    for (int64_t d = 0; d < hd; d++) part[h * (hd + 2) + d] *= vs[w->scale_per_channel ? d : 0];
+  unscale_values(w, g, G, part);
 }
 
-/* A task's scratch (per thread, kept): the G heads' scores, an int8 cache's widened rows, and for a prompt's
- * tasks the partial softmaxes (one for the chunk, one running per token of the block). */
+/* A task's scratch (per thread, kept): the scores (G rows; a prompt's task: one per token and head), an int8
+ * cache's widened rows, and for a prompt's task the transposed keys, its queries gathered, and the partial softmaxes
+ * (one for the chunk, one running per token and head). */
 typedef struct {
-  float *scores, *wide, *part, *run;
+  float *scores, *wide, *kt, *q, *part, *run;
 } Scratch;
 
 static int task_scratch(const Work *w, int prompt, int64_t tokens, Scratch *sc) {
-  size_t hd = (size_t)w->hd, G = (size_t)w->G, partial = G * (hd + 2);
-  size_t scores = G * CHUNK, wide = w->vscale ? 2 * CHUNK * hd : 0;
-  size_t parts = prompt ? partial * (1 + (size_t)tokens) : 0;
-  float *base = thread_scratch(scores + wide + parts);
+  size_t hd = (size_t)w->hd, G = (size_t)w->G, partial = G * (hd + 2), rows = prompt ? (size_t)tokens * G : G;
+  size_t scores = rows * CHUNK, wide = w->vscale ? 2 * CHUNK * hd : 0;
+  size_t kt = prompt ? hd * CHUNK : 0, q = prompt ? rows * hd : 0, parts = prompt ? partial * (1 + (size_t)tokens) : 0;
+  float *base = thread_scratch(scores + wide + kt + q + parts);
   if (!base) {
     __atomic_store_n(&((Work *)w)->failed, 1, __ATOMIC_RELAXED); /* compute reads the flag */
     return 0;
   }
-  sc->scores = base, sc->wide = base + scores, sc->part = sc->wide + wide;
-  sc->run = sc->part + partial;
+  sc->scores = base, sc->wide = base + scores, sc->kt = sc->wide + wide, sc->q = sc->kt + kt;
+  sc->part = sc->q + q, sc->run = sc->part + partial;
   return 1;
 }
 
@@ -318,18 +362,38 @@ static void attend_whole(void *data, size_t task) {
     memset(sc.run + i * stride, 0, (size_t)hd * sizeof(float));
     sc.run[i * stride + hd] = -FLT_MAX, sc.run[i * stride + hd + 1] = 0.0f;
   }
+  /* the block's queries side by side: rows (token, head), what the columns' product takes */
+  for (int64_t s = s0; s < s1; s++)
+    memcpy(sc.q + (s - s0) * G * hd, w->q + ((size_t)(b * w->S + s) * w->Nq + g * G) * hd,
+           (size_t)(G * hd) * sizeof(float));
   int64_t last = w->past[b] + s1; /* rows the block's last token sees */
   for (int64_t c = 0; c * CHUNK < last; c++) {
     const float *K = NULL, *V = NULL;
     int64_t n = chunk_rows(w, b, g, c, last, sc.wide, &K, &V);
+#if RSEDGE_FOLD
+    int64_t ld = (n + 15) / 16 * 16;
+    transpose_keys(K, n, hd, sc.kt, ld);
+    scores_by_columns(sc.q, (s1 - s0) * G, hd, sc.kt, ld, sc.scores);
+#else
+    for (int64_t s = s0; s < s1; s++)
+      scores_by_rows(sc.q + (s - s0) * G * hd, K, n, G, hd, sc.scores + (s - s0) * G * CHUNK);
+#endif
     for (int64_t s = s0; s < s1; s++) {
       int64_t visible = w->past[b] + s + 1 - c * CHUNK;
       if (visible <= 0) continue;
-      chunk_attend(w, b, g, s, K, V, visible < n ? visible : n, sc.part, sc.scores);
+      int64_t nv = visible < n ? visible : n;
+      for (int64_t h = 0; h < G; h++) {
+        float *sc_row = sc.scores + ((s - s0) * G + h) * CHUNK, *out = sc.part + h * stride;
+        switch (hd) {
+          case 64: softmax_pv_64(sc_row, V, nv, w->scale, out); break;
+          case 128: softmax_pv_128(sc_row, V, nv, w->scale, out); break;
+          default: softmax_pv_any(sc_row, V, nv, hd, w->scale, out);
+        }
+      }
+      unscale_values(w, g, G, sc.part);
       for (int64_t h = 0; h < G; h++) {
         float *r = sc.run + ((s - s0) * G + h) * stride;
         const float *p = sc.part + h * stride;
-        if (p[hd + 1] == 0.0f) continue;
         float m = p[hd] > r[hd] ? p[hd] : r[hd];
         float fr = r[hd + 1] == 0.0f ? 0.0f : expf(r[hd] - m), fp = expf(p[hd] - m);
         for (int64_t d = 0; d < hd; d++) r[d] = r[d] * fr + p[d] * fp;

@@ -19,11 +19,11 @@ class OrtCpuDecoder(OrtDecoder):
         return buf, buf.ctypes.data
 
     def _make_session(self, path: Path, cfg: SessionConfig, cache_key: str, prefill: Path | None) -> Any:
-        """With an INT8 prefill twin taking every multi-token step, the decode graph sees single tokens only:
-        its attention then runs on rsedge's decode kernel (rsedge.kernels) where that can be built, else on
-        onnxruntime's (``attention_note`` says why)."""
-        if prefill is None or not cfg.kernels:
-            self.attention_note = "no INT8 prefill twin" if prefill is None else "kernels off (SessionConfig)"
+        """The decode graph's attention on rsedge's kernel (rsedge.kernels) where that can be built and the graph
+        is one it takes (GroupQueryAttention, packed QKV, a float32 or INT8 cache), else on onnxruntime's
+        (``attention_note`` says why)."""
+        if not cfg.kernels:
+            self.attention_note = "kernels off (SessionConfig)"
             return make_session(path, cfg, cache_key=cache_key)
         session, self.attention_note = self._kernel_session(path, cfg, cache_key)
         if session is None:
@@ -32,10 +32,11 @@ class OrtCpuDecoder(OrtDecoder):
         return session
 
     def _make_prefill_session(self, prefill: Path, cfg: SessionConfig) -> Any:
-        """An INT8 cache's prompt runs on the kernel too: onnxruntime's quantized-cache kernel is ~3x slower than
-        the kernel on a prompt, ~9x after a long past (README, "A decode attention kernel"); a float cache's prompt
-        keeps onnxruntime's GEMM-based kernel, which the kernel beats from an empty cache but not after a long past."""
-        if self.attention == "rsedge" and self.kv_dtype == np.int8:
+        """The INT8 prefill twin's attention on the kernel too when the decode graph's is (the twin shares its
+        cache): its prompt path is level with onnxruntime's float kernel after a long past and ~2x faster from an
+        empty cache, and ~3-10x faster than onnxruntime's quantized-cache kernel (README, "A decode attention
+        kernel")."""
+        if self.attention == "rsedge":
             session, _ = self._kernel_session(prefill, cfg, "")
             if session is not None:
                 self.prefill_attention = "rsedge"
