@@ -232,7 +232,6 @@ static void scores_by_columns(const float *Q, int64_t rows, int64_t hd, const fl
       *(v16 *)(scores + r * CHUNK + j) = a;
     }
 }
-#endif
 
 /* keys [n rows][hd] -> Kt [hd][ld] (ld: n rounded up to 16; the padding columns zero) */
 static void transpose_keys(const float *K, int64_t n, int64_t hd, float *Kt, int64_t ld) {
@@ -242,6 +241,8 @@ static void transpose_keys(const float *K, int64_t n, int64_t hd, float *Kt, int
     for (int64_t j = n; j < ld; j++) row[j] = 0.0f;
   }
 }
+#endif
+
 
 /* An int8 chunk's rows as floats, once per task for all its query heads (GCC vectorizes this loop's sign extension
  * and conversion; int8 vectors converted inside the dot products came out scalar, 7x slower than float). */
